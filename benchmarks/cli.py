@@ -1,0 +1,84 @@
+"""`python3 -m benchmarks run|profile`: the command line of the benchmark harness."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from . import report
+from .runner import RESULTS_DIR, Bench, Options
+from .scenarios import SCENARIOS
+from .targets import CONFIGS, all_targets
+
+
+def _keys(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [k for v in values for k in v.split(",") if k]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python3 -m benchmarks", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    epilog = ("scenarios: " + ", ".join(s.key for s in SCENARIOS)
+              + "\ntargets: " + ", ".join(t.key for t in all_targets()))
+    run = sub.add_parser("run", help="run the side-by-side benchmark", epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--quick", action="store_true", help="fewer scenarios, 1 s runs, scale 1 (under a minute)")
+    run.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    run.add_argument("--scenarios", nargs="+", action="extend", metavar="KEY", help="only these (space or comma separated)")
+    run.add_argument("--targets", nargs="+", action="extend", metavar="KEY", help="only these targets")
+    run.add_argument("--seconds", type=float, help="length of each pgbench run (default 4, --quick 1)")
+    run.add_argument("--scale", type=int, help="pgbench scale factor (default 10, --quick 1)")
+    run.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
+    run.add_argument("--threads", type=int, default=2, help="pgbench threads (default 2)")
+    run.add_argument("--idle-clients", type=int, help="idle connections for the memory measurement "
+                                                      "(default 10000, --quick 2000)")
+    run.add_argument("--no-workers", action="store_true", help="skip the 1 vs 2 workers scaling run")
+    run.add_argument("--cache-config", type=Path, default=CONFIGS / "pgfront-cache.toml",
+                     help="config template for the pgfront + cache target")
+    run.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
+                     help="where latest.json and latest.md go (default benchmarks/results)")
+    run.add_argument("--keep", action="store_true", help="keep the scratch directory with configs and logs")
+    run.set_defaults(func=cmd_run)
+    prof = sub.add_parser("profile", help="profile pgfront (cProfile) under pgbench -S and print hot functions")
+    prof.add_argument("--seconds", type=float, default=10)
+    prof.add_argument("--mode", default="simple", choices=["simple", "extended", "prepared"])
+    prof.add_argument("--rules", action="store_true", help="with the repo's default rules")
+    prof.add_argument("--top", type=int, default=30)
+    prof.set_defaults(func=cmd_profile)
+    return ap
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    opts = Options(quick=args.quick, seconds=args.seconds, scale=args.scale, scenarios=_keys(args.scenarios),
+                   targets=_keys(args.targets), idle_clients=args.idle_clients, workers=not args.no_workers,
+                   cache_config=args.cache_config, clients=args.clients, threads=args.threads, keep=args.keep)
+    try:
+        bench = Bench(opts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = report.with_goals(bench.run())
+    report.save(results, args.output_dir)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        report.print_table(results, Console(width=220))
+        print(f"results: {args.output_dir / 'latest.json'}, {args.output_dir / 'latest.md'}", file=sys.stderr)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import profile
+
+    return profile(args.seconds, args.mode, args.rules, args.top)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,272 @@
+"""Runs every scenario against every target and collects the numbers into one results dict.
+
+Set-up is self-contained: a throwaway PostgreSQL loaded by `pgbench -i`, a throwaway Redis, and
+each target on a free port. Scenarios run one after the other, each against all targets in turn,
+so neighbouring numbers in the table were measured close together in time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.devdb import TempPostgres, TempRedis
+
+from . import machine, pgbench, procstat
+from .idle import Holder
+from .scenarios import QUICK_SCENARIOS, Scenario, by_key
+from .targets import CONFIGS, Env, Pgfront, Target, Unavailable, all_targets
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+NOTES = [
+    "The machine's cores are shared: pgbench itself (2 threads), PostgreSQL and the proxy under test all "
+    "compete for the same CPUs, so every proxy's CPU cost also slows the database and the client; "
+    "absolute numbers are far below dedicated hardware and ratios are the meaningful part.",
+    "TPS is pgbench's own figure (excluding connection set-up, except for churn); p50/p99 come from "
+    "pgbench's per-transaction logs.",
+    "CPU us/txn: user+system CPU time of the target's processes during the run divided by "
+    "transactions (for direct Postgres: the postmaster and all backends; for proxies: the proxy only).",
+    "mem: proportional set size (PSS) of the target's processes while the idle clients are held.",
+]
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    seconds: float | None = None  # per pgbench run
+    scale: int | None = None
+    scenarios: list[str] | None = None
+    targets: list[str] | None = None
+    idle_clients: int | None = None  # memory-per-idle-client measurement
+    idle_backend_cap: int | None = None  # ...when each idle client costs a PostgreSQL backend
+    workers: bool = True  # the 1 vs 2 workers scaling run
+    cache_config: Path = CONFIGS / "pgfront-cache.toml"
+    clients: int = 8
+    threads: int = 2
+    keep: bool = False  # keep the scratch directory (logs, configs) for a look afterwards
+
+    def resolve(self) -> Options:
+        q = self.quick
+        self.seconds = self.seconds or (1 if q else 4)
+        self.scale = self.scale or (1 if q else 10)
+        self.scenarios = self.scenarios or (QUICK_SCENARIOS if q else None)
+        self.idle_clients = self.idle_clients or (2000 if q else 10000)
+        self.idle_backend_cap = self.idle_backend_cap or (500 if q else 2000)
+        return self
+
+
+def log(msg: str, started: float = time.monotonic()) -> None:
+    print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def na(reason: str) -> dict[str, str]:
+    return {"na": reason}
+
+
+def _flag_missing_cache_hits(cell: dict, direct: dict) -> None:
+    """A cache that serves hits beats PostgreSQL by a wide margin on the aggregate: say so if not."""
+    if "tps" in cell and "tps" in direct and cell["tps"] < 2 * direct["tps"]:
+        cell["note"] = "no sign of cache hits: TPS is close to direct Postgres"
+
+
+class Bench:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts.resolve()
+        self.scenarios: list[Scenario] = by_key(self.opts.scenarios)
+        targets = all_targets()
+        if self.opts.targets:
+            known = {t.key for t in targets}
+            unknown = [k for k in self.opts.targets if k not in known]
+            if unknown:
+                raise ValueError(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            targets = [t for t in targets if t.key in self.opts.targets]
+        self.targets: list[Target] = targets
+        self.unavailable: dict[str, str] = {}
+        self.work = Path(tempfile.mkdtemp(prefix="pgfront-benchmarks-"))
+        self.work.chmod(0o755)  # PgBouncer and Pgpool-II run as postgres and read their configs here
+        self.pg: TempPostgres | None = None
+        self.redis: TempRedis | None = None
+        self.env: Env | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        o = self.opts
+        max_conn = max(1200, o.idle_backend_cap + 200)
+        self.pg = TempPostgres(settings={"max_connections": str(max_conn), "shared_buffers": "512MB",
+                                         "max_parallel_workers_per_gather": "0"},
+                               base_dir=str(self.work)).start()
+        log(f"PostgreSQL on port {self.pg.port}; pgbench -i -s {o.scale}")
+        pgbench.initialize(self.pg.port, o.scale)
+        try:
+            self.redis = TempRedis().start()
+        except RuntimeError as e:
+            log(f"no Redis: {e}")
+        self.env = Env(self.pg, self.redis, self.work, o.cache_config)
+        for t in self.targets:
+            try:
+                t.start(self.env)
+                log(f"{t.label}: port {t.port}")
+            except Unavailable as e:
+                self.unavailable[t.key] = str(e)
+                log(f"{t.label}: not available: {e}")
+
+    def teardown(self) -> None:
+        for t in self.targets:
+            t.stop()
+        if self.redis:
+            self.redis.cleanup()
+        if self.pg:
+            self.pg.cleanup()
+        if self.opts.keep:
+            log(f"kept scratch directory {self.work}")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- one cell -------------------------------------------------------------------------
+    def _dead(self, t: Target) -> str | None:
+        svc = t.service
+        if t.is_proxy and (svc is None or svc.proc is None or svc.proc.poll() is not None):
+            return f"{t.label} is not running: {svc.log_tail() if svc else 'never started'}"
+        return None
+
+    def measure(self, sc: Scenario, t: Target) -> dict:
+        if t.key in self.unavailable:
+            return na(f"not available: {self.unavailable[t.key]}")
+        if sc.key in t.skip:
+            return na(t.skip[sc.key])
+        dead = self._dead(t)
+        if dead:
+            return na(dead)
+        load = pgbench.Load(**{**sc.load.__dict__, "clients": self.opts.clients, "threads": self.opts.threads})
+        holder = Holder(t.port, sc.idle_connections) if sc.idle_connections else None
+        cell: dict = {}
+        try:
+            if holder:
+                holder.__enter__()
+                cell["idle_held"] = holder.opened
+                if holder.opened < sc.idle_connections:
+                    cell["note"] = f"held {holder.opened} of {sc.idle_connections} idle clients: {holder.error}"
+            pid = t.pid
+            cpu0 = procstat.tree_cpu_seconds(pid) if pid else 0.0
+            res = pgbench.run(t.port, load, self.opts.seconds or 1)
+            cpu1 = procstat.tree_cpu_seconds(pid) if pid else 0.0
+            if holder and pid:
+                cell["mem_bytes"] = procstat.tree_pss_bytes(pid)
+        finally:
+            if holder:
+                holder.close()
+        if not res.ok:
+            dead = self._dead(t)
+            return na(f"pgbench failed: {res.error}" + (f" ({dead})" if dead else ""))
+        cell.update(tps=res.tps, p50_ms=res.p50_ms, p99_ms=res.p99_ms, transactions=res.transactions)
+        if pid and res.transactions:
+            cell["cpu_us_per_txn"] = (cpu1 - cpu0) / res.transactions * 1e6
+        return cell
+
+    # -- extra measurements ---------------------------------------------------------------
+    def _client_backends(self) -> int:
+        assert self.pg
+        return int(self.pg.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"))
+
+    def idle_memory(self, t: Target) -> dict:
+        """RSS growth of the target per idle client connection (startup done, no query)."""
+        if t.key in self.unavailable:
+            return na(f"not available: {self.unavailable[t.key]}")
+        dead = self._dead(t)
+        if dead or not t.pid:
+            return na(dead or "no process to measure")
+        wanted = self.opts.idle_clients or 0
+        before = self._client_backends()
+        with Holder(t.port, 50) as probe:
+            per_client_backend = probe.opened > 0 and self._client_backends() - before >= probe.opened // 2
+        out: dict = {"requested": wanted}
+        n = wanted
+        if per_client_backend and n > (self.opts.idle_backend_cap or n):
+            n = self.opts.idle_backend_cap or n
+            out["note"] = (f"{t.label} keeps one PostgreSQL backend per idle client, so this was measured "
+                           f"with {n} clients, not {wanted}")
+        time.sleep(0.5)
+        rss0 = procstat.tree_rss_bytes(t.pid)
+        with Holder(t.port, n, timeout=300) as h:
+            time.sleep(1.0)
+            rss1 = procstat.tree_rss_bytes(t.pid)
+        if h.opened == 0:
+            return na(f"no idle client could connect: {h.error}")
+        if h.opened < n:
+            out["note"] = (out.get("note", "") + f" only {h.opened} of {n} connected ({h.error})").strip()
+        out.update(clients=h.opened, rss_before=rss0, rss_after=rss1, bytes_per_client=(rss1 - rss0) / h.opened,
+                   backend_per_client=per_client_backend)
+        return out
+
+    def workers_scaling(self, cells: dict) -> dict:
+        """pgbench -S (simple) through pgfront passthrough with 1 and with 2 workers."""
+        one = next((t for t in self.targets if t.key == "pgfront"), None)
+        if one is None:
+            return na("pgfront passthrough target not selected")
+        sc = by_key(["select-simple"])[0]
+        first = cells.get("select-simple", {}).get("pgfront") if self.opts.quick else None
+        first = first or self.measure(sc, one)
+        if "na" in first:
+            return na(f"1 worker: {first['na']}")
+        two = Pgfront("pgfront-2w", "pgfront passthrough, 2 workers", "passthrough", workers=2)
+        try:
+            assert self.env
+            two.start(self.env)
+            second = self.measure(sc, two)
+        except Unavailable as e:
+            second = na(str(e))
+        finally:
+            two.stop()
+        if "na" in second:
+            return {"workers_1": first, "workers_2": second, "na": f"2 workers: {second['na']}"}
+        return {"workers_1": first, "workers_2": second, "ratio": second["tps"] / first["tps"]}
+
+    # -- everything -----------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.monotonic()
+        o = self.opts
+        results: dict = {
+            "settings": {"quick": o.quick, "seconds": o.seconds, "scale": o.scale, "clients": o.clients,
+                         "threads": o.threads},
+            "scenarios": [{"key": s.key, "label": s.label} for s in self.scenarios],
+            "targets": [{"key": t.key, "label": t.label} for t in self.targets],
+            "cells": {},
+            "extras": {},
+            "notes": list(NOTES),
+        }
+        try:
+            self.setup()
+            assert self.pg
+            results["machine"] = machine.info(self.pg.bin)
+            for t in self.targets:
+                results_t = next(x for x in results["targets"] if x["key"] == t.key)
+                results_t["available"] = t.key not in self.unavailable
+                if t.key in self.unavailable:
+                    results_t["reason"] = self.unavailable[t.key]
+            pgbench.run(self.pg.port, pgbench.Load(), 1)  # warm the buffer cache
+            for sc in self.scenarios:
+                row = results["cells"].setdefault(sc.key, {})
+                for t in self.targets:
+                    row[t.key] = cell = self.measure(sc, t)
+                    if sc.cache and t.key == "pgfront-cache":
+                        _flag_missing_cache_hits(cell, row.get("direct", {}))
+                    log(f"{sc.key:16} {t.key:14} " + (f"{cell['tps']:>10,.0f} tps" if "tps" in cell
+                                                       else f"n/a: {cell['na']}"))
+            for key in ("pgfront", "pgbouncer"):
+                t = next((x for x in self.targets if x.key == key), None)
+                if t is not None:
+                    results["extras"].setdefault("idle_memory", {})[key] = m = self.idle_memory(t)
+                    log(f"idle memory {key}: " + (f"{m['bytes_per_client']:,.0f} B/client over {m['clients']}"
+                                                  if "na" not in m else m["na"]))
+            if o.workers:
+                results["extras"]["workers"] = w = self.workers_scaling(results["cells"])
+                log("workers 2 vs 1: " + (f"{w['ratio']:.2f}x" if "ratio" in w else w["na"]))
+        finally:
+            self.teardown()
+        results["elapsed_s"] = round(time.monotonic() - started, 1)
+        return results

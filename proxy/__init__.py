@@ -1,0 +1,3 @@
+"""pgfront: a PostgreSQL wire-protocol proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,225 @@
+"""What-if validation with HypoPG, and the greedy choice of the indexes worth creating.
+
+All on one connection (hypothetical indexes live in the backend that made them): EXPLAIN every
+affected statement with no hypothetical index, then with each candidate alone, keep the ones the
+planner uses and that cut a statement's estimated cost by at least `min_improvement`. The greedy
+step then takes, again and again, the candidate saving the most workload time (calls x mean time,
+scaled by the relative cost cut) on top of what is already chosen, preferring the smaller index
+when two save about the same. A final run with all chosen indexes together gives the costs shown.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from proxy.advisor.candidates import Candidate, normalize_key
+from proxy.advisor.collect import Statement
+from proxy.slowlog.explain import explain_plan, walk_plan
+
+log = logging.getLogger("pgfront.advisor")
+
+_TIE = 0.02  # gains within 2% of each other count as equal: the smaller index wins
+
+
+@dataclass
+class HypoStatus:
+    available: bool = False  # the extension can be used on this server
+    validated: bool = False
+    created_by_advisor: bool = False
+    version: str | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"available": self.available, "validated": self.validated, "version": self.version,
+                "created_by_advisor": self.created_by_advisor, "note": self.note}
+
+
+async def enable_hypopg(conn: asyncpg.Connection) -> HypoStatus:
+    status = HypoStatus()
+    default = await conn.fetchval("SELECT default_version FROM pg_available_extensions WHERE name = 'hypopg'")
+    if default is None:
+        status.note = ("HypoPG is not installed on the database server (e.g. the postgresql-NN-hypopg package): "
+                       "recommendations are NOT validated")
+        return status
+    installed = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'hypopg'")
+    if installed is None:
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
+            status.created_by_advisor = True
+        except asyncpg.PostgresError as e:
+            status.note = f"HypoPG could not be enabled ({e}): recommendations are NOT validated"
+            return status
+    status.available = True
+    status.version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'hypopg'")
+    return status
+
+
+async def disable_hypopg(conn: asyncpg.Connection, status: HypoStatus) -> None:
+    if status.created_by_advisor:
+        try:
+            await conn.execute("DROP EXTENSION IF EXISTS hypopg")
+        except asyncpg.PostgresError as e:
+            log.warning("could not drop the hypopg extension the advisor created: %s", e)
+
+
+def uses_index(plan: dict[str, Any], index_name: str) -> bool:
+    return any(node.get("Index Name") == index_name for node in walk_plan(plan.get("Plan", plan)))
+
+
+def plan_indexes(plan: dict[str, Any]) -> set[str]:
+    return {n["Index Name"] for n in walk_plan(plan.get("Plan", plan)) if n.get("Index Name")}
+
+
+@dataclass
+class Scored:
+    candidate: Candidate
+    size_bytes: int = 0
+    costs: dict[str, float] = field(default_factory=dict)  # fingerprint -> cost where the index is used
+
+
+@dataclass
+class Chosen:
+    candidate: Candidate
+    size_bytes: int
+    before: dict[str, float]
+    after: dict[str, float]  # with every chosen index present, for the statements using this one
+
+
+class Validator:
+    def __init__(self, conn: asyncpg.Connection, statements: list[Statement],
+                 tick: Callable[[], None] | None = None) -> None:
+        self.conn = conn
+        self.statements = {s.fingerprint: s for s in statements}
+        self.tick = tick or (lambda: None)
+        self.failures: dict[str, str] = {}  # fingerprint -> why it could not be explained
+        self.tables_of: dict[str, set[str]] = {}  # fingerprint -> relation names in its plan
+        self.plans: dict[str, list[dict[str, Any]]] = {}  # fingerprint -> plans without hypothetical indexes
+
+    async def cost(self, st: Statement) -> tuple[float, list[dict[str, Any]]] | None:
+        """Mean estimated total cost over the statement's samples, and their plans."""
+        costs, plans = [], []
+        for sample in st.samples:
+            try:
+                plan = await explain_plan(self.conn, sample.sql, sample.params)
+            except (asyncpg.PostgresError, ValueError) as e:
+                self.failures.setdefault(st.fingerprint, str(e).splitlines()[0])
+                continue
+            costs.append(plan["Plan"]["Total Cost"])
+            plans.append(plan)
+        if not costs:
+            return None
+        return sum(costs) / len(costs), plans
+
+    async def baseline(self, reset_hypopg: bool) -> dict[str, float]:
+        if reset_hypopg:
+            await self.conn.execute("SELECT hypopg_reset()")
+        before: dict[str, float] = {}
+        for fp, st in self.statements.items():
+            res = await self.cost(st)
+            if res is not None:
+                before[fp] = res[0]
+                self.plans[fp] = res[1]
+                self.tables_of[fp] = {n["Relation Name"] for p in res[1] for n in walk_plan(p["Plan"])
+                                      if n.get("Relation Name")}
+            self.tick()
+        return before
+
+    def affected(self, cand: Candidate, before: dict[str, float]) -> list[str]:
+        return [fp for fp in before if cand.table.name in self.tables_of.get(fp, ())]
+
+    async def _create(self, cand: Candidate) -> tuple[int, str]:
+        row = await self.conn.fetchrow("SELECT indexrelid, indexname FROM hypopg_create_index($1)",
+                                       f"CREATE INDEX {cand.definition()}")
+        return row["indexrelid"], row["indexname"]
+
+    async def score(self, cand: Candidate, before: dict[str, float]) -> Scored:
+        scored = Scored(cand)
+        try:
+            oid, name = await self._create(cand)
+        except asyncpg.PostgresError as e:
+            log.info("hypothetical index %s refused: %s", cand.definition(), e)
+            return scored
+        try:
+            scored.size_bytes = await self.conn.fetchval("SELECT hypopg_relation_size($1)", oid) or 0
+            for fp in self.affected(cand, before):
+                res = await self.cost(self.statements[fp])
+                if res is not None and any(uses_index(p, name) for p in res[1]):
+                    scored.costs[fp] = res[0]
+        finally:
+            await self.conn.execute("SELECT hypopg_reset()")
+            self.tick()
+        return scored
+
+    async def combined(self, chosen: list[Scored], before: dict[str, float]) -> list[Chosen]:
+        """Costs with every chosen index present; indexes no statement uses any more drop out."""
+        names: dict[str, Scored] = {}
+        try:
+            for s in chosen:
+                _, name = await self._create(s.candidate)
+                names[name] = s
+            fps = {fp for s in chosen for fp in self.affected(s.candidate, before)}
+            after: dict[str, float] = {}
+            users: dict[str, set[str]] = {name: set() for name in names}
+            for fp in fps:
+                res = await self.cost(self.statements[fp])
+                if res is None:
+                    continue
+                after[fp] = res[0]
+                for name in set().union(*(plan_indexes(p) for p in res[1])) & names.keys():
+                    users[name].add(fp)
+        finally:
+            await self.conn.execute("SELECT hypopg_reset()")
+        out = []
+        for name, s in names.items():
+            helped = {fp for fp in users[name] if after[fp] < before[fp]}
+            if helped:
+                out.append(Chosen(s.candidate, s.size_bytes, {fp: before[fp] for fp in helped},
+                                  {fp: after[fp] for fp in helped}))
+        return out
+
+
+def choose(scored: list[Scored], before: dict[str, float], weights: dict[str, float],
+           min_improvement: float) -> list[Scored]:
+    """Greedy: the candidate saving most weighted relative cost on top of those already chosen."""
+    current = dict(before)
+    pool = [s for s in scored if any(c <= before[fp] * (1 - min_improvement) for fp, c in s.costs.items())]
+    chosen: list[Scored] = []
+    while pool:
+        def gain(s: Scored) -> float:
+            return sum(weights.get(fp, 1.0) * (current[fp] - c) / before[fp] for fp, c in s.costs.items()
+                       if before[fp] > 0 and c <= current[fp] * (1 - min_improvement))
+
+        gains = [(gain(s), s) for s in pool]
+        top = max(g for g, _ in gains)
+        if top <= 0:
+            break
+        best = min((s for g, s in gains if g >= top * (1 - _TIE)), key=lambda s: (s.size_bytes, len(s.candidate.keys)))
+        chosen.append(best)
+        pool.remove(best)
+        for fp, c in best.costs.items():
+            current[fp] = min(current[fp], c)
+    return prune_prefixes(chosen)
+
+
+def _key_names(cand: Candidate) -> tuple[str, ...]:
+    return tuple(re.sub(r"\s+(desc|asc)$", "", normalize_key(k)) for k in cand.keys)
+
+
+def prune_prefixes(chosen: list[Scored]) -> list[Scored]:
+    """Drop an index whose keys are a strict prefix of another chosen one on the same table and predicate."""
+    out = []
+    for s in chosen:
+        a = s.candidate
+        covered = any(
+            o is not s and o.candidate.table.oid == a.table.oid and o.candidate.signature[2] == a.signature[2]
+            and len(o.candidate.keys) > len(a.keys) and _key_names(o.candidate)[:len(a.keys)] == _key_names(a)
+            for o in chosen)
+        if not covered:
+            out.append(s)
+    return out

@@ -1,0 +1,85 @@
+"""Per-worker application state shared by all sessions: config, upstream, analysis caches, and the
+hooks into statistics, rules, cache and slow log."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from proxy.log import log
+from proxy.shapes import ShapeCache
+from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+    from proxy.session import Pending, Session
+    from proxy.sql import StatementInfo
+
+
+class App:
+    def __init__(self, cfg: Config, upstream: Upstream, worker_id: int = 0) -> None:
+        self.cfg = cfg
+        self.upstream = upstream
+        self.worker_id = worker_id
+        self.started_at = time.time()
+        self.shapes = ShapeCache()
+        self.sessions: set[Session] = set()
+        self.counters: dict[str, int] = {}
+        self.stats: Any = None  # proxy.stats.Stats when loaded
+        self.rules: Any = None  # RulesAdapter when rule files are loaded
+        self.cache: Any = None
+        self.slowlog: Any = None
+        self.slow_threshold = cfg.slowlog.threshold_ms / 1000.0 if cfg.slowlog.threshold_ms > 0 else None
+        self.accepting = True
+
+    # -- sessions --------------------------------------------------------------------------
+    def admit(self, session: Session) -> bool:
+        if not self.accepting:
+            session.fatal("57P03", "pgfront is shutting down")
+            return False
+        if len(self.sessions) >= self.cfg.server.max_client_conn:
+            self.stats_inc("clients_refused")
+            session.fatal("53300", "too many client connections to pgfront (max_client_conn)")
+            return False
+        self.sessions.add(session)
+        self.stats_inc("client_connections_opened")
+        return True
+
+    def forget(self, session: Session) -> None:
+        self.sessions.discard(session)
+
+    def session_ready(self, session: Session) -> None:
+        log.debug("client ready", extra={"client": session.id, "user": session.user, "database": session.database})
+
+    # -- counters and per-statement hooks ------------------------------------------------------
+    def stats_inc(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+        if self.stats is not None:
+            self.stats.inc(name, n)
+
+    def record(self, session: Session, p: Pending, info: StatementInfo, seconds: float) -> None:
+        stats = self.stats
+        if stats is not None:
+            stats.record(info.fingerprint, info.normalized, session.database, session.user, seconds, p.rows,
+                         p.sqlstate)
+        if self.slow_threshold is not None and seconds >= self.slow_threshold and self.slowlog is not None:
+            self.slowlog_capture(session, p, info, seconds)
+
+    def slowlog_capture(self, session: Session, p: Pending, info: StatementInfo, seconds: float) -> None:
+        params = None
+        if p.stmt is not None and p.bind is not None:
+            from proxy.wire.protocol import parse_bind
+
+            try:
+                _, _, formats, values, _ = parse_bind(bytes(p.bind))
+                params = [None if v is None or (formats and formats[min(i, len(formats) - 1)] == 1)
+                          else v.decode("utf-8", "replace") for i, v in enumerate(values)]
+            except Exception:  # noqa: BLE001 - slow log is best effort, never break the relay
+                params = None
+        sql = p.stmt.sent_sql if p.stmt is not None else info.text
+        self.stats_inc("slow_queries")
+        self.slowlog.maybe_capture(
+            fingerprint=info.fingerprint, normalized=info.normalized, sql=sql, params=params, seconds=seconds,
+            database=session.database, user=session.user, kind=info.kind,
+            writes=bool(info.tables_written) or info.kind not in ("select", "utility"),
+        )

@@ -1,0 +1,271 @@
+"""Version counters in Redis, the circuit breaker around every Redis call, and invalidation pub/sub.
+
+All counters live in one Redis hash, `pgfront:versions`:
+  e              the epoch: a random token, replaced to flush everything (role changes, purge, outages)
+                 and recreated (new random value) when Redis lost the hash (restart, eviction, failover)
+  d:<db>         database generation (DDL without known tables, CALL/DO, writes to tables with triggers)
+  f:<fp>         fingerprint generation (admin purge by fingerprint)
+  t:<db>.<rel>   relation version, bumped (HINCRBY) after every committed write to <rel>
+A lookup reads the fields guarding its statement with one HMGET (pipelined with the GET of the entry)
+and hashes the values into a *stamp*; an entry is served only if it was filled under the same stamp.
+One hash keeps every counter in one Redis Cluster slot, so one HMGET reads them all atomically, and a
+lost hash (restart, eviction) loses the epoch with it, which is detected and makes every old entry
+unreachable. The cost: all version traffic goes to the one node owning that slot.
+
+Breaker: a failed or slow (> timeout) Redis call opens it; while open the cache is bypassed. A
+background probe retries every `retry_after` seconds; on success it replaces the epoch before closing
+the breaker, because a writer may have been unable to bump a version during the outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable
+from hashlib import blake2b
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+log = logging.getLogger("pgfront.cache.versions")
+
+VERSIONS_KEY = "pgfront:versions"
+CHANNEL = "pgfront:invalidate"
+EPOCH = "e"
+STAMP_BYTES = 16
+FLUSH_ALL = "*"
+
+
+class RedisDown(Exception):
+    """Redis is unreachable, slow or the breaker is open: bypass the cache."""
+
+
+def db_field(database: str) -> str:
+    return f"d:{database}"
+
+
+def table_field(database: str, rel: str) -> str:
+    return f"t:{database}.{rel}"
+
+
+def fingerprint_field(fp: str) -> str:
+    return f"f:{fp}"
+
+
+def stamp_of(values: Iterable[bytes | None]) -> bytes:
+    h = blake2b(digest_size=STAMP_BYTES)
+    for v in values:
+        h.update(b"\x00" if v is None else b"\x01" + v + b"\x00")
+    return h.digest()
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme in ("redis+cluster", "rediss+cluster")
+
+
+def connect(url: str, timeout: float) -> Any:
+    """A redis.asyncio client (or RedisCluster for redis+cluster:// URLs) that never retries by itself."""
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if is_cluster_url(url):
+        u = urlsplit(url)
+        return RedisCluster(host=u.hostname or "127.0.0.1", port=u.port or 6379, password=u.password,
+                            username=u.username, ssl=u.scheme.startswith("rediss"), retry=Retry(NoBackoff(), 0),
+                            cluster_error_retry_attempts=1, **common)
+    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
+
+
+class Versions:
+    def __init__(self, url: str, timeout: float = 0.05, retry_after: float = 1.0,
+                 on_invalidate: Callable[[list[str]], None] | None = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.on_invalidate = on_invalidate      # fields bumped by any process (FLUSH_ALL for everything)
+        self.cluster = is_cluster_url(url)
+        self.client: Any = None
+        self.available = False                  # breaker closed
+        self.need_new_epoch = False             # an outage was seen: replace the epoch before serving again
+        self.errors = 0
+        self.outages = 0
+        self.epoch_changes = 0
+        self._probe: asyncio.Task | None = None
+        self._listener: asyncio.Task | None = None
+        self._closed = False
+
+    # -- life cycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.client = connect(self.url, self.timeout)
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):  # the first connect may take longer
+                await self.client.ping()
+                await self.client.hsetnx(VERSIONS_KEY, EPOCH, os.urandom(8).hex())
+            self.available = True
+        except Exception as e:
+            self._down(e)
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in (self._probe, self._listener):
+            if t:
+                t.cancel()
+        for t in (self._probe, self._listener):
+            if t:
+                try:
+                    await t
+                except BaseException:
+                    pass
+        if self.client is not None:
+            try:
+                await self.client.aclose()
+            except Exception:
+                pass
+
+    # -- reads -------------------------------------------------------------------------------------------
+    async def read(self, fields: list[str], entry_key: str | None) -> tuple[list[bytes | None], bytes | None]:
+        """Current values of `fields` and, when entry_key is given, the stored entry: one round trip."""
+        if not self.available:
+            raise RedisDown("breaker open")
+        try:
+            async with asyncio.timeout(self.timeout):
+                if entry_key is None:
+                    return await self.client.hmget(VERSIONS_KEY, fields), None
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hmget(VERSIONS_KEY, fields)
+                pipe.get(entry_key)
+                values, entry = await pipe.execute()
+                return values, entry
+        except Exception as e:
+            raise self._down(e) from None
+
+    async def ensure_epoch(self) -> None:
+        """The hash lost its epoch (Redis restarted or evicted it): start a new one."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                if await self.client.hsetnx(VERSIONS_KEY, EPOCH, os.urandom(8).hex()):
+                    self.epoch_changes += 1
+        except Exception as e:
+            self._down(e)
+
+    # -- writes ------------------------------------------------------------------------------------------
+    async def store(self, key: str, value: bytes, ttl: float) -> None:
+        if not self.available:
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.set(key, value, px=max(1, int(ttl * 1000)))
+        except Exception as e:
+            self._down(e)
+
+    async def delete(self, key: str) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.delete(key)
+        except Exception as e:
+            self._down(e)
+
+    async def bump(self, fields: Iterable[str]) -> bool:
+        """Increment `fields` (FLUSH_ALL: replace the epoch) and tell other processes; False on failure.
+
+        Tried even while the breaker is open: a write's invalidation is worth the timeout. A failure is
+        remembered, and the epoch is replaced when Redis answers again.
+        """
+        fields = sorted(set(fields))
+        if not fields:
+            return True
+        try:
+            async with asyncio.timeout(self.timeout):
+                pipe = self.client.pipeline(transaction=False)
+                if FLUSH_ALL in fields:
+                    pipe.hset(VERSIONS_KEY, EPOCH, os.urandom(8).hex())
+                    fields = [FLUSH_ALL]
+                else:
+                    for f in fields:
+                        pipe.hincrby(VERSIONS_KEY, f, 1)
+                pipe.publish(CHANNEL, "\t".join(fields))
+                await pipe.execute()
+            if fields == [FLUSH_ALL]:
+                self.epoch_changes += 1
+            return True
+        except Exception as e:
+            self._down(e)
+            return False
+
+    async def hash_fields(self) -> list[str]:
+        """Every counter name (for purges by table name without a database)."""
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                return [f.decode() for f in await self.client.hkeys(VERSIONS_KEY)]
+        except Exception as e:
+            self._down(e)
+            return []
+
+    # -- breaker -----------------------------------------------------------------------------------------
+    def _down(self, e: BaseException) -> RedisDown:
+        self.errors += 1
+        self.need_new_epoch = True
+        if self.available:
+            self.outages += 1
+            log.warning("redis unavailable, bypassing the cache: %s", e or type(e).__name__)
+        self.available = False
+        if not self._closed and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.get_running_loop().create_task(self._recover())
+        return RedisDown(str(e) or type(e).__name__)
+
+    async def _recover(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.retry_after)
+            try:
+                async with asyncio.timeout(max(self.timeout, 0.5)):
+                    # writes may have missed their bump during the outage: no entry from before it may serve
+                    await self.client.hset(VERSIONS_KEY, EPOCH, os.urandom(8).hex())
+                    await self.client.publish(CHANNEL, FLUSH_ALL)
+            except Exception:
+                continue
+            self.epoch_changes += 1
+            self.need_new_epoch = False
+            if self.on_invalidate:
+                self.on_invalidate([FLUSH_ALL])
+            self.available = True
+            log.warning("redis reachable again, cache resumed with a new epoch")
+            return
+
+    # -- pub/sub -----------------------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        """Drop L1 entries other processes invalidated (memory hygiene; correctness never depends on it)."""
+        while not self._closed:
+            client = pubsub = None
+            try:
+                client = self._pubsub_client()
+                pubsub = client.pubsub()
+                await pubsub.subscribe(CHANNEL)
+                while not self._closed:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg and msg.get("type") == "message" and self.on_invalidate:
+                        self.on_invalidate(msg["data"].decode().split("\t"))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(self.retry_after)
+            finally:
+                for c in (pubsub, client):
+                    if c is not None:
+                        try:
+                            await c.aclose()
+                        except Exception:
+                            pass
+
+    def _pubsub_client(self) -> Any:
+        """A connection of its own, without the short read timeout (it waits for messages)."""
+        connect_timeout = max(self.timeout, 1.0)
+        if not self.cluster:
+            return aioredis.Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=connect_timeout)
+        # PUBLISH is broadcast to every node of a cluster: subscribing on one node is enough
+        node = self.client.get_default_node() or self.client.get_nodes()[0]
+        return aioredis.Redis(host=node.host, port=node.port, socket_timeout=None,
+                              socket_connect_timeout=connect_timeout)

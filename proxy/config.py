@@ -1,0 +1,240 @@
+"""config.toml: a declarative schema, loading, validation and command-line overrides.
+
+Every key lives in SCHEMA with its type, default and a one-line description; config.toml in the repo
+documents the same keys. A bad file or flag raises ConfigError with one line naming the key, which the
+CLI prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration mistake; str() is the one line shown to the operator."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(value: Any) -> int:
+    """'1GiB', '64kB', 1024 -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (use bytes or a unit: kB, MB, GB, KiB, MiB, GiB)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_duration(value: Any) -> float:
+    """'60s', '250ms', '5m', 1.5 -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)\s*", str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use a number with ms, s, m, h or d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_hostport(value: Any) -> tuple[str, int]:
+    m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", str(value).strip())
+    if not m or not (0 < int(m.group(2)) < 65536):
+        raise ValueError(f"not HOST:PORT: {value!r}")
+    return m.group(1) or "0.0.0.0", int(m.group(2))
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # str, int, bool, float, size, duration, hostport, list, optional_hostport
+    default: Any
+    doc: str
+
+
+# section -> key -> Key. Keep config.toml in step with this table.
+SCHEMA: dict[str, dict[str, Key]] = {
+    "server": {
+        "listen": Key("hostport", "127.0.0.1:6432", "address clients connect to"),
+        "upstream": Key("str", "postgresql://localhost:5432",
+                        "PostgreSQL server to proxy to (host, port, sslmode); empty starts a throwaway local one"),
+        "workers": Key("int", 1, "worker processes sharing the listen port (SO_REUSEPORT)"),
+        "max_message_size": Key("size", "1GiB", "largest protocol message accepted from a client"),
+        "connect_timeout": Key("duration", "10s", "how long to wait for the upstream to accept a connection"),
+        "startup_timeout": Key("duration", "15s", "a client that has not finished its startup by then is dropped"),
+        "client_idle_timeout": Key("duration", "0s", "drop clients idle (no transaction open) this long; 0 = never"),
+        "max_client_conn": Key("int", 10000, "client connections accepted at once, per worker"),
+        "shutdown_timeout": Key("duration", "30s", "on SIGTERM, how long running transactions may finish"),
+        "run_dir": Key("str", "", "directory for worker state (stats snapshots); empty = a temp dir per instance"),
+        "log_level": Key("str", "info", "debug, info, warning or error"),
+        "log_format": Key("str", "json", "json (one object per line) or text"),
+        "log_parameters": Key("bool", False, "include query parameter values in logs"),
+    },
+    "admin": {
+        "users": Key("list", ["postgres"], "roles allowed on the admin console (dbname=pgfront)"),
+    },
+    "metrics": {
+        "listen": Key("optional_hostport", "", "serve /metrics and /healthz here; empty = off"),
+        "top_n": Key("int", 50, "fingerprints given their own labels in /metrics"),
+    },
+    "stats": {
+        "max_fingerprints": Key("int", 5000, "fingerprints tracked per worker; the least used fold into 'other'"),
+        "flush_interval": Key("duration", "1s", "how often workers publish their statistics"),
+    },
+    "rules": {
+        "files": Key("list", ["rules/*.toml"], "rule files or globs, loaded in name order"),
+        "watch": Key("bool", True, "reload rules when a rule file changes on disk"),
+    },
+    "cache": {
+        "enabled": Key("bool", False, "serve reads selected by cache rules from Redis"),
+        "redis_url": Key("str", "redis://127.0.0.1:6379/0", "Redis (or redis+cluster://) holding results and table versions"),
+        "max_result_size": Key("size", "1MiB", "larger results are streamed through and not cached"),
+        "l1_size": Key("size", "64MiB", "in-process cache in front of Redis, per worker"),
+        "redis_timeout": Key("duration", "50ms", "a Redis call slower than this bypasses the cache"),
+        "default_ttl": Key("duration", "60s", "TTL for cache rules that give none"),
+        "replication_listener": Key("bool", False, "follow the upstream's logical replication stream to catch writes that bypass pgfront"),
+        "replication_slot": Key("str", "pgfront_invalidation", "slot used by the replication listener"),
+    },
+    "slowlog": {
+        "threshold_ms": Key("float", 200.0, "statements slower than this get their plan captured; 0 = off"),
+        "path": Key("str", "pgfront-slowlog.jsonl", "slow-plan store (JSON lines), rotated by size"),
+        "max_size": Key("size", "100MiB", "rotate the slow-plan store at this size"),
+        "store_parameters": Key("bool", True, "keep parameter values with captured plans"),
+        "explain_analyze": Key("bool", False, "EXPLAIN ANALYZE slow reads (never writes)"),
+        "per_fingerprint_interval": Key("duration", "60s", "at most one captured plan per fingerprint this often"),
+    },
+    "tls": {
+        "cert_file": Key("str", "", "server certificate for client TLS; empty = refuse SSLRequest"),
+        "key_file": Key("str", "", "private key for cert_file"),
+        "upstream_sslmode": Key("str", "disable", "disable, prefer, require, verify-ca or verify-full"),
+        "upstream_ca_file": Key("str", "", "CA bundle for verify-ca / verify-full"),
+    },
+    "advisor": {
+        "p95_target_ms": Key("float", 50.0, "scorecard: p95 latency target per fingerprint"),
+        "index_scan_share_target": Key("float", 0.90, "scorecard: share of calls served by index scans"),
+        "cache_hit_target": Key("float", 0.85, "scorecard: pgfront and Postgres buffer cache hit ratio"),
+        "pool_utilisation_target": Key("float", 0.80, "scorecard: pool utilisation ceiling"),
+        "min_improvement": Key("float", 0.20, "keep an index only if it cuts estimated cost by this share"),
+    },
+}
+
+
+def _coerce(kind: str, value: Any) -> Any:
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+    if kind == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if kind == "size":
+        return parse_size(value)
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "hostport":
+        return parse_hostport(value)
+    if kind == "optional_hostport":
+        return parse_hostport(value) if value else None
+    if kind == "list":
+        if isinstance(value, str):
+            return [v for v in (x.strip() for x in value.split(",")) if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return list(value)
+    raise AssertionError(kind)
+
+
+class Section:
+    """Attribute access to one section's validated values."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Config:
+    def __init__(self, raw: dict[str, dict[str, Any]], source: str = "<defaults>") -> None:
+        self.source = source
+        self.raw = raw
+        for section, keys in SCHEMA.items():
+            given = raw.get(section, {})
+            values = {}
+            for name, key in keys.items():
+                value = given.get(name, key.default)
+                try:
+                    values[name] = _coerce(key.kind, value)
+                except ValueError as e:
+                    raise ConfigError(f"{source}: [{section}] {name}: {e}") from None
+            setattr(self, section, Section(values))
+        if self.server.workers < 1:
+            raise ConfigError(f"{source}: [server] workers: must be at least 1")
+        if self.server.log_format not in ("json", "text"):
+            raise ConfigError(f"{source}: [server] log_format: expected json or text")
+        if self.tls.upstream_sslmode not in ("disable", "prefer", "require", "verify-ca", "verify-full"):
+            raise ConfigError(f"{source}: [tls] upstream_sslmode: unknown mode {self.tls.upstream_sslmode!r}")
+
+    # typed views used everywhere
+    server: Section
+    admin: Section
+    metrics: Section
+    stats: Section
+    rules: Section
+    cache: Section
+    slowlog: Section
+    tls: Section
+    advisor: Section
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: getattr(self, s).as_dict() for s in SCHEMA}
+
+
+def _check_known(raw: dict[str, Any], source: str) -> None:
+    for section, body in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SCHEMA)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: {section} must be a table ([{section}])")
+        for key in body:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{source}: [{section}] unknown key {key!r} (known: {', '.join(SCHEMA[section])})")
+
+
+def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read a config file (None: defaults only) and apply overrides such as command-line flags."""
+    raw: dict[str, dict[str, Any]] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        _check_known(raw, source)
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return Config(raw, source)

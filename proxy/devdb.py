@@ -1,0 +1,256 @@
+"""Throwaway PostgreSQL clusters built from the installed server binaries.
+
+Used by `pgfront serve` when no upstream is configured (so a newcomer can psql through pgfront at
+once), by the test suite and by the benchmarks. When running as root the cluster runs as the
+`postgres` system user, since the server refuses to run as root.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_pg_bin(prefer: str | None = None) -> Path:
+    """Directory holding initdb/postgres: $PG_BIN, then the newest /usr/lib/postgresql/*/bin."""
+    if prefer:
+        return Path(prefer)
+    env = os.environ.get("PG_BIN")
+    if env:
+        return Path(env)
+    # Debian keeps the server binaries out of PATH; prefer the newest installed major version
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[-3]))
+    if cands:
+        return Path(cands[-1]).parent
+    found = shutil.which("postgres") or shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise RuntimeError("no PostgreSQL server binaries found (install postgresql, or set PG_BIN)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _demote_args() -> tuple[dict, int | None]:
+    """(popen kwargs, uid) to run a server binary as `postgres` when we are root."""
+    if os.geteuid() != 0:
+        return {}, None
+    pw = pwd.getpwnam("postgres")
+
+    def demote() -> None:
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+
+    return {"preexec_fn": demote}, pw.pw_uid
+
+
+class TempPostgres:
+    """A PostgreSQL cluster in a temporary directory on a free port.
+
+    `hba` lines replace the default (trust for everything on loopback); `settings` go to
+    postgresql.conf. The cluster listens on 127.0.0.1 and on a Unix socket in its directory.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+        hba: list[str] | None = None,
+        superuser: str = "postgres",
+        base_dir: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.settings = settings or {}
+        self.hba = hba
+        self.superuser = superuser
+        self.bin = find_pg_bin()
+        self.dir = Path(tempfile.mkdtemp(prefix="pgfront-pg-", dir=base_dir))
+        self.data = self.dir / "data"
+        self.log = self.dir / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self._popen_kw, uid = _demote_args()
+        if uid is not None:
+            os.chown(self.dir, uid, -1)
+        self._initdb()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _run(self, *args: str) -> None:
+        res = subprocess.run(args, capture_output=True, text=True, **self._popen_kw)
+        if res.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {res.stderr.strip() or res.stdout.strip()}")
+
+    def _initdb(self) -> None:
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", self.superuser, "-A", "trust",
+            "-E", "UTF8", "--locale=C", "--no-sync",
+        )
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.dir}'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "300",
+            "shared_buffers": "128MB",
+            "logging_collector": "off",
+        }
+        conf.update(self.settings)
+        with open(self.data / "postgresql.conf", "a") as f:
+            for k, v in conf.items():
+                f.write(f"{k} = {v}\n")
+        if self.hba is not None:
+            lines = ["local all all trust"] + list(self.hba)
+            (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> TempPostgres:
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data)],
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, **self._popen_kw,
+        )
+        logf.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {self.log.read_text()[-2000:]}")
+            res = subprocess.run(
+                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                capture_output=True,
+            )
+            if res.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"postgres did not start on port {self.port}: {self.log.read_text()[-2000:]}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the postmaster: mode 'fast' (SIGINT), 'immediate' (SIGQUIT) or 'kill' (SIGKILL)."""
+        if not self.proc or self.proc.poll() is not None:
+            return
+        sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "kill": signal.SIGKILL}[mode]
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if mode == "kill":
+            # orphaned backends keep the port and shared memory: finish them off too
+            subprocess.run(["pkill", "-9", "-f", f"-D {self.data}"], capture_output=True)
+            pid_file = self.data / "postmaster.pid"
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                r = subprocess.run(["pgrep", "-u", "postgres", "-f", str(self.data)], capture_output=True)
+                if r.returncode != 0:
+                    break
+                time.sleep(0.05)
+            pid_file.unlink(missing_ok=True)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- access ---------------------------------------------------------------------------
+    def dsn(self, user: str | None = None, dbname: str = "postgres", password: str | None = None) -> str:
+        user = user or self.superuser
+        auth = f"{user}:{password}@" if password else f"{user}@"
+        return f"postgresql://{auth}127.0.0.1:{self.port}/{dbname}"
+
+    def psql(self, sql: str, dbname: str = "postgres", user: str | None = None) -> str:
+        res = subprocess.run(
+            [str(self.bin / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+             "-p", str(self.port), "-U", user or self.superuser, "-d", dbname, "-c", sql],
+            capture_output=True, text=True,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"psql failed: {res.stderr.strip()}")
+        return res.stdout
+
+    def __enter__(self) -> TempPostgres:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class TempRedis:
+    """A redis-server on a free loopback port, persisting nothing, for tests and benchmarks."""
+
+    def __init__(self, port: int | None = None, extra: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.extra = extra or []
+        self.dir = Path(tempfile.mkdtemp(prefix="pgfront-redis-"))
+        self.proc: subprocess.Popen | None = None
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server not found (install the redis-server package)")
+        self.exe = exe
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> TempRedis:
+        self.proc = subprocess.Popen(
+            [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def pause(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> TempRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -1,0 +1,655 @@
+"""One client's conversation: startup, pass-through authentication, and the relay with tracking.
+
+The relay forwards bytes as they come, but walks every message boundary in both directions, so the
+session always knows the transaction status, the prepared statements and portals, and which reply
+belongs to which request. That last part is an ordered queue of `Pending` entries, one per client
+message that the server answers (Query, Parse, Bind, Describe, Execute, Close, Sync, FunctionCall).
+Replies the proxy produces itself (blocked statements, cache hits, the admin console) take their
+place in the same queue, so they reach the client in exactly the order Postgres would have used.
+
+Flow control: each side's transport pauses reading from the other when its write buffer is full,
+so a client that stops reading a huge result back-pressures the server instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from proxy.log import log
+from proxy.upstream import open_connection, send_cancel
+from proxy.wire import protocol as pq
+from proxy.wire.framer import Framer, FrameError, read_startup
+
+if TYPE_CHECKING:
+    from proxy.app import App
+    from proxy.sql import StatementInfo
+
+# message type bytes as ints (frames carry ints)
+_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = b"QPBDECSHFX"
+_d, _c, _f = b"dcf"
+_Z, _T, _n, _t, _I, _s, _G, _W, _N, _A, _K, _R, _V = b"ZTntIsGWNAKRV"
+_CMD_C = b"C"[0]
+_ERR = b"E"[0]
+_PARSE_OK, _BIND_OK, _CLOSE_OK = b"123"
+_LOCAL = 0  # Pending kind for replies pgfront produces itself
+
+_HIGH_WATER = 512 * 1024
+_ids = itertools.count(1)
+
+# A statement the server must reject at Parse time: used to make a blocked statement fail *on the
+# server*, so that transaction and pipeline state (failed block, skip-to-Sync, implicit rollback)
+# are exactly Postgres's own; the server's syntax error is then replaced by the rule's error.
+_BLOCKED_SQL = "pgfront blocked statement"
+
+
+class Stmt:
+    """A prepared statement (named or unnamed) as the client knows it."""
+
+    __slots__ = ("name", "sql", "info", "notices", "sent_sql")
+
+    def __init__(self, name: str, sql: str, info: StatementInfo | None, sent_sql: str,
+                 notices: tuple[bytes, ...] = ()) -> None:
+        self.name = name
+        self.sql = sql
+        self.info = info
+        self.sent_sql = sent_sql
+        self.notices = notices
+
+
+class Pending:
+    """One expected reply (or a reply of our own, kind _LOCAL) in client order."""
+
+    __slots__ = ("kind", "forward", "info", "t0", "rows", "sqlstate", "error", "local", "notices",
+                 "copy_ends", "stmt", "bind")
+
+    def __init__(self, kind: int, info: StatementInfo | None = None, t0: float = 0.0) -> None:
+        self.kind = kind
+        self.forward = True
+        self.info = info
+        self.t0 = t0
+        self.rows = 0
+        self.sqlstate: str | None = None
+        self.error: bytes | None = None  # our ErrorResponse replacing the server's
+        self.local: bytes | None = None
+        self.notices: tuple[bytes, ...] = ()
+        self.copy_ends = 0
+        self.stmt: Stmt | None = None
+        self.bind: memoryview | None = None
+
+
+class ServerLink(asyncio.Protocol):
+    """The upstream side of a session: hands bytes to the session, relays flow control."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.session.server_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.server_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.pause_client_reading("server-write")
+
+    def resume_writing(self) -> None:
+        self.session.resume_client_reading("server-write")
+
+
+class Session(asyncio.Protocol):
+    """The client side; owns the conversation."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.id = next(_ids)
+        self.transport: asyncio.Transport | None = None
+        self.server: ServerLink | None = None
+        self.phase = "startup"  # startup, connecting, auth, ready, admin, closed
+        self.startup_buf = b""
+        self.params: dict[str, str] = {}
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.peer = ""
+        self.connected_at = time.time()
+        cfg = app.cfg
+        self.cframer = Framer(cfg.server.max_message_size, stream_types=b"d")
+        self.sframer = Framer(1 << 62, stream_types=b"Dd")
+        self.expect: deque[Pending] = deque()
+        self.tx_status = pq.IDLE
+        self.statements: dict[str, Stmt] = {}
+        self.portals: dict[str, Stmt] = {}
+        self.server_params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_secret = b""
+        self.pending_to_server: list[bytes] = []
+        self.skip_until_sync = False
+        self.copies_started = 0
+        self.copy_ends_sent = 0
+        self.copy_failed = False
+        self.server_in_copy = False
+        self.paused: set[str] = set()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.queries = 0
+        self.startup_timer: asyncio.TimerHandle | None = None
+
+    # -- connection lifecycle -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_HIGH_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        if not self.app.admit(self):
+            return
+        timeout = self.app.cfg.server.startup_timeout
+        if timeout > 0:
+            self.startup_timer = asyncio.get_running_loop().call_later(timeout, self._startup_timeout)
+
+    def _startup_timeout(self) -> None:
+        if self.phase in ("startup", "connecting", "auth"):
+            log.info("startup timeout", extra={"client": self.id, "peer": self.peer})
+            self.fatal("08006", "startup timeout: the client did not complete the startup in time")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase == "closed":
+            return
+        busy = bool(self.expect) or self.tx_status != pq.IDLE
+        self.phase = "closed"
+        self.app.forget(self)
+        if self.startup_timer:
+            self.startup_timer.cancel()
+        if self.server and self.server.transport:
+            st = self.server.transport
+            if busy and self.backend_pid:
+                # the backend may be running a long query: cancel it rather than leave it running
+                asyncio.ensure_future(send_cancel(self.app.upstream, self.backend_pid, self.backend_secret))
+            if not st.is_closing():
+                st.write(pq.TERMINATE)
+                st.close()
+
+    def close(self) -> None:
+        if self.transport and not self.transport.is_closing():
+            self.transport.close()
+        self.connection_lost(None)
+
+    def fatal(self, code: str, message: str) -> None:
+        """Send a FATAL error and close the client (and its server connection)."""
+        if self.transport and not self.transport.is_closing():
+            self.transport.write(pq.error_response(code, message, severity="FATAL"))
+        self.close()
+
+    # -- flow control ---------------------------------------------------------------------------
+    def pause_writing(self) -> None:  # the client is slow to read: stop reading from the server
+        if self.server and self.server.transport:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server and self.server.transport:
+            self.server.transport.resume_reading()
+
+    def pause_client_reading(self, why: str) -> None:
+        if not self.paused and self.transport:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume_client_reading(self, why: str) -> None:
+        self.paused.discard(why)
+        if not self.paused and self.transport and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- client bytes ---------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.phase in ("ready", "admin"):
+            try:
+                frames = self.cframer.feed(data)
+            except FrameError as e:
+                self.fatal(e.code, str(e))
+                return
+            if self.phase == "ready":
+                self.client_frames(frames)
+            else:
+                self.admin_frames(frames)
+        elif self.phase == "auth":
+            try:
+                frames = self.cframer.feed(data)
+            except FrameError as e:
+                self.fatal(e.code, str(e))
+                return
+            out = []
+            for t, _body, raw in frames:
+                if t == _X:
+                    self.close()
+                    return
+                out.append(bytes(raw))
+            self.to_server(b"".join(out))
+        elif self.phase == "startup":
+            self.startup_buf += data
+            self._startup()
+        elif self.phase == "connecting":
+            self.startup_buf += data  # a client must wait for the auth request; keep it in order
+
+    def _startup(self) -> None:
+        while self.phase == "startup":
+            try:
+                body, rest = read_startup(self.startup_buf)
+            except FrameError as e:
+                self.fatal(e.code, str(e))
+                return
+            if body is None:
+                if self.startup_buf[:1] == b"\x16":
+                    # a TLS ClientHello straight away (sslnegotiation=direct): no TLS configured
+                    self.close()
+                return
+            self.startup_buf = rest
+            code, params = pq.parse_startup(body)
+            if code in (pq.SSL_REQUEST, pq.GSSENC_REQUEST):
+                if rest:
+                    # bytes pipelined behind the request could be injected before encryption
+                    # (CVE-2021-23214): refuse
+                    self.fatal("08P01", "received unencrypted data after SSL request")
+                    return
+                self.transport.write(b"N")
+                continue
+            if code == pq.CANCEL_REQUEST:
+                self._cancel_request(body)
+                return
+            if code >> 16 != 3:
+                self.fatal("0A000", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                                    "server supports 3.0 to 3.0")
+                return
+            self._begin(code, params)
+            return
+
+    def _cancel_request(self, body: bytes) -> None:
+        if len(body) < 12:
+            self.close()
+            return
+        (pid,) = struct.unpack_from("!i", body, 4)
+        secret = bytes(body[8:])
+        self.app.stats_inc("cancel_requests")
+        # in session mode the client holds the upstream backend's own key: any worker can deliver it
+        asyncio.ensure_future(send_cancel(self.app.upstream, pid, secret))
+        self.close()
+
+    def _begin(self, code: int, params: dict[str, str]) -> None:
+        minor = code & 0xFFFF
+        unsupported = [k for k in params if k.startswith("_pq_.")]
+        if minor > 0 or unsupported:
+            self.transport.write(pq.negotiate_protocol_version(0, unsupported))
+        params = {k: v for k, v in params.items() if not k.startswith("_pq_.")}
+        if "user" not in params:
+            self.fatal("28000", "no PostgreSQL user name specified in startup packet")
+            return
+        self.params = params
+        self.user = params["user"]
+        self.database = params.get("database") or self.user
+        self.application_name = params.get("application_name", "")
+        admin = self.database == "pgfront"
+        if admin and self.user not in self.app.cfg.admin.users:
+            self.fatal("42501", f'role "{self.user}" may not use the pgfront admin console '
+                                "(not listed in [admin] users)")
+            return
+        upstream_params = dict(params)
+        if admin:
+            # authenticate admin users against the upstream itself: pgfront keeps no passwords
+            upstream_params["database"] = "postgres"
+        self.admin = admin
+        self.phase = "connecting"
+        asyncio.ensure_future(self._connect(upstream_params))
+
+    async def _connect(self, params: dict[str, str]) -> None:
+        app = self.app
+        try:
+            _, link = await open_connection(app.upstream, lambda: ServerLink(self), app.cfg.server.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            reason = "timeout" if isinstance(e, asyncio.TimeoutError) else str(e)
+            log.warning("upstream connect failed", extra={"client": self.id, "reason": reason})
+            self.fatal("08006", f"pgfront could not connect to the upstream server: {reason}")
+            return
+        if self.phase == "closed":
+            link.transport.close()
+            return
+        self.server = link
+        app.stats_inc("server_connections_opened")
+        self.phase = "auth"
+        link.transport.write(pq.startup_message(params))
+        if self.startup_buf:
+            data, self.startup_buf = self.startup_buf, b""
+            self.data_received(data)
+
+    def to_server(self, data: bytes) -> None:
+        if data and self.server and self.server.transport:
+            self.server.transport.write(data)
+
+    # -- server bytes ----------------------------------------------------------------------------
+    def server_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        frames = self.sframer.feed(data)
+        if self.phase == "ready":
+            out = self.server_frames(frames)
+        elif self.phase == "auth":
+            out = self.auth_frames(frames)
+        else:
+            return
+        if out and self.transport and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def server_lost(self, exc: Exception | None) -> None:
+        if self.phase == "closed":
+            return
+        self.app.stats_inc("server_connections_closed")
+        if self.phase == "admin":
+            return  # the upstream link only served to authenticate the admin user
+        # the server went away without a FATAL of its own (crash, kill -9, network)
+        self.fatal("08006", "server closed the connection unexpectedly (upstream connection lost)")
+
+    def auth_frames(self, frames: list) -> bytes:
+        out = []
+        for t, body, raw in frames:
+            if t == _K:
+                (self.backend_pid,) = struct.unpack_from("!i", body, 0)
+                self.backend_secret = bytes(body[4:])
+            elif t == 83:  # ParameterStatus
+                name, value = pq.parse_parameter_status(body)
+                self.server_params[name] = value
+            elif t == _ERR:
+                out.append(bytes(raw))
+                self.transport.write(b"".join(out))
+                self.close()
+                return b""
+            elif t == _Z:
+                self.tx_status = bytes(body[:1])
+                if self.startup_timer:
+                    self.startup_timer.cancel()
+                    self.startup_timer = None
+                if self.admin:
+                    self.phase = "admin"
+                    out.append(bytes(raw))
+                    self.server.transport.write(pq.TERMINATE)
+                    self.server.transport.close()
+                    self.app.stats_inc("admin_sessions")
+                    return b"".join(out)
+                self.phase = "ready"
+                self.app.session_ready(self)
+            out.append(bytes(raw))
+        return b"".join(out)
+
+    # -- the relay: client -> server ---------------------------------------------------------------
+    def client_frames(self, frames: list) -> None:
+        out: list = []
+        expect = self.expect
+        now = time.perf_counter()
+        for t, body, raw in frames:
+            if t == _d or t == _c or t == _f:
+                if t != _d:
+                    if self.copy_failed:
+                        self.copy_failed = False  # the end of a copy the server already failed
+                    else:
+                        self.copy_ends_sent += 1
+                out.append(raw)
+                continue
+            if self.skip_until_sync and t != _S:
+                # the server discards everything up to Sync after an error: so do we
+                out.append(raw)
+                continue
+            if t == _Q:
+                self._query(body, raw, out, now)
+            elif t == _B:
+                portal, name = pq.bind_names(body)
+                stmt = self.statements.get(name)
+                self.portals[portal] = stmt  # type: ignore[assignment]
+                p = Pending(_B)
+                expect.append(p)
+                out.append(raw)
+                if stmt is not None and portal == "":
+                    p.stmt = stmt
+                    p.bind = body
+            elif t == _E:
+                portal, _max_rows = pq.parse_execute(body)
+                stmt = self.portals.get(portal)
+                p = Pending(_E, stmt.info if stmt else None, now)
+                p.stmt = stmt
+                if stmt is not None and stmt.notices:
+                    p.notices = stmt.notices
+                expect.append(p)
+                out.append(raw)
+                self.queries += 1
+            elif t == _S:
+                self.skip_until_sync = False
+                if self.copy_failed:
+                    self.copy_failed = False
+                if self.copy_ends_sent >= self.copies_started or not self.server_in_copy:
+                    p = Pending(_S)
+                    p.copy_ends = self.copy_ends_sent
+                    expect.append(p)
+                # else: the server is in COPY IN mode and ignores this Sync
+                out.append(raw)
+            elif t == _P:
+                self._parse(body, raw, out)
+            elif t == _D:
+                expect.append(Pending(_D))
+                out.append(raw)
+            elif t == _C:
+                kind, name = pq.parse_describe_close(body)
+                if kind == b"S":
+                    self.statements.pop(name, None)
+                else:
+                    self.portals.pop(name, None)
+                expect.append(Pending(_C))
+                out.append(raw)
+            elif t == _H:
+                out.append(raw)
+            elif t == _F:
+                expect.append(Pending(_F, None, now))
+                out.append(raw)
+            elif t == _X:
+                self.to_server(b"".join(out) + pq.TERMINATE)
+                self.close()
+                return
+            else:
+                self.to_server(b"".join(out))
+                self.fatal("08P01", f"invalid frontend message type {t}")
+                return
+        if out:
+            self.to_server(b"".join(out) if len(out) > 1 else out[0])
+
+    def _query(self, body: memoryview, raw: memoryview, out: list, now: float) -> None:
+        sql = pq.parse_query(bytes(body))
+        info = self.app.shapes.get(sql)
+        p = Pending(_Q, info, now)
+        self.queries += 1
+        rules = self.app.rules
+        if rules is not None:
+            decision = rules.decide_for(self, sql, info)
+            if decision is not None:
+                if decision.block:
+                    code, message = decision.block
+                    p.error = pq.error_response(code, message)
+                    self.expect.append(p)
+                    out.append(pq.query(_BLOCKED_SQL))
+                    return
+                if decision.sql is not None:
+                    raw = pq.query(decision.sql)
+                p.notices = tuple(pq.notice_response(n) for n in decision.notices)
+        self.expect.append(p)
+        out.append(raw)
+
+    def _parse(self, body: memoryview, raw: memoryview, out: list) -> None:
+        name, sql, oids = pq.parse_parse(bytes(body))
+        info = self.app.shapes.get(sql)
+        stmt = Stmt(name, sql, info, sql)
+        p = Pending(_P, info)
+        rules = self.app.rules
+        if rules is not None:
+            decision = rules.decide_for(self, sql, info)
+            if decision is not None:
+                if decision.block:
+                    code, message = decision.block
+                    p.error = pq.error_response(code, message)
+                    raw = pq.parse_message(name, _BLOCKED_SQL, oids)
+                elif decision.sql is not None:
+                    stmt.sent_sql = decision.sql
+                    raw = pq.parse_message(name, decision.sql, oids)
+                stmt.notices = tuple(pq.notice_response(n) for n in decision.notices)
+        self.statements[name] = stmt
+        self.expect.append(p)
+        out.append(raw)
+
+    # -- the relay: server -> client ---------------------------------------------------------------
+    def server_frames(self, frames: list) -> bytes:
+        out: list = []
+        expect = self.expect
+        for t, body, raw in frames:
+            if t == 68 or t == 100:  # DataRow, CopyData: the bulk of the traffic
+                if not expect or expect[0].forward:
+                    out.append(raw)
+                continue
+            if t == _N or t == _A:  # notices and notifications can come at any time
+                out.append(raw)
+                continue
+            if t == 83:  # ParameterStatus (SET of a reported setting)
+                name, value = pq.parse_parameter_status(body)
+                self.server_params[name] = value
+                out.append(raw)
+                continue
+            if not expect:
+                out.append(raw)  # unsolicited, e.g. a FATAL before shutdown
+                continue
+            p = expect[0]
+            kind = p.kind
+            if t == _Z:
+                self.tx_status = bytes(body[:1])
+                self.server_in_copy = False
+                # entries before the Sync/Query that never got a reply were skipped by the server
+                while expect and expect[0].kind not in (_S, _Q, _F):
+                    expect.popleft()
+                if expect:
+                    p = expect.popleft()
+                    if p.kind != _S:
+                        self._done(p)
+                    if p.forward:
+                        if p.notices and p.kind == _Q and p.sqlstate is None:
+                            out.extend(p.notices)
+                        out.append(raw)
+                else:
+                    out.append(raw)
+                self._flush_local(out)
+                continue
+            if t == _CMD_C:
+                p.rows += pq.rows_from_tag(pq.parse_command_tag(bytes(body)))
+                self.server_in_copy = False
+                if kind == _E:
+                    expect.popleft()
+                    if p.notices:
+                        out.extend(p.notices)
+                    self._done(p)
+                    if p.forward:
+                        out.append(raw)
+                    self._flush_local(out)
+                    continue
+            elif t == _ERR:
+                fields = pq.parse_fields(bytes(body))
+                p.sqlstate = fields.get("C", "XX000")
+                if self.server_in_copy:
+                    self.server_in_copy = False
+                    if self.copy_ends_sent < self.copies_started:
+                        self.copy_failed = True
+                        self.copy_ends_sent = self.copies_started
+                if p.forward:
+                    out.append(p.error if p.error is not None else raw)
+                if kind in (_P, _B, _D, _E, _C):
+                    expect.popleft()
+                    if kind == _E:
+                        self._done(p)
+                    # the server now skips to the next Sync: drop what it will never answer
+                    while expect and expect[0].kind != _S:
+                        expect.popleft()
+                    if not expect:
+                        self.skip_until_sync = True
+                    continue
+                continue
+            elif t == _PARSE_OK or t == _BIND_OK or t == _CLOSE_OK:
+                expect.popleft()
+            elif t == _T or t == _n:
+                if kind == _D:
+                    expect.popleft()
+            elif t == _I or t == _s:
+                if kind == _E:
+                    expect.popleft()
+                    self._done(p)
+                    if p.forward:
+                        out.append(raw)
+                    self._flush_local(out)
+                    continue
+            elif t == _G or t == _W:
+                self.copies_started += 1
+                self.server_in_copy = True
+                # Syncs the client sent before its CopyDone are read in COPY mode and ignored
+                keep = [e for e in expect if not (e.kind == _S and e.copy_ends < self.copies_started)]
+                if len(keep) != len(expect):
+                    expect.clear()
+                    expect.extend(keep)
+            if p.forward:
+                out.append(raw)
+            self._flush_local(out)
+        if not out:
+            return b""
+        return b"".join(out) if len(out) > 1 else bytes(out[0])
+
+    def _flush_local(self, out: list) -> None:
+        expect = self.expect
+        while expect and expect[0].kind == _LOCAL:
+            p = expect.popleft()
+            out.append(p.local)
+            if p.notices is not None:  # a whole simple-query reply: it ends with ReadyForQuery
+                out.append(pq.ready_for_query(self.tx_status))
+
+    def _done(self, p: Pending) -> None:
+        """A statement finished: statistics, slow log."""
+        info = p.info
+        if info is None:
+            return
+        seconds = time.perf_counter() - p.t0
+        self.app.record(self, p, info, seconds)
+
+    # -- admin console -------------------------------------------------------------------------------
+    def admin_frames(self, frames: list) -> None:
+        from proxy import admin
+
+        for t, body, _raw in frames:
+            if t == _Q:
+                sql = pq.parse_query(bytes(body))
+                self.transport.write(admin.handle(self.app, self, sql))
+            elif t == _X:
+                self.close()
+                return
+            elif t == _S:
+                self.transport.write(pq.ready_for_query(pq.IDLE))
+            elif t in (_P, _B, _D, _E, _C, _H):
+                self.transport.write(pq.error_response(
+                    "0A000", "the pgfront admin console supports the simple query protocol only"))
+            else:
+                self.fatal("08P01", f"invalid frontend message type {t}")
+                return
+
+    # -- introspection (SHOW CLIENTS) ------------------------------------------------------------------
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id, "user": self.user, "database": self.database, "application_name": self.application_name,
+            "peer": self.peer, "state": self.phase, "tx": self.tx_status.decode(), "queries": self.queries,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "backend_pid": self.backend_pid,
+            "connected_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.connected_at)),
+            "pending": len(self.expect),
+        }
