@@ -70,8 +70,9 @@ class App:
         if p.stmt is not None and p.bind is not None:
             from proxy.wire.protocol import parse_bind
 
+            _stmt, a, b, data = p.bind
             try:
-                _, _, formats, values, _ = parse_bind(bytes(p.bind))
+                _, _, formats, values, _ = parse_bind(data[a + 5:b])
                 params = [None if v is None or (formats and formats[min(i, len(formats) - 1)] == 1)
                           else v.decode("utf-8", "replace") for i, v in enumerate(values)]
             except Exception:  # noqa: BLE001 - slow log is best effort, never break the relay

@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
         "listen": Key("hostport", "127.0.0.1:6432", "address clients connect to"),
         "upstream": Key("str", "postgresql://localhost:5432",
-                        "PostgreSQL server to proxy to (host, port, sslmode); empty starts a throwaway local one"),
+                        "PostgreSQL server to proxy to (host, port, sslmode); 'local' starts a throwaway local one"),
         "workers": Key("int", 1, "worker processes sharing the listen port (SO_REUSEPORT)"),
         "max_message_size": Key("size", "1GiB", "largest protocol message accepted from a client"),
         "connect_timeout": Key("duration", "10s", "how long to wait for the upstream to accept a connection"),

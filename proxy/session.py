@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from proxy.log import log
 from proxy.upstream import open_connection, send_cancel
 from proxy.wire import protocol as pq
-from proxy.wire.framer import Framer, FrameError, read_startup
+from proxy.wire.framer import FrameError, Framer, read_startup
 
 if TYPE_CHECKING:
     from proxy.app import App
@@ -79,7 +79,17 @@ class Pending:
         self.notices: tuple[bytes, ...] = ()
         self.copy_ends = 0
         self.stmt: Stmt | None = None
-        self.bind: memoryview | None = None
+        self.bind: tuple | None = None  # (stmt, start, end, data) of the Bind that made the portal
+
+
+# replies that need no per-message state share one entry each (saves an allocation per message)
+_PLAIN_P = Pending(_P)
+_PLAIN_B = Pending(_B)
+_PLAIN_D = Pending(_D)
+_PLAIN_C = Pending(_C)
+_PLAIN_S = Pending(_S)
+_Z_KINDS = (_S, _Q, _F)
+_SKIP_KINDS = (_P, _B, _D, _E, _C)
 
 
 class ServerLink(asyncio.Protocol):
@@ -134,6 +144,9 @@ class Session(asyncio.Protocol):
         self.backend_secret = b""
         self.pending_to_server: list[bytes] = []
         self.skip_until_sync = False
+        self.special = 0  # queued entries whose replies are not relayed verbatim
+        self.last_bind: tuple | None = None
+        self.admin = False
         self.copies_started = 0
         self.copy_ends_sent = 0
         self.copy_failed = False
@@ -211,34 +224,33 @@ class Session(asyncio.Protocol):
     # -- client bytes ---------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self.phase in ("ready", "admin"):
+        phase = self.phase
+        if phase == "ready" or phase == "admin" or phase == "auth":
             try:
                 frames = self.cframer.feed(data)
             except FrameError as e:
                 self.fatal(e.code, str(e))
                 return
-            if self.phase == "ready":
-                self.client_frames(frames)
+            if phase == "ready":
+                self.client_frames(frames, self.cframer.data)
+            elif phase == "admin":
+                self.admin_frames(frames, self.cframer.data)
             else:
-                self.admin_frames(frames)
-        elif self.phase == "auth":
-            try:
-                frames = self.cframer.feed(data)
-            except FrameError as e:
-                self.fatal(e.code, str(e))
-                return
-            out = []
-            for t, _body, raw in frames:
-                if t == _X:
-                    self.close()
-                    return
-                out.append(bytes(raw))
-            self.to_server(b"".join(out))
-        elif self.phase == "startup":
+                self.auth_client_frames(frames, self.cframer.data)
+        elif phase == "startup":
             self.startup_buf += data
             self._startup()
-        elif self.phase == "connecting":
+        elif phase == "connecting":
             self.startup_buf += data  # a client must wait for the auth request; keep it in order
+
+    def auth_client_frames(self, frames: list, data: bytes) -> None:
+        out = []
+        for t, a, b in frames:
+            if t == _X:
+                self.close()
+                return
+            out.append(data[a:b])
+        self.to_server(b"".join(out))
 
     def _startup(self) -> None:
         while self.phase == "startup":
@@ -248,7 +260,7 @@ class Session(asyncio.Protocol):
                 self.fatal(e.code, str(e))
                 return
             if body is None:
-                if self.startup_buf[:1] == b"\x16":
+                if self.startup_buf[:1] == b"\\x16":
                     # a TLS ClientHello straight away (sslnegotiation=direct): no TLS configured
                     self.close()
                 return
@@ -313,7 +325,7 @@ class Session(asyncio.Protocol):
         app = self.app
         try:
             _, link = await open_connection(app.upstream, lambda: ServerLink(self), app.cfg.server.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             reason = "timeout" if isinstance(e, asyncio.TimeoutError) else str(e)
             log.warning("upstream connect failed", extra={"client": self.id, "reason": reason})
             self.fatal("08006", f"pgfront could not connect to the upstream server: {reason}")
@@ -338,9 +350,9 @@ class Session(asyncio.Protocol):
         self.bytes_out += len(data)
         frames = self.sframer.feed(data)
         if self.phase == "ready":
-            out = self.server_frames(frames)
+            out = self.server_frames(frames, self.sframer.data)
         elif self.phase == "auth":
-            out = self.auth_frames(frames)
+            out = self.auth_frames(frames, self.sframer.data)
         else:
             return
         if out and self.transport and not self.transport.is_closing():
@@ -355,244 +367,289 @@ class Session(asyncio.Protocol):
         # the server went away without a FATAL of its own (crash, kill -9, network)
         self.fatal("08006", "server closed the connection unexpectedly (upstream connection lost)")
 
-    def auth_frames(self, frames: list) -> bytes:
+    def auth_frames(self, frames: list, data: bytes) -> bytes:
         out = []
-        for t, body, raw in frames:
+        for t, a, b in frames:
+            raw = data[a:b]
             if t == _K:
-                (self.backend_pid,) = struct.unpack_from("!i", body, 0)
-                self.backend_secret = bytes(body[4:])
+                (self.backend_pid,) = struct.unpack_from("!i", raw, 5)
+                self.backend_secret = raw[9:]
             elif t == 83:  # ParameterStatus
-                name, value = pq.parse_parameter_status(body)
+                name, value = pq.parse_parameter_status(raw[5:])
                 self.server_params[name] = value
             elif t == _ERR:
-                out.append(bytes(raw))
+                out.append(raw)
                 self.transport.write(b"".join(out))
                 self.close()
                 return b""
             elif t == _Z:
-                self.tx_status = bytes(body[:1])
+                self.tx_status = raw[5:6]
                 if self.startup_timer:
                     self.startup_timer.cancel()
                     self.startup_timer = None
+                out.append(raw)
                 if self.admin:
                     self.phase = "admin"
-                    out.append(bytes(raw))
                     self.server.transport.write(pq.TERMINATE)
                     self.server.transport.close()
                     self.app.stats_inc("admin_sessions")
                     return b"".join(out)
                 self.phase = "ready"
                 self.app.session_ready(self)
-            out.append(bytes(raw))
+                # anything after the first ReadyForQuery is relayed normally
+                rest = [f for f in frames if f[1] >= b]
+                if rest:
+                    out.append(self.server_frames(rest, data))
+                return b"".join(out)
+            out.append(raw)
         return b"".join(out)
 
     # -- the relay: client -> server ---------------------------------------------------------------
-    def client_frames(self, frames: list) -> None:
-        out: list = []
+    def client_frames(self, frames: list, data: bytes) -> None:
+        """Track each client message; forward the chunk untouched unless a message was changed."""
+        out: list | None = None  # becomes a list of pieces once something differs from the input
         expect = self.expect
         now = time.perf_counter()
-        for t, body, raw in frames:
+        last = 0
+        for t, a, b in frames:
+            if t < 0:  # a piece of a large CopyData
+                if out is not None:
+                    out.append(data[a:b])
+                last = b
+                continue
+            sent: bytes | None = None  # replacement for this message, if any
             if t == _d or t == _c or t == _f:
                 if t != _d:
                     if self.copy_failed:
                         self.copy_failed = False  # the end of a copy the server already failed
                     else:
                         self.copy_ends_sent += 1
-                out.append(raw)
-                continue
-            if self.skip_until_sync and t != _S:
-                # the server discards everything up to Sync after an error: so do we
-                out.append(raw)
-                continue
-            if t == _Q:
-                self._query(body, raw, out, now)
+            elif self.skip_until_sync and t != _S:
+                pass  # the server discards everything up to Sync after an error: so do we
             elif t == _B:
-                portal, name = pq.bind_names(body)
-                stmt = self.statements.get(name)
-                self.portals[portal] = stmt  # type: ignore[assignment]
-                p = Pending(_B)
-                expect.append(p)
-                out.append(raw)
-                if stmt is not None and portal == "":
-                    p.stmt = stmt
-                    p.bind = body
+                if data[a + 5] == 0:  # unnamed portal, the common case
+                    name = data[a + 6:data.index(0, a + 6)].decode(pq.ENC, pq.ERRORS)
+                    stmt = self.statements.get(name)
+                    self.portals[""] = stmt  # type: ignore[assignment]
+                    if stmt is not None and (stmt.info is not None):
+                        self.last_bind = (stmt, a, b, data)
+                else:
+                    portal, name = pq.bind_names(data[a + 5:b])
+                    self.portals[portal] = self.statements.get(name)  # type: ignore[assignment]
+                expect.append(_PLAIN_B)
             elif t == _E:
-                portal, _max_rows = pq.parse_execute(body)
+                portal, _max_rows = pq.parse_execute(data[a + 5:b])
                 stmt = self.portals.get(portal)
-                p = Pending(_E, stmt.info if stmt else None, now)
-                p.stmt = stmt
-                if stmt is not None and stmt.notices:
-                    p.notices = stmt.notices
-                expect.append(p)
-                out.append(raw)
+                if stmt is not None:
+                    p = Pending(_E, stmt.info, now)
+                    p.stmt = stmt
+                    if stmt.notices:
+                        p.notices = stmt.notices
+                        self.special += 1
+                    lb = self.last_bind
+                    if lb is not None and lb[0] is stmt and portal == "":
+                        p.bind = lb
+                    expect.append(p)
+                else:
+                    expect.append(Pending(_E, None, now))
                 self.queries += 1
             elif t == _S:
                 self.skip_until_sync = False
-                if self.copy_failed:
-                    self.copy_failed = False
-                if self.copy_ends_sent >= self.copies_started or not self.server_in_copy:
+                self.copy_failed = False
+                if self.server_in_copy and self.copy_ends_sent < self.copies_started:
+                    pass  # the server is in COPY IN mode and ignores this Sync
+                elif self.copies_started:
                     p = Pending(_S)
                     p.copy_ends = self.copy_ends_sent
                     expect.append(p)
-                # else: the server is in COPY IN mode and ignores this Sync
-                out.append(raw)
+                else:
+                    expect.append(_PLAIN_S)
+            elif t == _Q:
+                sent = self._query(data[a + 5:b - 1], now)
             elif t == _P:
-                self._parse(body, raw, out)
+                sent = self._parse(data[a + 5:b])
             elif t == _D:
-                expect.append(Pending(_D))
-                out.append(raw)
+                expect.append(_PLAIN_D)
             elif t == _C:
-                kind, name = pq.parse_describe_close(body)
+                kind, name = pq.parse_describe_close(data[a + 5:b])
                 if kind == b"S":
                     self.statements.pop(name, None)
                 else:
                     self.portals.pop(name, None)
-                expect.append(Pending(_C))
-                out.append(raw)
+                expect.append(_PLAIN_C)
             elif t == _H:
-                out.append(raw)
+                pass
             elif t == _F:
                 expect.append(Pending(_F, None, now))
-                out.append(raw)
             elif t == _X:
-                self.to_server(b"".join(out) + pq.TERMINATE)
+                self.to_server(data[:a] if out is None else b"".join(out))
+                self.to_server(pq.TERMINATE)
                 self.close()
                 return
             else:
-                self.to_server(b"".join(out))
+                self.to_server(data[:a] if out is None else b"".join(out))
                 self.fatal("08P01", f"invalid frontend message type {t}")
                 return
-        if out:
-            self.to_server(b"".join(out) if len(out) > 1 else out[0])
+            if sent is not None:
+                if out is None:
+                    out = [data[:a]]
+                out.append(sent)
+            elif out is not None:
+                out.append(data[a:b])
+            last = b
+        if out is not None:
+            self.to_server(b"".join(out))
+        elif last:
+            self.to_server(data if last == len(data) else data[:last])
 
-    def _query(self, body: memoryview, raw: memoryview, out: list, now: float) -> None:
-        sql = pq.parse_query(bytes(body))
+    def _query(self, sql_bytes: bytes, now: float) -> bytes | None:
+        """A simple Query: track it, apply rules. Returns a replacement message or None."""
+        sql = sql_bytes.decode(pq.ENC, pq.ERRORS)
         info = self.app.shapes.get(sql)
         p = Pending(_Q, info, now)
         self.queries += 1
         rules = self.app.rules
+        sent = None
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
                 if decision.block:
                     code, message = decision.block
                     p.error = pq.error_response(code, message)
-                    self.expect.append(p)
-                    out.append(pq.query(_BLOCKED_SQL))
-                    return
-                if decision.sql is not None:
-                    raw = pq.query(decision.sql)
-                p.notices = tuple(pq.notice_response(n) for n in decision.notices)
+                    self.special += 1
+                    sent = pq.query(_BLOCKED_SQL)
+                else:
+                    if decision.sql is not None:
+                        sent = pq.query(decision.sql)
+                    if decision.notices:
+                        p.notices = tuple(pq.notice_response(n) for n in decision.notices)
+                        self.special += 1
         self.expect.append(p)
-        out.append(raw)
+        return sent
 
-    def _parse(self, body: memoryview, raw: memoryview, out: list) -> None:
-        name, sql, oids = pq.parse_parse(bytes(body))
+    def _parse(self, body: bytes) -> bytes | None:
+        name, sql, oids = pq.parse_parse(body)
         info = self.app.shapes.get(sql)
         stmt = Stmt(name, sql, info, sql)
-        p = Pending(_P, info)
+        p = _PLAIN_P
+        sent = None
         rules = self.app.rules
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
                 if decision.block:
                     code, message = decision.block
+                    p = Pending(_P, info)
                     p.error = pq.error_response(code, message)
-                    raw = pq.parse_message(name, _BLOCKED_SQL, oids)
+                    self.special += 1
+                    sent = pq.parse_message(name, _BLOCKED_SQL, oids)
                 elif decision.sql is not None:
                     stmt.sent_sql = decision.sql
-                    raw = pq.parse_message(name, decision.sql, oids)
+                    sent = pq.parse_message(name, decision.sql, oids)
                 stmt.notices = tuple(pq.notice_response(n) for n in decision.notices)
         self.statements[name] = stmt
         self.expect.append(p)
-        out.append(raw)
+        return sent
 
     # -- the relay: server -> client ---------------------------------------------------------------
-    def server_frames(self, frames: list) -> bytes:
+    def _pop(self) -> Pending:
+        p = self.expect.popleft()
+        if p.kind == _LOCAL or p.error is not None or p.notices or not p.forward:
+            self.special -= 1
+        return p
+
+    def server_frames(self, frames: list, data: bytes) -> bytes:
+        """Track each server message. While no pending reply needs changing (no swallowed replies,
+        replaced errors, notices or local replies queued), the chunk is forwarded as it came."""
+        plain = self.special == 0
         out: list = []
         expect = self.expect
-        for t, body, raw in frames:
-            if t == 68 or t == 100:  # DataRow, CopyData: the bulk of the traffic
-                if not expect or expect[0].forward:
-                    out.append(raw)
+        last = 0
+        for t, a, b in frames:
+            last = b
+            if t == 68 or t < 0:  # DataRow (or a piece of a large one / of CopyData)
+                if not plain and (not expect or expect[0].forward):
+                    out.append(data[a:b])
                 continue
-            if t == _N or t == _A:  # notices and notifications can come at any time
-                out.append(raw)
+            if t == _N or t == _A or t == 100:  # notices, notifications, CopyData
+                if not plain:
+                    out.append(data[a:b])
                 continue
             if t == 83:  # ParameterStatus (SET of a reported setting)
-                name, value = pq.parse_parameter_status(body)
+                name, value = pq.parse_parameter_status(data[a + 5:b])
                 self.server_params[name] = value
-                out.append(raw)
+                if not plain:
+                    out.append(data[a:b])
                 continue
             if not expect:
-                out.append(raw)  # unsolicited, e.g. a FATAL before shutdown
+                if not plain:
+                    out.append(data[a:b])  # unsolicited, e.g. a FATAL before shutdown
                 continue
             p = expect[0]
             kind = p.kind
             if t == _Z:
-                self.tx_status = bytes(body[:1])
+                self.tx_status = data[a + 5:b]
                 self.server_in_copy = False
                 # entries before the Sync/Query that never got a reply were skipped by the server
-                while expect and expect[0].kind not in (_S, _Q, _F):
-                    expect.popleft()
+                while expect and expect[0].kind not in _Z_KINDS:
+                    self._pop()
                 if expect:
-                    p = expect.popleft()
+                    p = self._pop()
                     if p.kind != _S:
                         self._done(p)
-                    if p.forward:
+                    if not plain and p.forward:
                         if p.notices and p.kind == _Q and p.sqlstate is None:
                             out.extend(p.notices)
-                        out.append(raw)
-                else:
-                    out.append(raw)
-                self._flush_local(out)
+                        out.append(data[a:b])
+                elif not plain:
+                    out.append(data[a:b])
+                if not plain:
+                    self._flush_local(out)
                 continue
             if t == _CMD_C:
-                p.rows += pq.rows_from_tag(pq.parse_command_tag(bytes(body)))
+                p.rows += pq.rows_from_tag(data[a + 5:b - 1])
                 self.server_in_copy = False
                 if kind == _E:
-                    expect.popleft()
-                    if p.notices:
-                        out.extend(p.notices)
+                    self._pop()
                     self._done(p)
-                    if p.forward:
-                        out.append(raw)
-                    self._flush_local(out)
+                    if not plain:
+                        if p.notices:
+                            out.extend(p.notices)
+                        if p.forward:
+                            out.append(data[a:b])
+                        self._flush_local(out)
                     continue
             elif t == _ERR:
-                fields = pq.parse_fields(bytes(body))
+                fields = pq.parse_fields(data[a + 5:b])
                 p.sqlstate = fields.get("C", "XX000")
                 if self.server_in_copy:
                     self.server_in_copy = False
                     if self.copy_ends_sent < self.copies_started:
                         self.copy_failed = True
                         self.copy_ends_sent = self.copies_started
-                if p.forward:
-                    out.append(p.error if p.error is not None else raw)
-                if kind in (_P, _B, _D, _E, _C):
-                    expect.popleft()
+                if not plain and p.forward:
+                    out.append(p.error if p.error is not None else data[a:b])
+                if kind in _SKIP_KINDS:
+                    self._pop()
                     if kind == _E:
                         self._done(p)
                     # the server now skips to the next Sync: drop what it will never answer
                     while expect and expect[0].kind != _S:
-                        expect.popleft()
+                        self._pop()
                     if not expect:
                         self.skip_until_sync = True
-                    continue
+                    if not plain:
+                        self._flush_local(out)
                 continue
             elif t == _PARSE_OK or t == _BIND_OK or t == _CLOSE_OK:
-                expect.popleft()
+                self._pop()
             elif t == _T or t == _n:
                 if kind == _D:
-                    expect.popleft()
+                    self._pop()
             elif t == _I or t == _s:
                 if kind == _E:
-                    expect.popleft()
+                    self._pop()
                     self._done(p)
-                    if p.forward:
-                        out.append(raw)
-                    self._flush_local(out)
-                    continue
             elif t == _G or t == _W:
                 self.copies_started += 1
                 self.server_in_copy = True
@@ -601,19 +658,20 @@ class Session(asyncio.Protocol):
                 if len(keep) != len(expect):
                     expect.clear()
                     expect.extend(keep)
-            if p.forward:
-                out.append(raw)
-            self._flush_local(out)
-        if not out:
-            return b""
-        return b"".join(out) if len(out) > 1 else bytes(out[0])
+            if not plain:
+                if p.forward:
+                    out.append(data[a:b])
+                self._flush_local(out)
+        if plain:
+            return data if last == len(data) else data[:last]
+        return b"".join(out)
 
     def _flush_local(self, out: list) -> None:
         expect = self.expect
         while expect and expect[0].kind == _LOCAL:
-            p = expect.popleft()
+            p = self._pop()
             out.append(p.local)
-            if p.notices is not None:  # a whole simple-query reply: it ends with ReadyForQuery
+            if p.rows < 0:  # a whole simple-query reply: it ends with ReadyForQuery
                 out.append(pq.ready_for_query(self.tx_status))
 
     def _done(self, p: Pending) -> None:
@@ -621,16 +679,15 @@ class Session(asyncio.Protocol):
         info = p.info
         if info is None:
             return
-        seconds = time.perf_counter() - p.t0
-        self.app.record(self, p, info, seconds)
+        self.app.record(self, p, info, time.perf_counter() - p.t0)
 
     # -- admin console -------------------------------------------------------------------------------
-    def admin_frames(self, frames: list) -> None:
+    def admin_frames(self, frames: list, data: bytes) -> None:
         from proxy import admin
 
-        for t, body, _raw in frames:
+        for t, a, b in frames:
             if t == _Q:
-                sql = pq.parse_query(bytes(body))
+                sql = pq.parse_query(data[a + 5:b])
                 self.transport.write(admin.handle(self.app, self, sql))
             elif t == _X:
                 self.close()

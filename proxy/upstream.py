@@ -75,14 +75,14 @@ async def send_cancel(up: Upstream, pid: int, secret: bytes, timeout: float = 5.
                 asyncio.open_unix_connection(f"{up.host}/.s.PGSQL.{up.port}"), timeout)
         else:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(up.host, up.port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return
     try:
         writer.write(pq.cancel_request(pid, secret))
         await writer.drain()
         # the server closes the socket once it has read the request
         await asyncio.wait_for(reader.read(1), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         pass
     finally:
         writer.close()

@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import asyncpg
+
+_TRUE = frozenset({"t", "true", "yes", "on", "1", "y"})
+_FALSE = frozenset({"f", "false", "no", "off", "0", "n"})
+
+
+def canonical(value: str, typname: str) -> str:
+    """A parameter's text as pg_stats prints the same value (booleans and numbers differ in spelling)."""
+    v = value.strip()
+    if typname == "bool":
+        low = v.lower()
+        return "t" if low in _TRUE else "f" if low in _FALSE else v
+    if typname in ("int2", "int4", "int8", "numeric", "float4", "float8", "oid"):
+        try:
+            d = Decimal(v)
+        except InvalidOperation:
+            return v
+        return str(int(d)) if d.is_finite() and d == d.to_integral_value() else str(d)
+    return value
 
 
 @dataclass
@@ -16,12 +35,18 @@ class ColumnStats:
     mcv: list[str]
     mcf: list[float]
     correlation: float | None
+    typname: str = "text"
+
+    def __post_init__(self) -> None:
+        self.mcv = [canonical(v, self.typname) for v in self.mcv]
 
     def distinct(self, rows: float) -> float:
         return max(1.0, -self.n_distinct * rows if self.n_distinct < 0 else self.n_distinct)
 
     def eq_selectivity(self, value: str | None, rows: float) -> float:
         """Share of rows matching `col = value`, as the planner would guess it (value None: average)."""
+        if value is not None:
+            value = canonical(value, self.typname)
         if value is not None and value in self.mcv:
             return self.mcf[self.mcv.index(value)]
         rest = max(0.0, 1.0 - self.null_frac - sum(self.mcf))
@@ -84,10 +109,12 @@ FROM pg_stat_user_tables
 
 _COLUMN_STATS_SQL = """
 SELECT c.oid AS relid, s.attname, s.null_frac, s.n_distinct, s.most_common_vals::text::text[] AS mcv,
-       s.most_common_freqs AS mcf, s.correlation
+       s.most_common_freqs AS mcf, s.correlation, t.typname
 FROM pg_stats s
 JOIN pg_namespace n ON n.nspname = s.schemaname
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = s.attname
+JOIN pg_type t ON t.oid = a.atttypid
 WHERE NOT s.inherited AND s.schemaname NOT IN ('pg_catalog', 'information_schema')
 """
 
@@ -139,7 +166,8 @@ class Catalog:
             t = cat.tables.get(r["relid"])
             if t is not None:
                 t.column_stats[r["attname"]] = ColumnStats(
-                    r["null_frac"], r["n_distinct"], list(r["mcv"] or []), list(r["mcf"] or []), r["correlation"])
+                    r["null_frac"], r["n_distinct"], list(r["mcv"] or []), list(r["mcf"] or []), r["correlation"],
+                    r["typname"])
         cat.indexes = [Index(**dict(r)) for r in await conn.fetch(_INDEXES_SQL)]
         # names as a statement would write them: qualified always, bare when on the search path
         for t in sorted(cat.tables.values(), key=lambda t: _path_rank(t.schema, search_path)):

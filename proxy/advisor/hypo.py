@@ -1,11 +1,12 @@
 """What-if validation with HypoPG, and the greedy choice of the indexes worth creating.
 
 All on one connection (hypothetical indexes live in the backend that made them): EXPLAIN every
-affected statement with no hypothetical index, then with each candidate alone, keep the ones the
-planner uses and that cut a statement's estimated cost by at least `min_improvement`. The greedy
-step then takes, again and again, the candidate saving the most workload time (calls x mean time,
-scaled by the relative cost cut) on top of what is already chosen, preferring the smaller index
-when two save about the same. A final run with all chosen indexes together gives the costs shown.
+affected statement with no hypothetical index, then greedily: add each remaining candidate to the
+indexes chosen so far, keep the one the planner uses that saves the most workload time (calls x
+mean time, scaled by the relative cost cut, counting only statements it makes at least
+`min_improvement` cheaper), preferring the smaller index when two save about the same; stop when
+none saves anything. Indexes that are a prefix of another chosen one go, and a final run with all
+chosen indexes together gives the costs shown (an index no statement uses any more drops out).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class Validator:
                                        f"CREATE INDEX {cand.definition()}")
         return row["indexrelid"], row["indexname"]
 
-    async def score(self, cand: Candidate, before: dict[str, float]) -> Scored:
+    async def _try(self, cand: Candidate, before: dict[str, float]) -> Scored:
+        """Costs of the affected statements with this candidate added to the indexes present now."""
         scored = Scored(cand)
         try:
             oid, name = await self._create(cand)
@@ -152,9 +154,45 @@ class Validator:
                 if res is not None and any(uses_index(p, name) for p in res[1]):
                     scored.costs[fp] = res[0]
         finally:
-            await self.conn.execute("SELECT hypopg_reset()")
+            await self.conn.fetchval("SELECT hypopg_drop_index($1)", oid)
             self.tick()
         return scored
+
+    async def greedy(self, cands: list[Candidate], before: dict[str, float], weights: dict[str, float],
+                     min_improvement: float) -> list[Scored]:
+        """Choose indexes one at a time, each evaluated together with those already chosen (a join
+        often needs two indexes before either pays off). A candidate's costs are re-measured only
+        when a chosen index touched one of its statements."""
+        await self.conn.execute("SELECT hypopg_reset()")
+        current = dict(before)
+        tried: dict[int, Scored] = {}
+        remaining = list(range(len(cands)))
+        chosen: list[Scored] = []
+        try:
+            while remaining:
+                for i in remaining:
+                    if i not in tried:
+                        tried[i] = await self._try(cands[i], before)
+                gains = [(_gain(tried[i], current, before, weights, min_improvement), i) for i in remaining]
+                top = max(g for g, _ in gains)
+                if top <= 0:
+                    break
+                pick = min((i for g, i in gains if g >= top * (1 - _TIE)),
+                           key=lambda i: (tried[i].size_bytes, len(cands[i].keys)))
+                chosen.append(tried[pick])
+                remaining.remove(pick)
+                await self._create(cands[pick])  # stays for the following rounds
+                touched = set(self.affected(cands[pick], before))
+                for fp in touched:
+                    res = await self.cost(self.statements[fp])
+                    if res is not None:
+                        current[fp] = min(current[fp], res[0])
+                for i in remaining:
+                    if touched & set(self.affected(cands[i], before)):
+                        del tried[i]
+        finally:
+            await self.conn.execute("SELECT hypopg_reset()")
+        return prune_prefixes(chosen)
 
     async def combined(self, chosen: list[Scored], before: dict[str, float]) -> list[Chosen]:
         """Costs with every chosen index present; indexes no statement uses any more drop out."""
@@ -184,27 +222,12 @@ class Validator:
         return out
 
 
-def choose(scored: list[Scored], before: dict[str, float], weights: dict[str, float],
-           min_improvement: float) -> list[Scored]:
-    """Greedy: the candidate saving most weighted relative cost on top of those already chosen."""
-    current = dict(before)
-    pool = [s for s in scored if any(c <= before[fp] * (1 - min_improvement) for fp, c in s.costs.items())]
-    chosen: list[Scored] = []
-    while pool:
-        def gain(s: Scored) -> float:
-            return sum(weights.get(fp, 1.0) * (current[fp] - c) / before[fp] for fp, c in s.costs.items()
-                       if before[fp] > 0 and c <= current[fp] * (1 - min_improvement))
-
-        gains = [(gain(s), s) for s in pool]
-        top = max(g for g, _ in gains)
-        if top <= 0:
-            break
-        best = min((s for g, s in gains if g >= top * (1 - _TIE)), key=lambda s: (s.size_bytes, len(s.candidate.keys)))
-        chosen.append(best)
-        pool.remove(best)
-        for fp, c in best.costs.items():
-            current[fp] = min(current[fp], c)
-    return prune_prefixes(chosen)
+def _gain(s: Scored, current: dict[str, float], before: dict[str, float], weights: dict[str, float],
+          min_improvement: float) -> float:
+    """Workload time saved on top of the current indexes: weight x relative cost cut, counting only
+    statements whose current cost drops by at least `min_improvement`."""
+    return sum(weights.get(fp, 1.0) * (current[fp] - c) / before[fp] for fp, c in s.costs.items()
+               if before[fp] > 0 and c <= current[fp] * (1 - min_improvement))
 
 
 def _key_names(cand: Candidate) -> tuple[str, ...]:

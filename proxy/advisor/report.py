@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +14,15 @@ from proxy.advisor import caching, maintenance, scorecard
 from proxy.advisor.candidates import Candidate, build_candidates
 from proxy.advisor.catalog import Catalog
 from proxy.advisor.collect import Statement, Workload
-from proxy.advisor.hypo import Chosen, Validator, choose, disable_hypopg, enable_hypopg, plan_indexes, prune_prefixes
+from proxy.advisor.hypo import (
+    Chosen,
+    Scored,
+    Validator,
+    disable_hypopg,
+    enable_hypopg,
+    plan_indexes,
+    prune_prefixes,
+)
 from proxy.slowlog.explain import quote_ident
 from proxy.slowlog.store import read_records
 
@@ -86,15 +93,14 @@ async def _recommend(conn: asyncpg.Connection, validator: Validator, cands: list
                      statements: dict[str, Statement], before: dict[str, float], hypo_ok: bool,
                      min_improvement: float, progress: Progress, taken: set[str]) -> list[dict[str, Any]]:
     if not hypo_ok:
-        from proxy.advisor.hypo import Scored
         kept = prune_prefixes([Scored(c) for c in cands if c.fingerprints & before.keys()])
         return [_recommendation(s.candidate, index_name(s.candidate, taken), statements, before, None, None, False)
                 for s in kept]
     progress.start("validating candidates with HypoPG", len(cands))
     validator.tick = lambda: progress.advance(1)
-    scored = [await validator.score(c, before) for c in cands]
     weights = {fp: max(st.weight_ms, 1e-3) for fp, st in statements.items()}
-    chosen: list[Chosen] = await validator.combined(choose(scored, before, weights, min_improvement), before)
+    picked = await validator.greedy(cands, before, weights, min_improvement)
+    chosen: list[Chosen] = await validator.combined(picked, before)
     recs = [_recommendation(c.candidate, index_name(c.candidate, taken), statements, c.before, c.after,
                             c.size_bytes, True) for c in chosen]
     return sorted(recs, key=lambda r: -(r["est_time_saved_ms"] or 0))

@@ -21,22 +21,19 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from proxy.cache.writes import relname
+from proxy.sql import analyze
+
 log = logging.getLogger("pgfront.cache.catalog")
 
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
-_TIME_WORDS = ("current_date", "current_time", "localtime")  # also matches current_timestamp / localtimestamp
 
 _RELATIONS_SQL = """
-SELECT c.oid, lower(c.relname) AS name, c.relkind, c.relpersistence,
+SELECT c.oid, lower(c.relname) AS name, c.relkind::text AS relkind, c.relpersistence::text AS relpersistence,
        c.relrowsecurity OR c.relforcerowsecurity AS rls, n.nspname,
        EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
          OR EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = c.oid AND r.ev_type <> '1') AS side_effects,
-       CASE WHEN c.relkind IN ('v', 'm') THEN lower(pg_get_viewdef(c.oid)) END AS viewdef,
-       EXISTS (SELECT 1 FROM pg_rewrite r
-               JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
-                                AND d.refclassid = 'pg_proc'::regclass
-               JOIN pg_proc p ON p.oid = d.refobjid
-               WHERE r.ev_class = c.oid AND p.provolatile <> 'i') AS view_volatile
+       CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END AS viewdef
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND {where}
 """
@@ -56,7 +53,7 @@ UNION ALL SELECT conrelid, confrelid, 'cascade' FROM pg_constraint
 """
 
 _FUNCTIONS_SQL = """
-SELECT lower(p.proname) AS name, p.provolatile, n.nspname
+SELECT lower(p.proname) AS name, p.provolatile::text AS provolatile, n.nspname
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE lower(p.proname) = ANY($1::text[])
 """
@@ -70,6 +67,7 @@ class RelationFacts:
     tags: frozenset[str]         # relation names whose version counters guard a read of this name
     write_tags: frozenset[str]   # names to bump when this name is written (itself and the tables under a view)
     side_effects: bool           # user triggers or rules: a write may change any table
+    functions: frozenset[str] = frozenset()  # functions called by the views read: their volatility counts too
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +89,7 @@ class _Database:
         self.want_functions: set[str] = set()
         self.task: asyncio.Task | None = None
         self.conn: asyncpg.Connection | None = None
+        self.lock = asyncio.Lock()   # one query at a time on the connection
         self.failed_at = 0.0
 
 
@@ -191,7 +190,7 @@ class Catalog:
         return db.conn
 
     async def _fetch(self, database: str, db: _Database, rels: list[str], fns: list[str]) -> None:
-        async with asyncio.timeout(self.timeout):
+        async with db.lock, asyncio.timeout(self.timeout):
             conn = await self._connection(database, db)
             self.lookups += 1
             expires = time.monotonic() + self.ttl
@@ -249,6 +248,7 @@ def _combine(name: str, start: list[int], rows: dict, edges: dict) -> RelationFa
     deps = _walk(start, edges, ("tree", "view", "cascade"))
     reason = ""
     rls = catalog = side_effects = False
+    functions: set[str] = set()
     for oid in deps:
         r = rows.get(oid)
         if r is None:
@@ -258,11 +258,15 @@ def _combine(name: str, start: list[int], rows: dict, edges: dict) -> RelationFa
         rls = rls or r["rls"]
         side_effects = side_effects or (oid in start and r["side_effects"])
         why = _refusal(r)
+        if r["viewdef"]:
+            view = analyze(r["viewdef"])  # Postgres records no dependency on built-ins such as now()
+            functions |= {relname(f) for f in view.functions}
+            why = why or ("view calls a volatile function" if view.volatile else "")
         if why and not reason:
             reason = why
     tags = frozenset({name} | {rows[o]["name"] for o in deps if o in rows})
     write_tags = frozenset({name} | {rows[o]["name"] for o in _walk(start, edges, ("view",)) if o in rows})
-    return RelationFacts(reason, rls, catalog, tags, write_tags, side_effects)
+    return RelationFacts(reason, rls, catalog, tags, write_tags, side_effects, frozenset(functions))
 
 
 def _refusal(r: asyncpg.Record) -> str:
@@ -274,11 +278,6 @@ def _refusal(r: asyncpg.Record) -> str:
         return "foreign table"
     if r["relkind"] == "S":
         return "sequence"
-    if r["view_volatile"]:
-        return "view calls a non-immutable function"
-    viewdef = r["viewdef"]
-    if viewdef and any(w in viewdef for w in _TIME_WORDS):
-        return "view reads the clock"
     return ""
 
 

@@ -108,13 +108,8 @@ class CachePolicy:
         if why:
             return Decision(False, why)
         pending = False
-        for f in info.functions:
-            facts = self.catalog.function(database, relname(f))
-            if facts is None:
-                pending = True
-            elif not facts.immutable:
-                return Decision(False, f"non-immutable function {f}")
         tags: set[str] = set()
+        functions = {relname(f) for f in info.functions}
         rls, catalog = False, bool(info.catalog)
         for t in info.tables_read:
             facts = self.catalog.relation(database, relname(t))
@@ -124,8 +119,15 @@ class CachePolicy:
             if facts.reason:
                 return Decision(False, f"{facts.reason} {t}")
             tags |= facts.tags
+            functions |= facts.functions
             rls = rls or facts.rls
             catalog = catalog or facts.catalog
+        for f in sorted(functions):
+            facts = self.catalog.function(database, f)
+            if facts is None:
+                pending = True
+            elif not facts.immutable:
+                return Decision(False, f"non-immutable function {f}")
         if pending:
             return Decision(False, PENDING)
         return Decision(True, "", tuple(sorted(tags)), rls, catalog)

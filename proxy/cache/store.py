@@ -1,6 +1,6 @@
 """Entry storage: the in-process L1 (an LRU bounded by bytes) and the entry layout shared with Redis (L2).
 
-An entry is the version stamp it was filled under followed by the exact backend reply bytes. An entry is
+An entry is the version stamp it was filled under, its expiry, then the exact backend reply bytes. An entry is
 served only while its stamp equals the stamp of the current versions (see versions.py), so neither level
 ever needs to be told about a write for correctness; L1 still drops entries by tag when other processes
 publish an invalidation, to free memory early.
@@ -17,15 +17,17 @@ from proxy.cache.versions import STAMP_BYTES
 ENTRY_OVERHEAD = 200  # bytes of bookkeeping charged per L1 entry besides the reply
 
 
-def encode_entry(stamp: bytes, reply: bytes) -> bytes:
-    return stamp + reply
+def encode_entry(stamp: bytes, reply: bytes, ttl: float) -> bytes:
+    """stamp, expiry (unix ms, so L1 copies never outlive the Redis TTL), reply."""
+    return stamp + int((time.time() + ttl) * 1000).to_bytes(8, "big") + reply
 
 
-def decode_entry(entry: bytes | None, stamp: bytes) -> bytes | None:
-    """The reply when `entry` was filled under `stamp`, else None."""
+def decode_entry(entry: bytes | None, stamp: bytes) -> tuple[bytes, float] | None:
+    """(reply, seconds left to live) when `entry` was filled under `stamp`, else None."""
     if entry is None or entry[:STAMP_BYTES] != stamp:
         return None
-    return entry[STAMP_BYTES:]
+    left = int.from_bytes(entry[STAMP_BYTES:STAMP_BYTES + 8], "big") / 1000 - time.time()
+    return entry[STAMP_BYTES + 8:], left
 
 
 @dataclass(slots=True)

@@ -35,9 +35,11 @@ from redis.backoff import NoBackoff
 log = logging.getLogger("pgfront.cache.versions")
 
 VERSIONS_KEY = "pgfront:versions"
+DATABASES_KEY = "pgfront:databases"
 CHANNEL = "pgfront:invalidate"
 EPOCH = "e"
 STAMP_BYTES = 16
+WARM_CONNECTIONS = 16
 FLUSH_ALL = "*"
 
 
@@ -101,9 +103,10 @@ class Versions:
     async def start(self) -> None:
         self.client = connect(self.url, self.timeout)
         try:
-            async with asyncio.timeout(max(self.timeout, 1.0)):  # the first connect may take longer
-                await self.client.ping()
+            async with asyncio.timeout(max(self.timeout, 2.0)):  # connecting may take longer than a call
                 await self.client.hsetnx(VERSIONS_KEY, EPOCH, os.urandom(8).hex())
+                # open a few pooled connections now, so bursts do not pay connection set-up in the timeout
+                await asyncio.gather(*(self.client.ping() for _ in range(WARM_CONNECTIONS)))
             self.available = True
         except Exception as e:
             self._down(e)
@@ -143,6 +146,13 @@ class Versions:
         except Exception as e:
             raise self._down(e) from None
 
+    async def get(self, key: str) -> bytes | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.client.get(key)
+        except Exception as e:
+            raise self._down(e) from None
+
     async def ensure_epoch(self) -> None:
         """The hash lost its epoch (Redis restarted or evicted it): start a new one."""
         try:
@@ -169,14 +179,16 @@ class Versions:
         except Exception as e:
             self._down(e)
 
-    async def bump(self, fields: Iterable[str]) -> bool:
+    async def bump(self, fields: Iterable[str], notes: Iterable[str] = ()) -> bool:
         """Increment `fields` (FLUSH_ALL: replace the epoch) and tell other processes; False on failure.
 
         Tried even while the breaker is open: a write's invalidation is worth the timeout. A failure is
-        remembered, and the epoch is replaced when Redis answers again.
+        remembered, and the epoch is replaced when Redis answers again. `notes` travel with the pub/sub
+        message only (e.g. "ddl:<db>": drop catalog facts).
         """
         fields = sorted(set(fields))
-        if not fields:
+        notes = list(notes)
+        if not fields and not notes:
             return True
         try:
             async with asyncio.timeout(self.timeout):
@@ -187,7 +199,7 @@ class Versions:
                 else:
                     for f in fields:
                         pipe.hincrby(VERSIONS_KEY, f, 1)
-                pipe.publish(CHANNEL, "\t".join(fields))
+                pipe.publish(CHANNEL, "\t".join(fields + notes))
                 await pipe.execute()
             if fields == [FLUSH_ALL]:
                 self.epoch_changes += 1
@@ -196,11 +208,18 @@ class Versions:
             self._down(e)
             return False
 
-    async def hash_fields(self) -> list[str]:
-        """Every counter name (for purges by table name without a database)."""
+    async def register_database(self, database: str) -> None:
+        """Remember that entries of `database` exist (for purges by table name across databases)."""
         try:
             async with asyncio.timeout(max(self.timeout, 1.0)):
-                return [f.decode() for f in await self.client.hkeys(VERSIONS_KEY)]
+                await self.client.sadd(DATABASES_KEY, database)
+        except Exception as e:
+            self._down(e)
+
+    async def databases(self) -> list[str]:
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                return sorted(d.decode() for d in await self.client.smembers(DATABASES_KEY))
         except Exception as e:
             self._down(e)
             return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import Any, TextIO
 
 from proxy.rules.decision import MatchContext
@@ -38,18 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     explain.add_argument("--database", default="", help="database the client connects to")
     explain.add_argument("--application-name", default="", help="the client's application_name")
     explain.add_argument("--in-transaction", action="store_true", help="as if inside a transaction block")
+    explain.add_argument("--enforce", action="store_true",
+                         help="treat observe-mode rules as enforced, to see what they would do")
     explain.set_defaults(func=explain_main)
 
 
-def check_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def check_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     try:
         rules, files = parse_rule_files(args.files)
     except RuleError as e:
         for problem in e.problems:
             print(problem, file=out)
-        print(f"{len(e.problems)} problem{'s' if len(e.problems) != 1 else ''} found", file=out)
+        print(f"{_plural(len(e.problems), 'problem')} found", file=out)
         return 1
-    print(f"OK: {len(rules)} rules in {len(files)} files", file=out)
+    print(f"OK: {_plural(len(rules), 'rule')} in {_plural(len(files), 'file')}", file=out)
     return 0
 
 
@@ -64,7 +68,8 @@ def _rule_paths(args: argparse.Namespace) -> list[str]:
     return DEFAULT_RULES
 
 
-def explain_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def explain_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     from proxy.sql import analyze
 
     try:
@@ -72,6 +77,8 @@ def explain_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except RuleError as e:
         print(e, file=out)
         return 1
+    if args.enforce:
+        ruleset = RuleSet([replace(r, observe=False) for r in ruleset.rules], ruleset.files)
     ctx = MatchContext(args.user, args.database, args.application_name, args.in_transaction)
     info = analyze(args.sql)
     decision = ruleset.decide(info, ctx)
@@ -84,7 +91,7 @@ def explain_main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         show("parse error", info.error)
     show("context", f"user={ctx.user!r} database={ctx.database!r} "
                     f"application_name={ctx.application_name!r} in_transaction={_fact(ctx.in_transaction)}")
-    show("rules", f"{len(ruleset)} rules from {len(ruleset.files)} files")
+    show("rules", f"{_plural(len(ruleset), 'rule')} from {_plural(len(ruleset.files), 'file')}")
     _explain_rules(ruleset, info, ctx, decision, out)
     if decision.block:
         show("result", f"ERROR {decision.block[0]}: {decision.block[1]}")
@@ -123,6 +130,10 @@ def _explain_rules(ruleset: RuleSet, info: Any, ctx: MatchContext, decision: Any
             state = "no match"
         print(f"  {'*' if (rule.name, False) in applied else '-'} {rule.name} [{rule.mode}] "
               f"{describe_actions(rule)}  ({rule.file}:{rule.line}): {state}", file=out)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _fact(v: Any) -> str:

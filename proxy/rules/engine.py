@@ -5,8 +5,9 @@ How matching rules combine (docs/rules.md has the long form):
     matches applies, until one with `final = true` matches or a block applies;
   * block wins over everything: the statement is refused and other actions are dropped;
   * the first matching cache and the first timeout win; log is on if any matching rule logs;
-  * rewrites chain in rule order, each on the previous one's output; the limit is applied last,
-    with the smallest max_rows and the smallest max_offset of all matching limit rules;
+  * rewrites chain in rule order, each on the previous one's output, and the rules after a rewrite
+    are matched against the rewritten statement; the limit is applied last, with the smallest
+    max_rows and the smallest max_offset of all matching limit rules;
   * observe-mode rules never change anything and never stop evaluation: they are counted in
     observed_hits and logged once per statement shape as "would have".
 For a multi-statement string each statement is matched and transformed on its own; any block
@@ -20,26 +21,32 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any
 
 from proxy.rules.decision import PASS, Decision, MatchContext, blocked, limit_notice, offset_refusal
 from proxy.rules.match import CONTEXT_KEYS
-from proxy.rules.model import Cache, Rewrite, Rule, RuleCounter, parse_rule_files
+from proxy.rules.model import Cache, Rule, RuleCounter, parse_rule_files
 from proxy.rules.paginate import LimitResult, enforce_limit
-from proxy.rules.sqltree import parse, splice
+from proxy.rules.sqltree import MAX_CACHED_TEXT, parse, splice
 
 log = logging.getLogger("pgfront.rules")
 
 DEFAULT_CACHE_SIZE = 10_000
+MAX_CACHED_CHARS = 32 * 1024 * 1024  # statement text held by the decision cache, all entries together
 
 
 def _analyze(text: str) -> Any:
     from proxy.sql import analyze
 
     return analyze(text)
+
+
+def _fingerprinter(info: Any) -> Callable[[str], str]:
+    """Fingerprint of a statement's text: info's own, or analyzed (a multi-statement piece, a rewrite)."""
+    return lambda text: info.fingerprint if text == info.text else _analyze(text).fingerprint
 
 
 @dataclass
@@ -53,9 +60,10 @@ class _Plan:
     cache: Cache | None = None
     timeout: float | None = None
     log: bool = False
-    rewrites: list[Rewrite] = field(default_factory=list)
     rows: tuple[int, str] | None = None  # (max_rows, rule)
     offset: tuple[int, str] | None = None  # (max_offset, rule)
+    text: str | None = None  # the statement after this plan's rewrites and limit; None = unchanged
+    limited: LimitResult | None = None
 
     def add(self, rule: Rule) -> bool:
         """Take rule's actions; True when evaluation must stop here."""
@@ -72,14 +80,16 @@ class _Plan:
             self.cache = rule.cache
         if self.timeout is None:
             self.timeout = rule.timeout
-        if rule.rewrite is not None:
-            self.rewrites.append(rule.rewrite)
         if rule.limit is not None:
-            if rule.limit.max_rows is not None and (self.rows is None or rule.limit.max_rows < self.rows[0]):
-                self.rows = (rule.limit.max_rows, rule.name)
-            if rule.limit.max_offset is not None and (self.offset is None or rule.limit.max_offset < self.offset[0]):
-                self.offset = (rule.limit.max_offset, rule.name)
+            self.rows = _smaller(self.rows, rule.limit.max_rows, rule.name)
+            self.offset = _smaller(self.offset, rule.limit.max_offset, rule.name)
         return rule.final
+
+
+def _smaller(current: tuple[int, str] | None, value: int | None, rule: str) -> tuple[int, str] | None:
+    if value is None or (current is not None and current[0] <= value):
+        return current
+    return value, rule
 
 
 class RuleSet:
@@ -97,6 +107,7 @@ class RuleSet:
         self._ctx_key = attrgetter(*fields) if fields else None
         self._cache_size = cache_size
         self._decisions: dict[Any, Decision] = {}
+        self._cached_chars = 0  # statement text held as keys of _decisions
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -111,10 +122,19 @@ class RuleSet:
         decision = self._decisions.get(key)
         if decision is None:
             decision = self._decide(info, ctx)
-            if len(self._decisions) >= self._cache_size:
-                del self._decisions[next(iter(self._decisions))]  # oldest first: cheap, good enough
-            self._decisions[key] = decision
+            self._remember(key, len(info.text), decision)
         return decision
+
+    def _remember(self, key: Any, size: int, decision: Decision) -> None:
+        if size > MAX_CACHED_TEXT:
+            return  # a huge one-off (bulk INSERT): deciding again is cheaper than holding its text
+        decisions = self._decisions
+        self._cached_chars += size
+        decisions[key] = decision
+        while len(decisions) > self._cache_size or self._cached_chars > MAX_CACHED_CHARS:
+            old = next(iter(decisions))  # oldest first: cheap, good enough
+            del decisions[old]
+            self._cached_chars -= len(old if isinstance(old, str) else old[0])
 
     @staticmethod
     def count(decision: Decision) -> None:
@@ -126,52 +146,78 @@ class RuleSet:
 
     # --- computing a decision (once per statement shape) ----------------------------------------
 
-    def plan(self, info: Any, ctx: Any) -> _Plan:
+    def plan(self, text: str, info: Any, ctx: Any) -> _Plan:
+        """Match the rules against one statement and apply what they ask for to its text."""
         plan = _Plan()
+        original = text
         for rule in self._active:
-            if rule.match(info, ctx) and plan.add(rule):
+            if not rule.match(info, ctx):
+                continue
+            stop = plan.add(rule)
+            if rule.rewrite is not None and not rule.observe and plan.block is None:
+                new = rule.rewrite.apply(text, _fingerprinter(info))
+                if new is not None and new != text:
+                    text, info = new, _analyze(new)  # later rules see the rewritten statement
+            if stop:
                 break
+        if plan.block is None and (plan.rows is not None or plan.offset is not None):
+            plan.limited = enforce_limit(text, plan.rows and plan.rows[0], plan.offset and plan.offset[0],
+                                         info.returns_one_row)
+            text = plan.limited.sql or text
+        plan.text = text if text != original else None
         return plan
 
     def _decide(self, info: Any, ctx: Any) -> Decision:
         parts = info.statements or (info,)
         spans: list[tuple[int, int]] | None = [(0, len(info.text))]
         if info.statements:
+            if not any(r.match(p, ctx) for p in parts for r in self._active):
+                return PASS  # the common case for scripts: no need to locate the statements
             tree = parse(info.text)
             spans = [tree.segment(i) for i in range(len(tree.stmts))] if tree else None
-            if spans is not None and len(spans) != len(parts):
-                spans = None
-        plans = [self.plan(p, ctx) for p in parts]
+            if spans is None or len(spans) != len(parts):
+                return self._decide_unsplit(info, ctx)
+        plans = [self.plan(info.text[start:end], part, ctx)
+                 for part, (start, end) in zip(parts, spans, strict=True)]
         if not any(p.matched for p in plans):
             return PASS
         self._log_observed(info, plans)
         block = next((p.block for p in plans if p.block), None)
-        edits: list[tuple[int, int, str]] = []
-        notices: list[str] = []
+        if block is None:
+            refused = next((p for p in plans if p.limited is not None and p.limited.offset is not None), None)
+            if refused is not None:
+                block = offset_refusal(refused.limited.offset, *refused.offset)  # type: ignore[misc, union-attr]
+        notices = []
         row_limit = offset_check = None
-        for i, (part, plan) in enumerate(zip(parts, plans, strict=True)):
-            if block is not None or spans is None:
-                break
-            start, end = spans[i]
-            new, res = self._transform(info.text[start:end], part, plan)
-            if res is not None and res.offset is not None:
-                block = offset_refusal(res.offset, *plan.offset)  # type: ignore[misc]
-                break
-            if new is not None:
-                edits.append((start, end, new))
+        for plan in plans:
+            res = plan.limited
             if res is not None and res.change is not None and plan.rows is not None:
                 row_limit = plan.rows[0]
                 notices.append(limit_notice(plan.rows[1], plan.rows[0], res.change))
             if res is not None and res.offset_param is not None and plan.offset is not None:
                 offset_check = (res.offset_param, *plan.offset)
-        single = not info.statements
-        first = plans[0]
+        edits = [(start, end, p.text) for p, (start, end) in zip(plans, spans, strict=True) if p.text is not None]
+        return self._decision(plans, block, splice(info.text, edits) if edits else None, tuple(notices),
+                              row_limit, offset_check, single=not info.statements)
+
+    def _decide_unsplit(self, info: Any, ctx: Any) -> Decision:
+        """Statements we cannot locate in the text: match them, but only block, time out or log."""
+        plans = [self.plan(p.text, p, ctx) for p in info.statements]
+        if not any(p.matched for p in plans):
+            return PASS
+        return self._decision(plans, next((p.block for p in plans if p.block), None), None, (), None, None,
+                              single=False)
+
+    @staticmethod
+    def _decision(plans: list[_Plan], block: tuple[str, str] | None, sql: str | None, notices: tuple[str, ...],
+                  row_limit: int | None, offset_check: tuple[int, int, str] | None, single: bool) -> Decision:
+        cache = plans[0].cache if single and block is None else None
         return Decision(
             block=block,
-            sql=None if block or not edits else splice(info.text, edits),
-            notices=() if block else tuple(notices),
-            cache_ttl=first.cache.ttl if single and first.cache and not block else None,
-            stale_while_revalidate=first.cache.stale_while_revalidate if single and first.cache and not block else None,
+            sql=None if block else sql,
+            notices=() if block else notices,
+            cache_ttl=cache.ttl if cache else None,
+            stale_while_revalidate=cache.stale_while_revalidate if cache else None,
             timeout=None if block else next((p.timeout for p in plans if p.timeout is not None), None),
             log=any(p.log for p in plans),
             matched=tuple(dict.fromkeys(m for p in plans for m in p.matched)),
@@ -180,23 +226,6 @@ class RuleSet:
             hit_counters=tuple(dict.fromkeys(c for p in plans for c in p.hits)),
             observed_counters=tuple(dict.fromkeys(c for p in plans for c in p.observed)),
         )
-
-    @staticmethod
-    def _transform(text: str, info: Any, plan: _Plan) -> tuple[str | None, LimitResult | None]:
-        """Apply plan's rewrites then its limit to one statement's text."""
-        original = text
-
-        def fingerprint(t: str) -> str:
-            return info.fingerprint if t == original else _analyze(t).fingerprint
-
-        for rewrite in plan.rewrites:
-            text = rewrite.apply(text, fingerprint) or text
-        res = None
-        if plan.rows is not None or plan.offset is not None:
-            one_row = info.returns_one_row if text == original else _analyze(text).returns_one_row
-            res = enforce_limit(text, plan.rows and plan.rows[0], plan.offset and plan.offset[0], one_row)
-            text = res.sql or text
-        return (text if text != original else None), res
 
     @staticmethod
     def _log_observed(info: Any, plans: list[_Plan]) -> None:
@@ -221,12 +250,14 @@ class RuleSet:
             "actions": describe_actions(r),
             "mode": r.mode if r.enabled else "disabled",
             "final": r.final,
+            "description": r.description,
             "hits": r.counter.hits,
             "observed_hits": r.counter.observed_hits,
         } for r in self.rules]
 
     def clear_cache(self) -> None:
         self._decisions.clear()
+        self._cached_chars = 0
 
 
 def describe_actions(rule: Rule) -> str:

@@ -320,7 +320,8 @@ class _Checker:
         if "from" in value or "to" in value:
             src, dst = value.get("from"), value.get("to")
             if not isinstance(src, str) or not isinstance(dst, str):
-                self.problem("rewrite needs both from and to, as strings", "rewrite", "from" if "from" in value else "to")
+                self.problem("rewrite needs both from and to, as strings",
+                             "rewrite", "from" if "from" in value else "to")
             else:
                 try:
                     template = TemplateRewrite(src, dst, self.fingerprint)
@@ -342,7 +343,8 @@ class _Checker:
 
 # --- files ------------------------------------------------------------------------------------------
 
-def expand(paths: Iterable[str], base_dir: str | os.PathLike[str] | None = None) -> tuple[list[str], list[Problem]]:
+def expand(paths: Iterable[str],
+           base_dir: str | os.PathLike[str] | None = None) -> tuple[list[str], list[Problem]]:
     """Rule files named by paths and globs, sorted by file name; a missing plain path is a problem."""
     files: set[str] = set()
     problems = []
@@ -369,7 +371,7 @@ def parse_rule_files(paths: Iterable[str], *, base_dir: str | os.PathLike[str] |
 
     files, problems = expand(paths, base_dir)
     rules: list[Rule] = []
-    seen: dict[str, Rule] = {}
+    seen: dict[str, tuple[str, int]] = {}  # name -> (file, line)
     for file in files:
         try:
             text = Path(file).read_text(encoding="utf-8")
@@ -391,16 +393,20 @@ def parse_rule_files(paths: Iterable[str], *, base_dir: str | os.PathLike[str] |
             problems.append(Problem(file, lines.top_level("rule"), None, "rules go in [[rule]] tables"))
             continue
         for index, raw in enumerate(raw_rules):
-            rule = _Checker(file, index, lines, problems, fingerprint, default_ttl).build(raw)
-            if rule is None:
+            checker = _Checker(file, index, lines, problems, fingerprint, default_ttl)
+            rule = checker.build(raw)
+            if checker.name is None:
                 continue
-            if rule.name in seen:
-                first = seen[rule.name]
-                problems.append(Problem(file, rule.line, rule.name,
-                                        f"duplicate rule name (first defined at {first.file}:{first.line})"))
+            line = lines.find(index, "name")
+            if checker.name in seen:
+                first_file, first_line = seen[checker.name]
+                where = f"line {first_line}" if first_file == file else f"{first_file}:{first_line}"
+                problems.append(Problem(file, line, checker.name,
+                                        f"duplicate rule name (first defined at {where})"))
                 continue
-            seen[rule.name] = rule
-            rules.append(rule)
+            seen[checker.name] = (file, line)
+            if rule is not None:
+                rules.append(rule)
     if problems:
         raise RuleError(problems)
     return rules, files

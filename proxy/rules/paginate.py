@@ -34,7 +34,7 @@ class LimitResult:
 UNCHANGED = LimitResult()
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def enforce_limit(text: str, max_rows: int | None, max_offset: int | None, one_row: bool = False) -> LimitResult:
     """Apply a limit rule to one statement's text. one_row: the statement returns one row anyway."""
     tree = parse(text)

@@ -19,7 +19,8 @@ from typing import Any
 from proxy.rules.sqltree import Tree, literal_span, name_span, node, parse, splice, walk
 
 _IGNORED = frozenset({"location", "stmt_location", "stmt_len"})
-_IDENT = re.compile(r'^(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")(?:\.(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")){0,2}$')
+_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'  # an identifier, plain or quoted
+_IDENT = re.compile(rf"^{_PART}(?:\.{_PART}){{0,2}}$")
 
 
 class TemplateError(ValueError):

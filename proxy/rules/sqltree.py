@@ -52,9 +52,15 @@ class Tree:
         return self.pos(start), (self.pos(start + length) if length else len(self.text))
 
 
-@lru_cache(maxsize=4096)
+MAX_CACHED_TEXT = 64 * 1024  # a bulk INSERT is parsed again rather than held
+
+
 def parse(text: str) -> Tree | None:
     """The tree of text, or None when libpg_query cannot parse it."""
+    return _parse_cached(text) if len(text) <= MAX_CACHED_TEXT else _parse(text)
+
+
+def _parse(text: str) -> Tree | None:
     try:
         stmts = json.loads(parser.parse_sql_json(text))["stmts"]
         raw_tokens = parser.scan(text)
@@ -63,6 +69,9 @@ def parse(text: str) -> Tree | None:
     # pglast reports character offsets of the str, with inclusive ends.
     tokens = tuple(Tok(t.start, t.end + 1, t.name) for t in raw_tokens)
     return Tree(text, tuple(stmts), tokens, tuple(t.start for t in tokens))
+
+
+_parse_cached = lru_cache(maxsize=1024)(_parse)
 
 
 def node(n: Any) -> tuple[str, dict[str, Any]] | tuple[None, None]:

@@ -134,11 +134,8 @@ _COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
 def split_statements(text: str) -> list[str]:
     """The statements of a simple-query string, each stripped; empty and comment-only ones dropped."""
-    info = analyze(text)
-    if info.statements:
-        return [p.text for p in info.statements]
-    if info.parsed:
-        return [] if info.kind == "empty" else [text.strip()]
+    if analyze(text).parsed:
+        return list(_statement_texts(text, _json_loads(parser.parse_sql_json(text)).get("stmts", [])))
     try:  # unparsable: the scanner still knows which ';' are outside quotes and comments
         tokens = parser.scan(text)
     except parser.Error:

@@ -23,7 +23,8 @@ Span = tuple[int, int, int, int]
 
 def fallback_fingerprint(text: str) -> str:
     """For text the parser rejects: a hash of the text with its whitespace collapsed."""
-    return hashlib.blake2b(" ".join(text.split()).encode(), digest_size=8).hexdigest()
+    data = " ".join(text.split()).encode("utf-8", "surrogatepass")  # lone surrogates must not raise
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def normalize(text: str, max_param: int) -> str:

@@ -1,9 +1,14 @@
 """Splitting byte streams into protocol messages, sans I/O.
 
-`Framer` handles the typed messages of the normal phase in either direction. Messages whose type is
-in `stream_types` (DataRow, CopyData) are never buffered whole: when one is larger than what has
-arrived, its bytes are handed on piece by piece, so a 500 MB row costs no 500 MB buffer. Every
-other message is buffered until complete, up to `max_size` (FrameError beyond it).
+`Framer.feed(data)` returns the messages that are complete as `(type, start, end)` offsets into
+`framer.data` (the bytes of this call, prefixed by any partial message kept from the previous call):
+the message is `data[start:end]`, its body `data[start + 5:end]`. Offsets instead of slices keep the
+per-message cost to one small tuple; callers slice only the few bodies they read.
+
+Messages whose type is in `stream_types` (DataRow, CopyData) are never buffered whole: when one is
+larger than what has arrived, its bytes are handed on piece by piece as `(-type, start, end)`, so a
+500 MB row costs no 500 MB buffer. Every other message is buffered until complete, up to `max_size`
+(FrameError beyond it).
 
 `read_startup` handles the untyped first messages (StartupMessage, SSLRequest, CancelRequest...).
 """
@@ -13,9 +18,6 @@ from __future__ import annotations
 import struct
 
 _LEN = struct.Struct("!I")
-
-# (type byte, body or None for a streamed piece, raw bytes of the message or piece)
-Frame = tuple[int, memoryview | None, memoryview]
 
 MAX_STARTUP = 10_000  # Postgres refuses larger startup packets too
 
@@ -29,7 +31,7 @@ class FrameError(Exception):
 
 
 class Framer:
-    __slots__ = ("_buf", "_skip", "_skip_type", "max_size", "stream_types")
+    __slots__ = ("_buf", "_skip", "_skip_type", "max_size", "stream_types", "data")
 
     def __init__(self, max_size: int = 1 << 30, stream_types: bytes = b"Dd") -> None:
         self._buf = b""
@@ -37,54 +39,51 @@ class Framer:
         self._skip_type = 0
         self.max_size = max_size
         self.stream_types = frozenset(stream_types)
+        self.data = b""
 
     @property
     def buffered(self) -> int:
+        """Bytes of an incomplete message held back for the next call."""
         return len(self._buf)
 
-    @property
-    def mid_message(self) -> bool:
-        """True while a message has started but not ended (used to cut streams cleanly)."""
-        return bool(self._buf) or self._skip > 0
-
-    def feed(self, data: bytes) -> list[Frame]:
-        out: list[Frame] = []
+    def feed(self, data: bytes) -> list[tuple[int, int, int]]:
+        out: list[tuple[int, int, int]] = []
+        pos = 0
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
-                return [(self._skip_type, None, memoryview(data))]
-            out.append((self._skip_type, None, memoryview(data)[: self._skip]))
-            data = data[self._skip:]
+                self.data = data
+                return [(-self._skip_type, 0, len(data))]
+            out.append((-self._skip_type, 0, self._skip))
+            pos = self._skip
             self._skip = 0
-        if self._buf:
+        elif self._buf:
             data = self._buf + data
             self._buf = b""
+        self.data = data
         n = len(data)
-        pos = 0
-        mv = memoryview(data)
         unpack = _LEN.unpack_from
         max_size = self.max_size
         while n - pos >= 5:
             t = data[pos]
-            (ln,) = unpack(data, pos + 1)
+            ln = unpack(data, pos + 1)[0]
+            end = pos + 1 + ln
+            if end <= n and 4 <= ln <= max_size:
+                out.append((t, pos, end))
+                pos = end
+                continue
             if ln < 4:
                 raise FrameError(f"invalid message length {ln}")
             if ln > max_size:
                 raise FrameError(f"message of {ln} bytes exceeds the limit of {max_size} bytes", "54000")
-            end = pos + 1 + ln
-            if end <= n:
-                out.append((t, mv[pos + 5:end], mv[pos:end]))
-                pos = end
-            elif t in self.stream_types:
-                out.append((t, None, mv[pos:]))
+            if t in self.stream_types:
+                out.append((-t, pos, n))
                 self._skip = end - n
                 self._skip_type = t
-                pos = n
-                break
-            else:
-                break
+                return out
+            break
         if pos < n:
-            self._buf = bytes(mv[pos:])
+            self._buf = data[pos:]
         return out
 
 

@@ -36,11 +36,9 @@ def cstr(s: str) -> bytes:
     return s.encode(ENC, ERRORS) + b"\0"
 
 
-def read_cstr(buf: bytes | memoryview, pos: int) -> tuple[str, int]:
-    end = bytes(buf[pos:]).index(0) if isinstance(buf, memoryview) else buf.index(0, pos)
-    if isinstance(buf, memoryview):
-        end += pos
-    return bytes(buf[pos:end]).decode(ENC, ERRORS), end + 1
+def read_cstr(buf: bytes, pos: int) -> tuple[str, int]:
+    end = buf.index(0, pos)
+    return buf[pos:end].decode(ENC, ERRORS), end + 1
 
 
 # --- backend messages we synthesise -----------------------------------------------------------
@@ -175,6 +173,9 @@ def parse_parse(body: bytes) -> tuple[str, str, list[int]]:
 
 def bind_names(body: bytes) -> tuple[str, str]:
     """(portal, statement) of a Bind without decoding the parameters."""
+    if body[0] == 0:  # unnamed portal: the common case
+        end = body.index(0, 1)
+        return "", body[1:end].decode(ENC, ERRORS)
     portal, pos = read_cstr(body, 0)
     stmt, _ = read_cstr(body, pos)
     return portal, stmt
@@ -216,6 +217,8 @@ def build_bind(portal: str, stmt: str, pformats: Sequence[int], values: Sequence
 
 
 def parse_execute(body: bytes) -> tuple[str, int]:
+    if body[0] == 0:
+        return "", _I32.unpack_from(body, 1)[0]
     portal, pos = read_cstr(body, 0)
     (max_rows,) = _I32.unpack_from(body, pos)
     return portal, max_rows
@@ -224,7 +227,7 @@ def parse_execute(body: bytes) -> tuple[str, int]:
 def parse_describe_close(body: bytes) -> tuple[bytes, str]:
     """Describe / Close: ('S' or 'P', name)."""
     name, _ = read_cstr(body, 1)
-    return bytes(body[:1]), name
+    return body[:1], name
 
 
 def parse_fields(body: bytes) -> dict[str, str]:
@@ -249,7 +252,7 @@ def parse_command_tag(body: bytes) -> str:
     return body[:-1].decode(ENC, ERRORS) if body.endswith(b"\0") else body.decode(ENC, ERRORS)
 
 
-def rows_from_tag(tag: str) -> int:
-    """Rows affected or returned from a CommandComplete tag ("SELECT 5", "INSERT 0 3", "UPDATE 2")."""
-    last = tag.rpartition(" ")[2]
+def rows_from_tag(tag: bytes) -> int:
+    """Rows affected or returned from a CommandComplete tag (b"SELECT 5", b"INSERT 0 3", b"UPDATE 2")."""
+    last = tag.rpartition(b" ")[2]
     return int(last) if last.isdigit() else 0

@@ -1,0 +1,289 @@
+"""ResultCache: the API the session calls. See docs/cache.md for the design and its correctness argument.
+
+Per cacheable execution the session does:
+    res = await cache.lookup(key, info, state, allow_rls=rule.allow_rls)
+    Hit  -> send res.reply (exact backend bytes), then its own ReadyForQuery
+    Fill -> forward upstream, res.feed(raw server messages of the reply), then
+            await cache.fill(res, ttl) after CommandComplete, or cache.abandon(res) on error / disconnect
+    Bypass -> forward upstream as usual (res.reason says why)
+and for writes the four SessionCacheState hooks plus `await cache.invalidate(state, effect)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.cache.capture import ResultCapture
+from proxy.cache.catalog import Catalog
+from proxy.cache.flight import Flights
+from proxy.cache.keys import make_key, redis_key
+from proxy.cache.policy import CachePolicy
+from proxy.cache.replication import ReplicationListener
+from proxy.cache.sessionstate import SessionCacheState
+from proxy.cache.store import L1Store, decode_entry, encode_entry
+from proxy.cache.versions import (
+    EPOCH,
+    FLUSH_ALL,
+    RedisDown,
+    Versions,
+    db_field,
+    fingerprint_field,
+    stamp_of,
+    table_field,
+)
+from proxy.cache.writes import WriteEffect, relname
+
+log = logging.getLogger("pgfront.cache")
+
+
+@dataclass(slots=True)
+class Hit:
+    reply: bytes              # exact backend bytes: [RowDescription] DataRow... CommandComplete
+    level: str                # "l1", "l2" or "flight" (handed over by a concurrent miss)
+    event = "hit"
+
+
+@dataclass(slots=True)
+class Bypass:
+    reason: str
+    event = "bypass"
+
+
+@dataclass(slots=True)
+class Fill:
+    """A miss: run the query upstream, feed the reply, then fill() or abandon()."""
+
+    key: bytes
+    stamp: bytes
+    fields: tuple[str, ...]
+    capture: ResultCapture
+    leader: bool
+    started: float = field(default_factory=time.monotonic)
+    event = "miss"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bool:
+        return self.capture.feed(data)
+
+
+class ResultCache:
+    def __init__(self, cfg: Any, upstream_dsn: str, *, catalog_ttl: float = 60.0, flight_timeout: float = 5.0,
+                 retry_after: float = 1.0) -> None:
+        c = cfg.cache
+        self.enabled = c.enabled
+        self.max_result_size = c.max_result_size
+        self.default_ttl = c.default_ttl
+        self.flight_timeout = flight_timeout
+        self.l1 = L1Store(c.l1_size)
+        self.catalog = Catalog(upstream_dsn, ttl=catalog_ttl)
+        self.policy = CachePolicy(self.catalog)
+        self.versions = Versions(c.redis_url, c.redis_timeout, retry_after, on_invalidate=self._invalidated)
+        self.flights = Flights()
+        self.replication = (ReplicationListener(upstream_dsn, c.replication_slot, self._replicated_writes)
+                            if c.replication_listener else None)
+        self.stats: Counter[str] = Counter()
+        self.bypass_reasons: Counter[str] = Counter()
+        self._databases: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- life cycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.versions.start()
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self.replication:
+            await self.replication.close()
+        await self.versions.close()
+        await self.catalog.close()
+
+    def session(self, database: str, role: str, startup_params: dict[str, str] | None = None) -> SessionCacheState:
+        """State for a new client session (database and login role from its startup packet)."""
+        if database not in self._databases:
+            self._databases.add(database)
+            self._background(self.versions.register_database(database))
+            if self.replication:
+                self.replication.follow(database)
+        return SessionCacheState(database, role, startup_params, self._function_may_write)
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def key(state: SessionCacheState, sql: str, params: Sequence[bytes | None] = (),
+            param_formats: Sequence[int] = (), result_formats: Sequence[int] = (),
+            param_types: Sequence[int] = ()) -> bytes:
+        return make_key(state.prefix, sql, params, param_formats, result_formats, param_types)
+
+    async def lookup(self, key: bytes, info: Any, state: SessionCacheState, *, allow_rls: bool = False,
+                     allow_catalog: bool = False) -> Hit | Fill | Bypass:
+        """Hit (exact reply bytes), Fill (run the query and feed the reply) or Bypass (why not)."""
+        if not self.enabled:
+            return self._bypass("cache disabled")
+        decision = self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog)
+        if not decision.ok:
+            return self._bypass(decision.reason)
+        db = state.database
+        fields = (EPOCH, db_field(db), fingerprint_field(info.fingerprint),
+                  *(table_field(db, t) for t in decision.tags))
+        local = self.l1.get(key)
+        try:
+            values, entry = await self.versions.read(list(fields), None if local else redis_key(key))
+        except RedisDown:
+            return self._bypass("redis unavailable")
+        if values[0] is None:  # Redis lost the versions (restart, eviction): start a new epoch first
+            await self.versions.ensure_epoch()
+            return self._bypass("versions reset")
+        stamp = stamp_of(values)
+        if local is not None:
+            if local.stamp == stamp:
+                return self._hit(local.reply, "l1")
+            self.l1.discard(key)  # stale here; another process may have filled Redis under the new stamp
+            try:
+                entry = await self.versions.get(redis_key(key))
+            except RedisDown:
+                return self._bypass("redis unavailable")
+        found = decode_entry(entry, stamp)
+        if found is not None:
+            self.l1.put(key, stamp, found[0], found[1], fields)
+            return self._hit(found[0], "l2")
+        if self.flights.lead(key, stamp):
+            return self._miss(key, stamp, fields, leader=True)
+        reply = await self.flights.wait(key, stamp, self.flight_timeout)
+        if reply is not None:
+            return self._hit(reply, "flight")
+        return self._miss(key, stamp, fields, leader=False)
+
+    async def fill(self, ticket: Fill, ttl: float | None = None) -> bool:
+        """Store the captured reply (call after its CommandComplete); False when it was not storable."""
+        reply = ticket.capture.result()
+        if reply is None:
+            self.abandon(ticket)
+            return False
+        ttl = self.default_ttl if ttl is None else ttl
+        self.l1.put(ticket.key, ticket.stamp, reply, ttl, ticket.fields)
+        if ticket.leader:
+            self.flights.land(ticket.key, ticket.stamp, reply)
+        await self.versions.store(redis_key(ticket.key), encode_entry(ticket.stamp, reply, ttl), ttl)
+        self.stats["fills"] += 1
+        self.stats["fill_bytes"] += len(reply)
+        return True
+
+    def abandon(self, ticket: Fill) -> None:
+        """The query failed, was too large or the client left: release waiters, store nothing."""
+        if ticket.capture.reason == "result too large":
+            self.stats["too_large"] += 1
+        self.stats["abandoned"] += 1
+        if ticket.leader:
+            self.flights.land(ticket.key, ticket.stamp, None)
+
+    # -- writes --------------------------------------------------------------------------------------------
+    async def invalidate(self, where: SessionCacheState | str, effect: WriteEffect) -> None:
+        """Make every entry the committed writes in `effect` could change unreachable, in every process.
+
+        Await it after the commit and before the client sees its acknowledgement (see SessionCacheState).
+        """
+        database = where if isinstance(where, str) else where.database
+        fields: set[str] = set()
+        if effect.flush_all:
+            fields.add(FLUSH_ALL)
+        elif effect.flush_database:
+            fields.add(db_field(database))
+        elif effect.ddl:
+            fields.update(table_field(database, t) for t in effect.tables)
+        elif effect.tables:
+            for facts in (await self.catalog.relations_now(database, effect.tables)).values():
+                if facts is None or facts.side_effects:  # triggers or rules may write anywhere
+                    fields.add(db_field(database))
+                    break
+                fields.update(table_field(database, t) for t in facts.write_tags)
+        notes = []
+        if effect.ddl:
+            self.catalog.forget(database)
+            notes.append(f"ddl:{database}")
+        self._invalidated(list(fields))
+        self.stats["invalidations"] += 1
+        if not await self.versions.bump(fields, notes):
+            self.stats["invalidation_failures"] += 1
+
+    async def purge_all(self) -> None:
+        self.stats["purges"] += 1
+        self._invalidated([FLUSH_ALL])
+        await self.versions.bump([FLUSH_ALL])
+
+    async def purge_table(self, name: str, database: str | None = None) -> None:
+        rel = relname(name)
+        dbs = [database] if database else sorted(self._databases | set(await self.versions.databases()))
+        fields = [table_field(db, rel) for db in dbs]
+        self.stats["purges"] += 1
+        self._invalidated(fields)
+        await self.versions.bump(fields)
+
+    async def purge_fingerprint(self, fingerprint: str) -> None:
+        fields = [fingerprint_field(fingerprint)]
+        self.stats["purges"] += 1
+        self._invalidated(fields)
+        await self.versions.bump(fields)
+
+    # -- numbers ------------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, Any]:
+        """For SHOW CACHE and /metrics."""
+        s = self.stats
+        return {
+            "enabled": self.enabled,
+            "redis_available": self.versions.available,
+            "hits": s["hits"], "hits_l1": s["hits_l1"], "hits_l2": s["hits_l2"], "hits_flight": s["hits_flight"],
+            "misses": s["misses"], "fills": s["fills"], "fill_bytes": s["fill_bytes"],
+            "hit_bytes": s["hit_bytes"], "too_large": s["too_large"], "abandoned": s["abandoned"],
+            "bypasses": sum(self.bypass_reasons.values()), "bypass_reasons": dict(self.bypass_reasons),
+            "invalidations": s["invalidations"], "invalidation_failures": s["invalidation_failures"],
+            "purges": s["purges"], "replicated_invalidations": s["replicated_invalidations"],
+            "errors": self.versions.errors + self.catalog.errors, "redis_outages": self.versions.outages,
+            "epoch_changes": self.versions.epoch_changes, "l1_entries": len(self.l1), "l1_bytes": self.l1.bytes,
+            "catalog_lookups": self.catalog.lookups,
+        }
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _hit(self, reply: bytes, level: str) -> Hit:
+        self.stats["hits"] += 1
+        self.stats["hits_" + level] += 1
+        self.stats["hit_bytes"] += len(reply)
+        return Hit(reply, level)
+
+    def _miss(self, key: bytes, stamp: bytes, fields: tuple[str, ...], leader: bool) -> Fill:
+        self.stats["misses"] += 1
+        return Fill(key, stamp, fields, ResultCapture(self.max_result_size), leader)
+
+    def _bypass(self, reason: str) -> Bypass:
+        self.bypass_reasons[reason] += 1
+        return Bypass(reason)
+
+    def _function_may_write(self, database: str, name: str) -> bool:
+        facts = self.catalog.function(database, name)
+        return facts is None or facts.may_write
+
+    def _invalidated(self, fields: list[str]) -> None:
+        """Versions changed (here or, via pub/sub, elsewhere): free the L1 entries they guard."""
+        for f in fields:
+            if f == FLUSH_ALL:
+                self.l1.clear()
+                return
+            if f.startswith("ddl:"):
+                self.catalog.forget(f[4:])
+        self.l1.drop_fields([f for f in fields if not f.startswith("ddl:")])
+
+    async def _replicated_writes(self, database: str, tables: set[str]) -> bool:
+        """Writes seen in the replication stream (maybe by-passing pgfront): bump their versions."""
+        fields = [table_field(database, relname(t)) for t in tables]
+        self._invalidated(fields)
+        self.stats["replicated_invalidations"] += 1
+        return await self.versions.bump(fields)
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,167 @@
+"""`pgfront top`: a live terminal table of the busiest fingerprints.
+
+Reads either pgfront's admin console (SHOW QUERIES on dbname=pgfront, over the simple query protocol
+with psycopg) or, with --run-dir, the workers' snapshot files directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from proxy.stats import load_merged
+
+Row = dict[str, Any]
+
+# (row key, header, justify) of the columns shown; calls/s is computed between two refreshes
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("calls", "calls", "right"),
+    ("calls_per_s", "calls/s", "right"),
+    ("total_ms", "total ms", "right"),
+    ("mean_ms", "mean ms", "right"),
+    ("p95_ms", "p95 ms", "right"),
+    ("p99_ms", "p99 ms", "right"),
+    ("rows", "rows", "right"),
+    ("errors", "errors", "right"),
+    ("cache_hit_pct", "cache hit %", "right"),
+    ("fingerprint", "fingerprint", "left"),
+    ("query", "query", "left"),
+)
+ORDERS = ("total_time", "calls", "mean_time", "max_time", "p95", "p99", "rows", "errors", "last_seen")
+_ORDER_KEYS = {"total_time": "total_ms", "mean_time": "mean_ms", "max_time": "max_ms", "p95": "p95_ms",
+               "p99": "p99_ms"}
+
+
+def _number(value: Any) -> float:
+    """Admin-console rows arrive as text; run-dir rows as numbers."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value or "")
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return str(value)  # text from the admin console, shown as sent
+
+
+def derive(rows: list[Row], previous: dict[str, tuple[float, float]], now: float) -> None:
+    """Add calls/s (against the previous sample, which is updated) and the cache hit ratio."""
+    for row in rows:
+        calls = _number(row.get("calls"))
+        hits, misses = _number(row.get("cache_hits")), _number(row.get("cache_misses"))
+        row["cache_hit_pct"] = round(100 * hits / (hits + misses), 1) if hits + misses else ""
+        before = previous.get(row.get("fingerprint", ""))
+        row["calls_per_s"] = round((calls - before[0]) / (now - before[1]), 1) if before and now > before[1] else ""
+        previous[row.get("fingerprint", "")] = (calls, now)
+
+
+def render_table(rows: list[Row], title: str = "pgfront top", query_width: int = 80) -> Table:
+    """The table `pgfront top` shows, from SHOW QUERIES rows."""
+    table = Table(title=title, expand=False, header_style="bold")
+    for _, header, justify in COLUMNS:
+        table.add_column(header, justify=justify, no_wrap=True,  # type: ignore[arg-type]
+                         max_width=query_width if header == "query" else None, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*(" ".join(str(row.get("query", "")).split()) if key == "query" else _format(row.get(key))
+                        for key, _, _ in COLUMNS))
+    return table
+
+
+def sort_rows(rows: list[Row], order_by: str, limit: int) -> list[Row]:
+    key = _ORDER_KEYS.get(order_by, order_by)
+    return sorted(rows, key=lambda r: _number(r.get(key)), reverse=True)[:limit]
+
+
+# -- sources ----------------------------------------------------------------------------------------
+def run_dir_source(run_dir: str, order_by: str, limit: int) -> Callable[[], list[Row]]:
+    return lambda: load_merged(run_dir).top(limit, order_by)
+
+
+class AdminSource:
+    """SHOW QUERIES over pgfront's admin console; reconnects after a failure."""
+
+    def __init__(self, host: str, port: int, user: str, order_by: str, limit: int) -> None:
+        self.conninfo = {"host": host, "port": port, "user": user, "dbname": "pgfront"}
+        self.order_by, self.limit = order_by, limit
+        self._conn: Any = None
+
+    def __call__(self) -> list[Row]:
+        import psycopg  # only this source needs it
+
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(**self.conninfo, autocommit=True, connect_timeout=5)
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute("SHOW QUERIES")  # no parameters: psycopg uses the simple query protocol
+                names = [d.name for d in cur.description or ()]
+                rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
+        except psycopg.OperationalError:
+            self.close()
+            raise
+        return sort_rows(rows, self.order_by, self.limit)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# -- the command ------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    if args.run_dir:
+        source = run_dir_source(args.run_dir, args.order_by, args.limit)
+        where = args.run_dir
+    else:
+        source = AdminSource(args.host, args.port, args.user, args.order_by, args.limit)
+        where = f"{args.user}@{args.host}:{args.port}"
+    console = Console()
+    previous: dict[str, tuple[float, float]] = {}
+
+    def sample() -> Table:
+        rows = source()
+        derive(rows, previous, time.monotonic())
+        return render_table(rows, f"pgfront top — {where} — by {args.order_by} — {time.strftime('%H:%M:%S')}")
+
+    try:
+        if args.once:
+            console.print(sample())
+            return 0
+        with Live(sample(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(sample(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:  # connection refused, auth failure, unreadable run dir: one line, exit 1
+        print(f"pgfront top: {e}".strip(), file=sys.stderr)
+        return 1
+    finally:
+        if isinstance(source, AdminSource):
+            source.close()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("top", help="live table of the busiest query fingerprints",
+                              description="Show the top query fingerprints, refreshed every --interval seconds.")
+    p.add_argument("--host", default="127.0.0.1", help="pgfront host (admin console)")
+    p.add_argument("--port", type=int, default=6432, help="pgfront port")
+    p.add_argument("--user", default="postgres", help="a role listed in admin.users")
+    p.add_argument("--run-dir", default="", help="read worker snapshots from this directory instead")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--limit", type=int, default=20, help="fingerprints shown")
+    p.add_argument("--order-by", default="total_time", choices=ORDERS, help="ranking")
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.set_defaults(func=run)
