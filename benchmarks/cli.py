@@ -63,7 +63,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = report.with_goals(bench.run())
+    try:
+        results = report.with_goals(bench.run())
+    except (RuntimeError, OSError) as e:  # no cluster, no pgbench: nothing could be measured
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report.save(results, args.output_dir)
     if args.json:
         print(json.dumps(results, indent=2, default=str))
@@ -74,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .profile import profile
+    from .profiling import profile
 
     return profile(args.seconds, args.mode, args.rules, args.top)
 

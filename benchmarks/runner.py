@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.devdb import TempPostgres, TempRedis
@@ -56,7 +56,7 @@ class Options:
         self.scale = self.scale or (1 if q else 10)
         self.scenarios = self.scenarios or (QUICK_SCENARIOS if q else None)
         self.idle_clients = self.idle_clients or (2000 if q else 10000)
-        self.idle_backend_cap = self.idle_backend_cap or (500 if q else 2000)
+        self.idle_backend_cap = self.idle_backend_cap or 2000
         return self
 
 

@@ -185,10 +185,11 @@ class Pgfront(Target):
     """`python -m proxy serve` with one of three configurations."""
 
     def __init__(self, key: str, label: str, flavour: str, workers: int = 1,
-                 skip: dict[str, str] | None = None) -> None:
+                 skip: dict[str, str] | None = None, python_args: list[str] | None = None) -> None:
         super().__init__(key, label, skip or {})
         self.flavour = flavour  # passthrough | rules | cache
         self.workers = workers
+        self.python_args = python_args or []  # e.g. ["-m", "cProfile", "-o", FILE] to profile it
 
     def config_text(self, env: Env) -> str:
         common = (f"[server]\nlog_level = \"warning\"\nmax_client_conn = 20000\n"
@@ -207,7 +208,7 @@ class Pgfront(Target):
         self.port = free_port()
         cfg = env.work / f"{self.key}.toml"
         cfg.write_text(self.config_text(env))
-        self._spawn(env, "pgfront", [sys.executable, "-m", "proxy", "serve", "--config", str(cfg),
+        self._spawn(env, "pgfront", [sys.executable, *self.python_args, "-m", "proxy", "serve", "--config", str(cfg),
                                      "--listen", f"127.0.0.1:{self.port}",
                                      "--upstream", f"postgresql://postgres@127.0.0.1:{env.pg.port}/postgres",
                                      "--workers", str(self.workers)], cwd=ROOT, timeout=30)

@@ -31,6 +31,14 @@ class App:
         self.slowlog: Any = None
         self.slow_threshold = cfg.slowlog.threshold_ms / 1000.0 if cfg.slowlog.threshold_ms > 0 else None
         self.accepting = True
+        self.run_dir = ""
+        self.publisher: Any = None
+        self.metrics_server: Any = None
+        self.closed_bytes = [0, 0]  # bytes in/out of sessions that have ended
+
+    def merged_stats(self) -> Any:
+        """Statistics of every worker of this instance (replaced by components.attach)."""
+        raise RuntimeError("statistics are not attached")
 
     # -- sessions --------------------------------------------------------------------------
     def admit(self, session: Session) -> bool:
@@ -46,7 +54,10 @@ class App:
         return True
 
     def forget(self, session: Session) -> None:
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.closed_bytes[0] += session.bytes_in
+            self.closed_bytes[1] += session.bytes_out
 
     def session_ready(self, session: Session) -> None:
         log.debug("client ready", extra={"client": session.id, "user": session.user, "database": session.database})

@@ -10,7 +10,7 @@ from proxy import __version__
 from proxy.config import ConfigError
 
 # modules that add subcommands through register(subparsers)
-_SUBCOMMAND_MODULES: list[str] = []
+_SUBCOMMAND_MODULES: list[str] = ["proxy.rules.cli", "proxy.top"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         overrides.setdefault("slowlog", {})["path"] = args.slowlog
     cfg = config_mod.load(args.config, overrides)
     log_mod.setup(cfg.server.log_level, cfg.server.log_format)
+    _check_rules(cfg)
     local = None
     dsn = cfg.server.upstream
     if dsn in ("", "local"):
@@ -56,6 +57,17 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if local is not None:
             local.cleanup()
+
+
+def _check_rules(cfg) -> None:
+    """Refuse to start on a broken rule file: the operator sees every problem at once."""
+    from proxy.components import load_rule_holder
+    from proxy.rules import RuleError
+
+    try:
+        load_rule_holder(cfg)
+    except RuleError as e:
+        raise ConfigError(f"[rules] files: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

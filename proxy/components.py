@@ -1,22 +1,119 @@
-"""Wiring of the optional subsystems into a worker's App: statistics, metrics, rules, cache, slow log."""
+"""Wiring of the subsystems into a worker's App: statistics, metrics, rules, cache, slow log, and the
+per-worker housekeeping loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
+from proxy import stats as st
 from proxy.app import App
 from proxy.log import log
 
 
 async def attach(app: App) -> list[asyncio.Task]:
-    tasks: list[asyncio.Task] = []
+    cfg = app.cfg
+    app.stats = st.Stats(cfg.stats.max_fingerprints)
+    publisher = st.StatsPublisher(app.stats, app.run_dir, app.worker_id)
+    app.publisher = publisher
+    app.merged_stats = lambda: _merged(app)
+    tasks = [asyncio.ensure_future(publisher.run(cfg.stats.flush_interval)),
+             asyncio.ensure_future(_housekeeping(app))]
+    holder = load_rule_holder(cfg)
+    if holder is not None:
+        from proxy.rules import RuleWatcher
+        from proxy.rules_glue import RulesAdapter
+
+        app.rules = RulesAdapter(holder, app)
+        if cfg.rules.watch:
+            app.rule_watcher = RuleWatcher(holder)
+            app.rule_watcher.start()
+    if cfg.metrics.listen:
+        from proxy.metrics import start_metrics_server
+
+        host, port = cfg.metrics.listen
+        app.metrics_server = await start_metrics_server(host, port, app.merged_stats, lambda: _health(app),
+                                                        top_n=cfg.metrics.top_n)
     return tasks
 
 
+def rules_base_dir(cfg) -> str:
+    """Relative rule paths are relative to the config file's directory (else the working directory)."""
+    import os
+
+    return os.path.dirname(os.path.abspath(cfg.source)) if cfg.source != "<defaults>" else os.getcwd()
+
+
+def load_rule_holder(cfg):
+    """A RuleHolder for the configured files, or None when no rule file is configured or found."""
+    import glob
+    import os
+
+    from proxy.rules import RuleHolder
+
+    if not cfg.rules.files:
+        return None
+    base = rules_base_dir(cfg)
+    found = [f for pattern in cfg.rules.files
+             for f in glob.glob(pattern if os.path.isabs(pattern) else os.path.join(base, pattern))]
+    if not found:
+        log.warning("no rule files found", extra={"patterns": cfg.rules.files, "base_dir": base})
+        return None
+    return RuleHolder(cfg.rules.files, base_dir=base, default_ttl=cfg.cache.default_ttl)
+
+
+def _merged(app: App) -> st.MergedStats:
+    _gauges(app)
+    app.publisher.flush()
+    return st.load_merged(app.run_dir, app.stats)
+
+
+def _gauges(app: App) -> None:
+    s = app.stats
+    s.set_gauge("client_connections", len(app.sessions))
+    s.set_gauge("server_connections", sum(1 for x in app.sessions if x.server is not None and x.phase == "ready"))
+    s.set_gauge("bytes_received", sum(x.bytes_in for x in app.sessions) + app.closed_bytes[0])
+    s.set_gauge("bytes_sent", sum(x.bytes_out for x in app.sessions) + app.closed_bytes[1])
+
+
+def _health(app: App) -> dict:
+    return {"status": "ok" if app.accepting else "stopping", "worker": app.worker_id,
+            "clients": len(app.sessions), "uptime_s": round(time.time() - app.started_at, 1)}
+
+
+async def _housekeeping(app: App) -> None:
+    """Once a second: gauges, and dropping clients idle longer than client_idle_timeout."""
+    idle_limit = app.cfg.server.client_idle_timeout
+    while True:
+        await asyncio.sleep(1.0)
+        _gauges(app)
+        if idle_limit > 0:
+            now = time.perf_counter()
+            for s in list(app.sessions):
+                if s.phase == "ready" and not s.expect and s.tx_status == b"I" and now - s.last_active > idle_limit:
+                    s.fatal("57P05", "terminating connection due to idle-session timeout (pgfront "
+                                     "client_idle_timeout)")
+
+
 async def detach(app: App) -> None:
-    pass
+    watcher = getattr(app, "rule_watcher", None)
+    if watcher is not None:
+        await watcher.stop()
+    server = getattr(app, "metrics_server", None)
+    if server is not None:
+        server.close()
+    publisher = getattr(app, "publisher", None)
+    if publisher is not None:
+        with contextlib.suppress(OSError):
+            publisher.flush()
 
 
 async def reload(app: App) -> tuple[bool, str]:
-    log.info("reload requested", extra={"worker": app.worker_id})
-    return True, "nothing to reload"
+    """SIGHUP and the admin console's RELOAD: re-read the rule files; a bad file keeps the old rules."""
+    if app.rules is None:
+        return True, "no rule files configured"
+    ok, message = app.rules.reload()
+    log.info("rules reloaded" if ok else "rules reload failed, keeping the running rules",
+             extra={"worker": app.worker_id, "detail": message})
+    return ok, message

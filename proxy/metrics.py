@@ -28,7 +28,7 @@ from proxy import stats as st
 
 log = logging.getLogger(__name__)
 
-QUERY_LABEL_MAX = 200  # characters of normalized text in the query label
+QUERY_LABEL_MAX = 200  # characters of normalized text (whitespace collapsed) in the query label
 
 # Prometheus `le` bounds of pgfront_query_duration_seconds (the fine histogram is regrouped into them).
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -91,7 +91,7 @@ class MergedStatsCollector(Collector):
         misses = CounterMetricFamily("pgfront_query_cache_misses", "Cache misses per fingerprint",
                                      labels=["fingerprint"])
         for q in entries:
-            calls.add_metric([q.fingerprint, q.query[:QUERY_LABEL_MAX]], q.calls)
+            calls.add_metric([q.fingerprint, " ".join(q.query.split())[:QUERY_LABEL_MAX]], q.calls)
             duration.add_metric([q.fingerprint], _duration_buckets(q), q.total)
             hits.add_metric([q.fingerprint], q.cache.get("hit", 0))
             misses.add_metric([q.fingerprint], q.cache.get("miss", 0))

@@ -27,6 +27,7 @@ from proxy.wire.framer import FrameError, Framer, read_startup
 
 if TYPE_CHECKING:
     from proxy.app import App
+    from proxy.rules import Decision
     from proxy.sql import StatementInfo
 
 # message type bytes as ints (frames carry ints)
@@ -46,11 +47,19 @@ _ids = itertools.count(1)
 # are exactly Postgres's own; the server's syntax error is then replaced by the rule's error.
 _BLOCKED_SQL = "pgfront blocked statement"
 
+# A rule's timeout runs the statement under that statement_timeout, then puts the client's own back.
+# Both are swallowed Query messages placed at a Sync boundary, so they never split an implicit
+# transaction; set_config() calls made inside a transaction that fails are undone by its rollback.
+_SAVE_AND_SET_TIMEOUT = ("SELECT set_config('pgfront.saved_statement_timeout', current_setting('statement_timeout'), "
+                         "false), set_config('statement_timeout', '{ms}', false)")
+_RESTORE_TIMEOUT = pq.query("SELECT set_config('statement_timeout', "
+                            "current_setting('pgfront.saved_statement_timeout'), false)")
+
 
 class Stmt:
     """A prepared statement (named or unnamed) as the client knows it."""
 
-    __slots__ = ("name", "sql", "info", "notices", "sent_sql")
+    __slots__ = ("name", "sql", "info", "notices", "sent_sql", "decision")
 
     def __init__(self, name: str, sql: str, info: StatementInfo | None, sent_sql: str,
                  notices: tuple[bytes, ...] = ()) -> None:
@@ -59,6 +68,7 @@ class Stmt:
         self.info = info
         self.sent_sql = sent_sql
         self.notices = notices
+        self.decision: Decision | None = None
 
 
 class Pending:
@@ -147,6 +157,10 @@ class Session(asyncio.Protocol):
         self.special = 0  # queued entries whose replies are not relayed verbatim
         self.last_bind: tuple | None = None
         self.admin = False
+        self.in_batch = False  # extended-protocol messages sent since the last Sync
+        self.restore_at_sync = False
+        self.admin_queue: deque = deque()
+        self.admin_busy = False
         self.copies_started = 0
         self.copy_ends_sent = 0
         self.copy_failed = False
@@ -156,6 +170,7 @@ class Session(asyncio.Protocol):
         self.bytes_out = 0
         self.queries = 0
         self.startup_timer: asyncio.TimerHandle | None = None
+        self.last_active = time.perf_counter()
 
     # -- connection lifecycle -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -409,7 +424,7 @@ class Session(asyncio.Protocol):
         """Track each client message; forward the chunk untouched unless a message was changed."""
         out: list | None = None  # becomes a list of pieces once something differs from the input
         expect = self.expect
-        now = time.perf_counter()
+        now = self.last_active = time.perf_counter()
         last = 0
         for t, a, b in frames:
             if t < 0:  # a piece of a large CopyData
@@ -429,20 +444,32 @@ class Session(asyncio.Protocol):
             elif t == _B:
                 if data[a + 5] == 0:  # unnamed portal, the common case
                     name = data[a + 6:data.index(0, a + 6)].decode(pq.ENC, pq.ERRORS)
+                    portal = ""
                     stmt = self.statements.get(name)
-                    self.portals[""] = stmt  # type: ignore[assignment]
-                    if stmt is not None and (stmt.info is not None):
+                    if stmt is not None:
                         self.last_bind = (stmt, a, b, data)
                 else:
                     portal, name = pq.bind_names(data[a + 5:b])
-                    self.portals[portal] = self.statements.get(name)  # type: ignore[assignment]
-                expect.append(_PLAIN_B)
+                    stmt = self.statements.get(name)
+                self.portals[portal] = stmt  # type: ignore[assignment]
+                d = stmt.decision if stmt is not None else None
+                if d is not None and d.timeout and not self.in_batch:
+                    sent = self._timeout_prefix(d) + data[a:b]
+                if d is not None and d.offset_check is not None:
+                    checked = self._check_offset(d, data[a + 5:b])
+                    if checked is not None:
+                        sent = (sent[:-(b - a)] if sent else b"") + checked
+                else:
+                    expect.append(_PLAIN_B)
+                self.in_batch = True
             elif t == _E:
                 portal, _max_rows = pq.parse_execute(data[a + 5:b])
                 stmt = self.portals.get(portal)
                 if stmt is not None:
                     p = Pending(_E, stmt.info, now)
                     p.stmt = stmt
+                    if stmt.decision is not None:
+                        self.app.rules.executed(self, stmt.decision, stmt.info)
                     if stmt.notices:
                         p.notices = stmt.notices
                         self.special += 1
@@ -453,9 +480,11 @@ class Session(asyncio.Protocol):
                 else:
                     expect.append(Pending(_E, None, now))
                 self.queries += 1
+                self.in_batch = True
             elif t == _S:
                 self.skip_until_sync = False
                 self.copy_failed = False
+                self.in_batch = False
                 if self.server_in_copy and self.copy_ends_sent < self.copies_started:
                     pass  # the server is in COPY IN mode and ignores this Sync
                 elif self.copies_started:
@@ -464,12 +493,16 @@ class Session(asyncio.Protocol):
                     expect.append(p)
                 else:
                     expect.append(_PLAIN_S)
+                if self.restore_at_sync:
+                    self.restore_at_sync = False
+                    sent = data[a:b] + self._swallowed_query(None)
             elif t == _Q:
                 sent = self._query(data[a + 5:b - 1], now)
             elif t == _P:
                 sent = self._parse(data[a + 5:b])
             elif t == _D:
                 expect.append(_PLAIN_D)
+                self.in_batch = True
             elif t == _C:
                 kind, name = pq.parse_describe_close(data[a + 5:b])
                 if kind == b"S":
@@ -513,6 +546,7 @@ class Session(asyncio.Protocol):
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
+                rules.executed(self, decision, info)
                 if decision.block:
                     code, message = decision.block
                     p.error = pq.error_response(code, message)
@@ -524,8 +558,28 @@ class Session(asyncio.Protocol):
                     if decision.notices:
                         p.notices = tuple(pq.notice_response(n) for n in decision.notices)
                         self.special += 1
+                    if decision.timeout:
+                        before = self._swallowed_query(_SAVE_AND_SET_TIMEOUT.format(ms=int(decision.timeout * 1000)))
+                        self.expect.append(p)
+                        after = self._swallowed_query(None)
+                        return before + (sent or pq.query(sql)) + after
         self.expect.append(p)
         return sent
+
+    def _swallowed_query(self, sql: str | None) -> bytes:
+        """A Query of pgfront's own whose whole reply the client never sees (None: restore timeout)."""
+        p = Pending(_Q)
+        p.forward = False
+        self.special += 1
+        self.expect.append(p)
+        return pq.query(sql) if sql is not None else _RESTORE_TIMEOUT
+
+    def _timeout_prefix(self, decision: Decision | None) -> bytes:
+        """At the start of an extended batch, set a rule's statement_timeout until the batch's Sync."""
+        if decision is None or not decision.timeout or self.in_batch:
+            return b""
+        self.restore_at_sync = True
+        return self._swallowed_query(_SAVE_AND_SET_TIMEOUT.format(ms=int(decision.timeout * 1000)))
 
     def _parse(self, body: bytes) -> bytes | None:
         name, sql, oids = pq.parse_parse(body)
@@ -547,9 +601,37 @@ class Session(asyncio.Protocol):
                     stmt.sent_sql = decision.sql
                     sent = pq.parse_message(name, decision.sql, oids)
                 stmt.notices = tuple(pq.notice_response(n) for n in decision.notices)
+                stmt.decision = decision
+                if decision.timeout and not self.in_batch and not decision.block:
+                    prefix = self._timeout_prefix(decision)
+                    sent = prefix + (sent or pq.parse_message(name, sql, oids))
         self.statements[name] = stmt
         self.expect.append(p)
+        self.in_batch = True
         return sent
+
+    def _check_offset(self, decision: Decision, body: bytes) -> bytes | None:
+        """OFFSET $n bound above a rule's max_offset: make this Bind fail on the server, with our error."""
+        n = decision.offset_check[0]
+        try:
+            _, _, formats, values, _ = pq.parse_bind(body)
+            fmt = formats[0] if len(formats) == 1 else (formats[n - 1] if len(formats) >= n else 0)
+            error = decision.offset_error(values[n - 1], binary=fmt == 1) if len(values) >= n else None
+        except (ValueError, IndexError, struct.error):
+            error = None  # malformed: the server will say so
+        if error is None:
+            self.expect.append(_PLAIN_B)
+            return None
+        p = Pending(_B)
+        p.error = pq.error_response(*error)
+        self.special += 1
+        self.expect.append(p)
+        portal, _ = pq.bind_names(body)
+        return pq.build_bind(portal, _BLOCKED_SQL, [], [], [])
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.tx_status != pq.IDLE
 
     # -- the relay: server -> client ---------------------------------------------------------------
     def _pop(self) -> Pending:
@@ -683,23 +765,36 @@ class Session(asyncio.Protocol):
 
     # -- admin console -------------------------------------------------------------------------------
     def admin_frames(self, frames: list, data: bytes) -> None:
+        for t, a, b in frames:
+            self.admin_queue.append((t, data[a:b]))
+        if not self.admin_busy:
+            self.admin_busy = True
+            asyncio.ensure_future(self._admin_run())
+
+    async def _admin_run(self) -> None:
+        """Answer admin messages one at a time, in order (some commands await, e.g. RELOAD)."""
         from proxy import admin
 
-        for t, a, b in frames:
-            if t == _Q:
-                sql = pq.parse_query(data[a + 5:b])
-                self.transport.write(admin.handle(self.app, self, sql))
-            elif t == _X:
-                self.close()
-                return
-            elif t == _S:
-                self.transport.write(pq.ready_for_query(pq.IDLE))
-            elif t in (_P, _B, _D, _E, _C, _H):
-                self.transport.write(pq.error_response(
-                    "0A000", "the pgfront admin console supports the simple query protocol only"))
-            else:
-                self.fatal("08P01", f"invalid frontend message type {t}")
-                return
+        try:
+            while self.admin_queue and self.phase == "admin":
+                t, raw = self.admin_queue.popleft()
+                if t == _Q:
+                    reply = await admin.handle(self.app, self, pq.parse_query(raw[5:]))
+                elif t == _X:
+                    self.close()
+                    return
+                elif t == _S:
+                    reply = pq.ready_for_query(pq.IDLE)
+                elif t in (_P, _B, _D, _E, _C, _H):
+                    reply = pq.error_response("0A000", "the pgfront admin console supports the simple query "
+                                                       "protocol only (psql, or prefer_simple_protocol)")
+                else:
+                    self.fatal("08P01", f"invalid frontend message type {t}")
+                    return
+                if self.transport and not self.transport.is_closing():
+                    self.transport.write(reply)
+        finally:
+            self.admin_busy = False
 
     # -- introspection (SHOW CLIENTS) ------------------------------------------------------------------
     def describe(self) -> dict[str, object]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -34,6 +35,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("fingerprint", "fingerprint", "left"),
     ("query", "query", "left"),
 )
+_DROP_ORDER = ("errors", "rows", "p99_ms", "calls_per_s", "fingerprint", "cache_hit_pct", "mean_ms")
+_QUERY_MIN = 30
 ORDERS = ("total_time", "calls", "mean_time", "max_time", "p95", "p99", "rows", "errors", "last_seen")
 _ORDER_KEYS = {"total_time": "total_ms", "mean_time": "mean_ms", "max_time": "max_ms", "p95": "p95_ms",
                "p99": "p99_ms"}
@@ -68,15 +71,29 @@ def derive(rows: list[Row], previous: dict[str, tuple[float, float]], now: float
         previous[row.get("fingerprint", "")] = (calls, now)
 
 
-def render_table(rows: list[Row], title: str = "pgfront top", query_width: int = 80) -> Table:
-    """The table `pgfront top` shows, from SHOW QUERIES rows."""
-    table = Table(title=title, expand=False, header_style="bold")
-    for _, header, justify in COLUMNS:
-        table.add_column(header, justify=justify, no_wrap=True,  # type: ignore[arg-type]
-                         max_width=query_width if header == "query" else None, overflow="ellipsis")
-    for row in rows:
-        table.add_row(*(" ".join(str(row.get("query", "")).split()) if key == "query" else _format(row.get(key))
-                        for key, _, _ in COLUMNS))
+def render_table(rows: list[Row], title: str = "pgfront top", width: int = 200) -> Table:
+    """The table `pgfront top` shows, from SHOW QUERIES rows, fitted to `width` columns of screen.
+
+    Numbers never shrink: on a narrow screen the least useful columns go, and the query is cut short.
+    """
+    cells = {key: [" ".join(str(row.get(key, "")).split()) if key == "query" else _format(row.get(key))
+                   for row in rows] for key, _, _ in COLUMNS}
+    widths = {key: max([len(header), *map(len, cells[key])]) for key, header, _ in COLUMNS}
+    shown = [c for c in COLUMNS if c[0] != "query"]
+
+    def used() -> int:  # each column is padded by one space on both sides, plus a separator
+        return sum(widths[k] + 3 for k, _, _ in shown)
+
+    for key in _DROP_ORDER:
+        if used() + _QUERY_MIN <= width:
+            break
+        shown = [c for c in shown if c[0] != key]
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    for key, header, justify in shown:
+        table.add_column(header, justify=justify, no_wrap=True, min_width=widths[key])  # type: ignore[arg-type]
+    table.add_column("query", no_wrap=True, overflow="ellipsis", max_width=max(_QUERY_MIN, width - used() - 1))
+    for i in range(len(rows)):
+        table.add_row(*(cells[key][i] for key, _, _ in shown), cells["query"][i])
     return table
 
 
@@ -127,13 +144,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = AdminSource(args.host, args.port, args.user, args.order_by, args.limit)
         where = f"{args.user}@{args.host}:{args.port}"
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: do not cut columns
     previous: dict[str, tuple[float, float]] = {}
 
     def sample() -> Table:
         rows = source()
         derive(rows, previous, time.monotonic())
-        return render_table(rows, f"pgfront top — {where} — by {args.order_by} — {time.strftime('%H:%M:%S')}")
+        title = f"pgfront top — {where} — by {args.order_by} — {time.strftime('%H:%M:%S')}"
+        return render_table(rows, title, console.width)
 
     try:
         if args.once:

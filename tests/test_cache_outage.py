@@ -88,7 +88,7 @@ def test_outages_under_load_fail_no_query_and_serve_nothing_stale(db, redis):
         caches, states, conn = await _setup(db, redis, 2)
         conns = [await asyncpg.connect(db.dsn(dbname=DB)) for _ in range(4)]
         acked = {k: await conn.fetchval(READ, k) for k in range(1, KEYS + 1)}
-        stale, errors, sources = [], [], {}
+        stale, errors, sources, phase = [], [], {}, []
         stop = asyncio.Event()
 
         async def reader(i):
@@ -104,7 +104,7 @@ def test_outages_under_load_fail_no_query_and_serve_nothing_stale(db, redis):
                     continue
                 sources[source] = sources.get(source, 0) + 1
                 if int(values[0]) < floor:
-                    stale.append((k, source, values, floor))
+                    stale.append((k, source, values, floor, list(phase)))
 
         async def writer():
             state = caches[0].session(DB, "postgres")
@@ -122,6 +122,7 @@ def test_outages_under_load_fail_no_query_and_serve_nothing_stale(db, redis):
         async def chaos():
             await asyncio.sleep(0.5)
             for flip in (redis.stop, redis.start, redis.pause, redis.resume, redis.stop, redis.start):
+                phase.append(flip.__name__)
                 await asyncio.to_thread(flip)
                 await asyncio.sleep(0.6)
             for c in caches:
@@ -130,7 +131,7 @@ def test_outages_under_load_fail_no_query_and_serve_nothing_stale(db, redis):
             stop.set()
 
         await asyncio.gather(chaos(), writer(), *(reader(i) for i in range(4)))
-        assert errors == [] and stale == []
+        assert errors == [] and stale == [], (stale, phase)
         assert sources.get("bypass", 0) > 0 and sources.get("l1", 0) + sources.get("l2", 0) > 0, sources
         for c in conns + [conn]:
             await c.close()

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -147,21 +146,41 @@ def test_least_used_fold_into_other() -> None:
     assert merged.everything().total == pytest.approx(5 + sum(i / 1e6 for i in range(1, 1001)))
 
 
+def deep_size(stats: Stats) -> int:
+    """Bytes held by the per-fingerprint structures (containers and their contents)."""
+    seen: set[int] = set()
+    todo: list[object] = [stats.queries, stats.other]
+    size = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        size += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, tuple | list):
+            todo.extend(obj)
+        elif isinstance(obj, st.QueryStats):
+            todo.extend(getattr(obj, name) for name in st.QueryStats.__slots__)
+    return size
+
+
 def test_cardinality_and_memory_bounded_under_100k_shapes() -> None:
     stats = Stats(max_fingerprints=5000)
-    tracemalloc.start()
-    try:
-        for i in range(20_000):
+
+    def run(start: int, stop: int) -> None:
+        for i in range(start, stop):
             stats.record(f"{i:016x}", f"SELECT * FROM t{i} WHERE a = $1", "app", "alice", 0.001 + (i % 97) / 1e4, 1)
-        after_20k = tracemalloc.get_traced_memory()[0]
-        for i in range(20_000, 100_000):
-            stats.record(f"{i:016x}", f"SELECT * FROM t{i} WHERE a = $1", "app", "alice", 0.001 + (i % 97) / 1e4, 1)
-        after_100k = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
+            stats.cache_event(f"{i:016x}", "miss")
+
+    run(0, 20_000)
+    after_20k = deep_size(stats)
+    run(20_000, 100_000)
     assert len(stats.queries) <= 5500
     assert stats.other.calls + sum(q.calls for q in stats.queries.values()) == 100_000
-    assert after_100k < after_20k * 1.25  # no growth with the number of shapes seen
+    assert deep_size(stats) < after_20k * 1.25  # no growth with the number of shapes seen
 
 
 # -- many workers -----------------------------------------------------------------------------------

@@ -101,10 +101,11 @@ def table_maintenance(cat: Catalog, now: datetime | None = None) -> list[dict[st
                         "n_live_tup": live, "sql": f"VACUUM (ANALYZE) {name};",
                         "reason": f"{share:.0%} of the rows are dead tuples ({dead:,})"})
         last = max((x for x in (s.get("last_analyze"), s.get("last_autoanalyze")) if x), default=None)
-        rows = max(live, int(t.reltuples))
+        rows = max(live, int(t.reltuples))  # live is 0 right after a statistics reset
         modified = s.get("n_mod_since_analyze") or 0
         age = _age(last, now)
-        if last is None and rows > 0:
+        if last is None and rows > 0 and not t.column_stats:
+            # no timestamp but column statistics: analyzed before a statistics reset, not "never"
             reason = "never analyzed: the planner is guessing"
         elif age is not None and age > STALE_ANALYZE and rows and modified / rows > MODIFIED_SHARE:
             reason = f"last analyzed {age.days} days ago, {modified:,} rows changed since"

@@ -8,7 +8,7 @@ from string import Template
 from typing import Any
 
 from proxy.advisor import svg
-from proxy.advisor.report_text import human_bytes
+from proxy.advisor.report_text import format_cut, human_bytes
 
 
 def _status_class(ok: bool | None) -> str:
@@ -66,7 +66,7 @@ def _fingerprints(report: dict[str, Any], p95_target: float) -> str:
 def _recommendations(report: dict[str, Any]) -> str:
     cards = []
     for r in report["recommendations"]:
-        gain = (f'<span class="pill ok">{r["improvement"]:.0%} lower cost</span>' if r["improvement"] is not None
+        gain = (f'<span class="pill ok">{format_cut(r["improvement"])} lower cost</span>' if r["improvement"] is not None
                 else '<span class="pill bad">not validated</span>')
         queries = _table(["fingerprint", "calls", "mean ms", "cost before", "cost after", "query"], [
             [_code(q["fingerprint"]), f'{q["calls"]:,}', f'{q["mean_ms"]:.2f}', _cost(q["cost_before"]),

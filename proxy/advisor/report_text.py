@@ -20,6 +20,11 @@ def human_bytes(n: int | float | None) -> str:
     return f"{n:.1f} TB"
 
 
+def format_cut(share: float) -> str:
+    """A cost cut as a percentage that never rounds a 99.6% cut up to a suspicious 100%."""
+    return ">99%" if share > 0.99 else f"{share:.0%}"
+
+
 def _cost(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.1f}"
 
@@ -58,7 +63,7 @@ def render_text(report: dict[str, Any], color: bool = True, width: int = 120) ->
     for col in ("index", "cost before → after", "saves", "queries helped"):
         t.add_column(col, overflow="fold")
     for r in report["recommendations"]:
-        gain = f"{r['improvement']:.0%}" if r["improvement"] is not None else "not validated"
+        gain = format_cut(r["improvement"]) if r["improvement"] is not None else "not validated"
         t.add_row(r["create_sql"], f"{_cost(r['est_cost_before'])} → {_cost(r['est_cost_after'])}", gain,
                   "\n".join(_short(q["query"], 60) for q in r["queries"]))
     con.print(t)
@@ -108,7 +113,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                          [[f["name"], f["display"], f["target"], _status(f["ok"])[0]] for f in report["scorecard"]]))
     out += ["", "## Recommended indexes", ""]
     for r in report["recommendations"]:
-        gain = f"{r['improvement']:.0%} lower estimated cost" if r["improvement"] is not None else "not validated"
+        gain = f"{format_cut(r['improvement'])} lower estimated cost" if r["improvement"] is not None \
+            else "not validated"
         out += [f"### {r['index_name']} on {r['table']}", "", "```sql", r["create_sql"], "```", "",
                 f"Estimated cost {_cost(r['est_cost_before'])} → {_cost(r['est_cost_after'])} ({gain}); "
                 f"size about {human_bytes(r['est_size_bytes'])}.", ""]

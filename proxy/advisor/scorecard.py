@@ -2,7 +2,8 @@
 
 Figures only a running pgfront knows (its cache hit ratio, pool utilisation) come from its
 Prometheus endpoint (`--stats-url`); without it they show as n/a. Metric names looked for:
-`*cache_hits_total` / `*cache_misses_total` (or a `*cache_hit_ratio` gauge), and a
+`pgfront_cache_hits_total` / `pgfront_cache_misses_total` (else any `*cache_hits_total` /
+`*cache_misses_total`, or a `*cache_hit_ratio` gauge), and a
 `*pool_utilisation` / `*pool_utilization` gauge (or `*pool_active*` over `*pool_size*`/`*pool_max*`).
 """
 
@@ -66,7 +67,10 @@ def pgfront_cache_hit_ratio(metrics: dict[str, float]) -> float | None:
     ratio = _find(metrics, r"cache_hit_ratio$")
     if ratio is not None:
         return ratio
-    hits, misses = _find(metrics, r"cache_hits?_total$"), _find(metrics, r"cache_miss(es)?_total$")
+    # pgfront exports totals (pgfront_cache_*) and per-fingerprint copies (pgfront_query_cache_*): never both
+    hits, misses = metrics.get("pgfront_cache_hits_total"), metrics.get("pgfront_cache_misses_total")
+    if hits is None or misses is None:
+        hits, misses = _find(metrics, r"cache_hits?_total$"), _find(metrics, r"cache_miss(es)?_total$")
     if hits is None or misses is None or hits + misses == 0:
         return None
     return hits / (hits + misses)

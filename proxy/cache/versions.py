@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -40,6 +41,8 @@ CHANNEL = "pgfront:invalidate"
 EPOCH = "e"
 STAMP_BYTES = 16
 WARM_CONNECTIONS = 16
+BUMP_ATTEMPTS = 3            # a pooled connection may be dead after a Redis restart: reconnect and retry
+BUMP_MIN_TIMEOUT = 0.2
 FLUSH_ALL = "*"
 
 
@@ -71,14 +74,18 @@ def is_cluster_url(url: str) -> bool:
 
 
 def connect(url: str, timeout: float) -> Any:
-    """A redis.asyncio client (or RedisCluster for redis+cluster:// URLs) that never retries by itself."""
-    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    """A redis.asyncio client (or RedisCluster for redis+cluster:// URLs).
+
+    It retries a command once on a connection error (a pooled connection that died with a Redis restart
+    is replaced) and never on a timeout: the caller's deadline is the budget.
+    """
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "retry": Retry(NoBackoff(), 1)}
     if is_cluster_url(url):
         u = urlsplit(url)
         return RedisCluster(host=u.hostname or "127.0.0.1", port=u.port or 6379, password=u.password,
-                            username=u.username, ssl=u.scheme.startswith("rediss"), retry=Retry(NoBackoff(), 0),
-                            cluster_error_retry_attempts=1, **common)
-    return aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
+                            username=u.username, ssl=u.scheme.startswith("rediss"), **common)
+    return aioredis.Redis.from_url(url, retry_on_error=[redis_errors.ConnectionError], **common)
 
 
 class Versions:
@@ -182,31 +189,36 @@ class Versions:
     async def bump(self, fields: Iterable[str], notes: Iterable[str] = ()) -> bool:
         """Increment `fields` (FLUSH_ALL: replace the epoch) and tell other processes; False on failure.
 
-        Tried even while the breaker is open: a write's invalidation is worth the timeout. A failure is
-        remembered, and the epoch is replaced when Redis answers again. `notes` travel with the pub/sub
-        message only (e.g. "ddl:<db>": drop catalog facts).
+        Tried even while the breaker is open, with a longer timeout and a few attempts than a read gets:
+        a lost bump leaves other processes serving the old result until the epoch is replaced, so it is
+        worth a little latency on the write path. A final failure is remembered and the epoch replaced
+        when Redis answers again. `notes` travel with the pub/sub message only ("ddl:<db>").
         """
         fields = sorted(set(fields))
         notes = list(notes)
         if not fields and not notes:
             return True
-        try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self.client.pipeline(transaction=False)
-                if FLUSH_ALL in fields:
-                    pipe.hset(VERSIONS_KEY, EPOCH, os.urandom(8).hex())
-                    fields = [FLUSH_ALL]
-                else:
-                    for f in fields:
-                        pipe.hincrby(VERSIONS_KEY, f, 1)
-                pipe.publish(CHANNEL, "\t".join(fields + notes))
-                await pipe.execute()
-            if fields == [FLUSH_ALL]:
-                self.epoch_changes += 1
-            return True
-        except Exception as e:
-            self._down(e)
-            return False
+        if FLUSH_ALL in fields:
+            fields = [FLUSH_ALL]
+        error: BaseException | None = None
+        for _ in range(BUMP_ATTEMPTS):
+            try:
+                async with asyncio.timeout(max(self.timeout * 4, BUMP_MIN_TIMEOUT)):
+                    pipe = self.client.pipeline(transaction=False)
+                    if fields == [FLUSH_ALL]:
+                        pipe.hset(VERSIONS_KEY, EPOCH, os.urandom(8).hex())
+                    else:
+                        for f in fields:
+                            pipe.hincrby(VERSIONS_KEY, f, 1)
+                    pipe.publish(CHANNEL, "\t".join(fields + notes))
+                    await pipe.execute()
+                if fields == [FLUSH_ALL]:
+                    self.epoch_changes += 1
+                return True
+            except Exception as e:
+                error = e
+        self._down(error or RedisDown("bump failed"))
+        return False
 
     async def register_database(self, database: str) -> None:
         """Remember that entries of `database` exist (for purges by table name across databases)."""

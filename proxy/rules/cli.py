@@ -9,6 +9,7 @@ pgfront would send (or the error it would answer with).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from typing import Any, TextIO
@@ -33,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     explain = sub.add_parser("explain", help="show which rules match a statement and what would be sent")
     explain.add_argument("sql", help="the statement, as a client would send it")
     explain.add_argument("--rules", action="append", metavar="PATH",
-                         help="rule file or glob (repeatable; default: [rules] files of --config, "
-                              "else rules/*.toml)")
+                         help="rule file or glob (repeatable; default: [rules] files of the config file)")
+    explain.add_argument("--config", help="config file whose [rules] files to use "
+                                          "(default: ./config.toml if present, else rules/*.toml)")
     explain.add_argument("--user", default="", help="role the client connects as")
     explain.add_argument("--database", default="", help="database the client connects to")
     explain.add_argument("--application-name", default="", help="the client's application_name")
@@ -60,7 +62,7 @@ def check_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
 def _rule_paths(args: argparse.Namespace) -> list[str]:
     if args.rules:
         return args.rules
-    config = getattr(args, "config", None)  # the main command's --config, when it has one
+    config = args.config or ("config.toml" if os.path.exists("config.toml") else None)
     if config:
         from proxy.config import load
 

@@ -209,7 +209,7 @@ class _Checker:
                             source=(*match.source, ("rewrite.from", fp)))
         return Rule(name=self.name, file=self.file, line=self.lines.find(self.index, "name"), match=match,
                     description=description, observe=mode == "observe", final=final, enabled=enabled,
-                    spec=actions, **built)
+                    spec={a: v for a, v in actions.items() if v is not False}, **built)
 
     def _typed(self, raw: dict[str, Any], key: str, typ: type, what: str, default: Any) -> Any:
         value = raw.get(key, default)
@@ -246,7 +246,7 @@ class _Checker:
         if not isinstance(value, dict):
             self.problem(f"block must be a table like {{ message = \"...\" }}, not {value!r}", "block")
             return None
-        message = value.get("message", f"statement blocked by rule {self.name!r}")
+        message = value.get("message", "statement not allowed")
         sqlstate = value.get("sqlstate", DEFAULT_BLOCK_SQLSTATE)
         if not isinstance(message, str) or not message:
             self.problem(f"block.message must be a non-empty string, not {message!r}", "block", "message")
