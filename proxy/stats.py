@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +46,8 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(obj, separators=(",", ":")).encode()
 
     _loads = json.loads
+
+log = logging.getLogger(__name__)
 
 OTHER = "other"
 CACHE_EVENTS = ("hit", "miss", "bypass", "invalidation")
@@ -98,7 +100,7 @@ class QueryStats:
     """Statistics of one fingerprint (or of the folded "other" entry)."""
 
     __slots__ = ("fingerprint", "query", "database", "user", "calls", "errors", "rows", "total", "min",
-                 "max", "hist", "cache", "rules", "first_seen", "last_seen")
+                 "max", "hist", "cache", "rules", "first_seen", "last_seen", "encoded")
 
     def __init__(self, fingerprint: str, query: str = "", now: float = 0.0) -> None:
         self.fingerprint = fingerprint
@@ -116,9 +118,11 @@ class QueryStats:
         self.rules: dict[tuple[str, str, str], int] = {}  # (rule, action, enforce|observe) -> count
         self.first_seen = now
         self.last_seen = now
+        self.encoded: bytes | None = None  # JSON of this entry, cleared on change: idle entries cost no flush
 
     def absorb(self, other: QueryStats) -> None:
         """Add another entry's counts to this one (folding, or merging workers)."""
+        self.encoded = None
         self.calls += other.calls
         self.rows += other.rows
         self.total += other.total
@@ -145,26 +149,33 @@ class QueryStats:
     def percentile(self, q: float) -> float:
         return percentile(self.hist, sum(self.hist.values()), q, self.min, self.max)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self.fingerprint, "query": self.query, "database": self.database, "user": self.user,
-            "calls": self.calls, "errors": self.errors, "rows": self.rows, "total": self.total,
-            "min": self.min if self.calls else None, "max": self.max, "hist": list(self.hist.items()),
-            "cache": self.cache, "rules": [[*key, n] for key, n in self.rules.items()],
-            "first_seen": self.first_seen, "last_seen": self.last_seen,
-        }
+    def encode(self) -> bytes:
+        if self.encoded is None:
+            self.encoded = _dumps({
+                "fingerprint": self.fingerprint, "query": self.query, "database": self.database, "user": self.user,
+                "calls": self.calls, "errors": self.errors, "rows": self.rows, "total": self.total,
+                "min": self.min if self.calls else None, "max": self.max,
+                "hist": [x for item in self.hist.items() for x in item],  # flat [k, n, k, n, ...]
+                "cache": self.cache, "rules": [[*key, n] for key, n in self.rules.items()],
+                "first_seen": self.first_seen, "last_seen": self.last_seen,
+            })
+        return self.encoded
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> QueryStats:
+    def decode(cls, d: dict[str, Any]) -> QueryStats:
         q = cls(d["fingerprint"], d["query"], d["first_seen"])
         q.database, q.user, q.calls, q.rows, q.total = d["database"], d["user"], d["calls"], d["rows"], d["total"]
         q.min = math.inf if d["min"] is None else d["min"]
-        q.max, q.last_seen = d["max"], d["last_seen"]
-        q.errors = dict(d["errors"])
-        q.hist = {int(k): n for k, n in d["hist"]}
-        q.cache = dict(d["cache"])
+        q.max, q.last_seen, q.errors, q.cache = d["max"], d["last_seen"], d["errors"], d["cache"]
+        hist = d["hist"]
+        q.hist = dict(zip(hist[::2], hist[1::2], strict=True))
         q.rules = {(rule, action, mode): n for rule, action, mode, n in d["rules"]}
         return q
+
+    def copy(self) -> QueryStats:
+        twin = QueryStats(self.fingerprint)
+        twin.absorb(self)
+        return twin
 
     def row(self) -> dict[str, Any]:
         """One line of SHOW QUERIES / `pgfront top` (times in milliseconds, timestamps ISO 8601 UTC)."""
@@ -240,7 +251,11 @@ class Stats:
 
     def record(self, fingerprint: str, normalized: str, database: str, user: str, seconds: float, rows: int,
                sqlstate: str | None = None) -> None:
-        """One executed statement. sqlstate: None or "00000" for success, else the error's SQLSTATE."""
+        """One statement answered (upstream or from the cache); seconds = time to answer it.
+
+        sqlstate: None or "00000" for success, else the error's SQLSTATE. The first normalized text seen
+        for a fingerprint is kept; database and user are the last seen.
+        """
         q = self.queries.get(fingerprint) or self._entry(fingerprint)
         q.calls += 1
         q.total += seconds
@@ -261,19 +276,22 @@ class Stats:
         q.database = database
         q.user = user
         q.last_seen = time.time()
+        q.encoded = None
         self.changes += 1
 
     def cache_event(self, fingerprint: str, event: str) -> None:
         """event: hit | miss | bypass | invalidation."""
-        cache = self._entry(fingerprint).cache
-        cache[event] = cache.get(event, 0) + 1
+        q = self._entry(fingerprint)
+        q.cache[event] = q.cache.get(event, 0) + 1
+        q.encoded = None
         self.changes += 1
 
     def rule_event(self, fingerprint: str, rule_name: str, action: str, observed: bool = False) -> None:
         """A rule matched; observed=True when it only observed (dry-run mode) instead of acting."""
         key = (rule_name, action, "observe" if observed else "enforce")
-        rules = self._entry(fingerprint).rules
-        rules[key] = rules.get(key, 0) + 1
+        q = self._entry(fingerprint)
+        q.rules[key] = q.rules.get(key, 0) + 1
+        q.encoded = None
         self.changes += 1
 
     def inc(self, name: str, n: int = 1) -> None:
@@ -293,13 +311,14 @@ class Stats:
             self.generation = generation
         self.changes += 1
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
+    def snapshot(self) -> bytes:
+        """This worker's statistics as JSON; only entries changed since the last call are encoded anew."""
+        head = _dumps({
             "version": 1, "worker": self.worker_id, "pid": os.getpid(), "time": time.time(),
-            "generation": self.generation, "folded": self.folded,
-            "counters": self.counters, "gauges": self.gauges,
-            "queries": [q.to_json() for q in self.queries.values()], "other": self.other.to_json(),
-        }
+            "generation": self.generation, "folded": self.folded, "counters": self.counters, "gauges": self.gauges,
+        })
+        queries = b",".join([q.encode() for q in self.queries.values()])
+        return b"%s,\"other\":%s,\"queries\":[%s]}" % (head[:-1], self.other.encode(), queries)
 
 
 # -- many workers -----------------------------------------------------------------------------------
@@ -338,7 +357,9 @@ def request_reset(run_dir: str | Path, live: Stats | None = None) -> int:
     return generation
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -368,7 +389,7 @@ class StatsPublisher:
             return False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._flushed_changes = self.stats.changes
-        _write_atomic(self.path, _dumps(self.stats.snapshot()))
+        _write_atomic(self.path, self.stats.snapshot())
         return True
 
     async def run(self, interval: float) -> None:
@@ -376,7 +397,10 @@ class StatsPublisher:
         try:
             while True:
                 await asyncio.sleep(interval)
-                self.flush()
+                try:
+                    self.flush()
+                except OSError as e:  # a full or missing disk must not stop the worker
+                    log.warning("stats snapshot not written: %s", e)
         finally:
             with contextlib.suppress(OSError):
                 self.flush()
@@ -402,17 +426,26 @@ class MergedStats:
     live: Stats | None = None
 
     def add(self, snap: dict[str, Any], fresh: bool) -> None:
-        """Add one worker's snapshot; a stale one (older reset generation) adds counters only."""
+        """Add one worker's decoded snapshot; a stale one (older reset generation) adds counters only."""
+        queries = [QueryStats.decode(d) for d in snap["queries"]] if fresh else []
+        self._add(snap["counters"], snap["gauges"], snap["folded"] if fresh else 0, queries,
+                  QueryStats.decode(snap["other"]) if fresh else None)
+
+    def add_live(self, stats: Stats) -> None:
+        """Add a live Stats (copied: the worker goes on changing it)."""
+        self._add(stats.counters, stats.gauges, stats.folded, [q.copy() for q in stats.queries.values()],
+                  stats.other)
+
+    def _add(self, counters: dict[str, int], gauges: dict[str, float], folded: int, queries: list[QueryStats],
+             other: QueryStats | None) -> None:
         self.workers += 1
-        for target, source in ((self.counters, snap["counters"]), (self.gauges, snap["gauges"])):
+        for target, source in ((self.counters, counters), (self.gauges, gauges)):
             for name, n in source.items():
                 target[name] = target.get(name, 0) + n
-        if not fresh:
-            return
-        self.folded += snap["folded"]
-        self.other.absorb(QueryStats.from_json(snap["other"]))
-        for d in snap["queries"]:
-            q = QueryStats.from_json(d)
+        self.folded += folded
+        if other is not None:
+            self.other.absorb(other)
+        for q in queries:
             mine = self.queries.get(q.fingerprint)
             if mine is None:
                 self.queries[q.fingerprint] = q
@@ -463,10 +496,6 @@ _ORDERS = {
 }
 
 
-def _snapshot_files(run_dir: Path) -> Iterable[Path]:
-    return run_dir.glob("stats-*.json")
-
-
 def load_merged(run_dir: str | Path, live: Stats | None = None) -> MergedStats:
     """Merge every live worker's snapshot in run_dir; `live` replaces its own worker's file.
 
@@ -476,20 +505,20 @@ def load_merged(run_dir: str | Path, live: Stats | None = None) -> MergedStats:
     generation = read_generation(run_dir)
     merged = MergedStats(generation=generation, run_dir=run_dir, live=live)
     own = _snapshot_path(run_dir, live.worker_id) if live is not None and live.worker_id else None
-    for path in _snapshot_files(run_dir):
+    for path in run_dir.glob("stats-*.json"):
         if path == own:
             continue
         try:
             snap = _loads(path.read_bytes())
-        except (OSError, ValueError):
-            continue  # vanished or replaced under us
-        if not _pid_alive(snap.get("pid", 0)):
-            with contextlib.suppress(OSError):
-                path.unlink()
-            continue
-        merged.add(snap, fresh=snap["generation"] >= generation)
+            if not _pid_alive(snap.get("pid")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            merged.add(snap, fresh=snap["generation"] >= generation)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # vanished under us, or not a snapshot of this version
     if live is not None:
         if generation > live.generation:  # a reset this worker has not applied yet
             live.reset(generation)
-        merged.add(live.snapshot(), fresh=True)
+        merged.add_live(live)
     return merged

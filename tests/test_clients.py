@@ -177,8 +177,8 @@ def test_cancel_request_reaches_the_backend(proxy):
 
 
 def test_client_disconnect_cancels_running_query(pg, proxy):
-    from tests.wire_client import RawConn
     from proxy.wire import protocol as pq
+    from tests.wire_client import RawConn
 
     c = RawConn(proxy.port)
     c.startup(application_name="walkaway")

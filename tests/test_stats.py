@@ -68,7 +68,7 @@ def test_percentiles_within_a_few_percent(latencies: list[float]) -> None:
 
 def load_merged_from(stats: Stats) -> MergedStats:
     merged = MergedStats()
-    merged.add(stats.snapshot(), fresh=True)
+    merged.add_live(stats)
     return merged
 
 

@@ -30,6 +30,7 @@ class Candidate:
     kind: str = "composite"  # single | composite | sort | join | expression | partial
     fingerprints: set[str] = field(default_factory=set)  # statements it was derived from
     reasons: list[str] = field(default_factory=list)
+    primary: bool = False  # the first choice for some statement (not a narrower variant)
 
     @property
     def signature(self) -> tuple[int, tuple[str, ...], str | None]:
@@ -145,7 +146,7 @@ class CandidateBuilder:
         eq_keys = list(dict.fromkeys(_key_sql(u) for _, u in eq))
         tail = self._tail(ranges, sort, table)
         self._add(table, eq_keys + [k for k in tail if k not in eq_keys], None, "composite", fp,
-                  "equality, then range or sort columns")
+                  "equality, then range or sort columns", primary=True)
         if tail and eq_keys:
             self._add(table, eq_keys, None, "composite", fp, "equality columns")
             self._add(table, tail, None, "sort" if sort else "single", fp, "range or sort columns alone")
@@ -153,9 +154,9 @@ class CandidateBuilder:
             self._add(table, eq_keys[:1], None, "single", fp, "most selective equality column")
         for use in uses:
             if use.op == "join":
-                self._add(table, [_key_sql(use)], None, "join", fp, "join key")
+                self._add(table, [_key_sql(use)], None, "join", fp, "join key", primary=True)
             if use.expression is not None and use.op in EQ_OPS | {"range"}:
-                self._add(table, [_key_sql(use)], None, "expression", fp, "expression predicate")
+                self._add(table, [_key_sql(use)], None, "expression", fp, "expression predicate", primary=True)
         self._partial_candidates(st, table, eq, ranges, sort, constants)
 
     def _tail(self, ranges: list[ColumnUse], sort: list[ColumnUse], table: Table) -> list[str]:
@@ -184,9 +185,10 @@ class CandidateBuilder:
             rest = [_key_sql(u) for _, u in eq if u is not use]
             keys = list(dict.fromkeys(rest + self._tail(ranges, sort, table))) or [_key_sql(use)]
             self._add(table, keys, use.predicate, "partial", st.fingerprint,
-                      f"rare constant {use.predicate} ({sel:.1%} of rows)")
+                      f"rare constant {use.predicate} ({sel:.1%} of rows)", primary=True)
 
-    def _add(self, table: Table, keys: list[str], predicate: str | None, kind: str, fp: str, reason: str) -> None:
+    def _add(self, table: Table, keys: list[str], predicate: str | None, kind: str, fp: str, reason: str,
+             primary: bool = False) -> None:
         if not keys:
             return
         cand = Candidate(table, tuple(keys), predicate, kind)
@@ -200,6 +202,7 @@ class CandidateBuilder:
                 return
             existing = self.candidates[sig] = cand
         existing.fingerprints.add(fp)
+        existing.primary |= primary
         if reason not in existing.reasons:
             existing.reasons.append(reason)
 

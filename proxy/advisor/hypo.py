@@ -54,7 +54,8 @@ async def enable_hypopg(conn: asyncpg.Connection) -> HypoStatus:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
             status.created_by_advisor = True
         except asyncpg.PostgresError as e:
-            status.note = f"HypoPG could not be enabled ({e}): recommendations are NOT validated"
+            reason = str(e).splitlines()[0]
+            status.note = f"HypoPG could not be enabled ({reason}): recommendations are NOT validated"
             return status
     status.available = True
     status.version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'hypopg'")

@@ -89,11 +89,19 @@ def _recommendation(cand: Candidate, name: str, statements: dict[str, Statement]
     }
 
 
+def _unvalidated_choice(cands: list[Candidate]) -> list[Candidate]:
+    """Without what-if costs: each statement's first-choice candidates, and a partial index instead of
+    a full one for the statements it serves."""
+    partial = {(c.table.oid, fp) for c in cands if c.predicate for fp in c.fingerprints}
+    return [c for c in cands if c.primary
+            and (c.predicate or not all((c.table.oid, fp) in partial for fp in c.fingerprints))]
+
+
 async def _recommend(conn: asyncpg.Connection, validator: Validator, cands: list[Candidate],
                      statements: dict[str, Statement], before: dict[str, float], hypo_ok: bool,
                      min_improvement: float, progress: Progress, taken: set[str]) -> list[dict[str, Any]]:
     if not hypo_ok:
-        kept = prune_prefixes([Scored(c) for c in cands if c.fingerprints & before.keys()])
+        kept = prune_prefixes([Scored(c) for c in _unvalidated_choice(cands) if c.fingerprints & before.keys()])
         return [_recommendation(s.candidate, index_name(s.candidate, taken), statements, before, None, None, False)
                 for s in kept]
     progress.start("validating candidates with HypoPG", len(cands))
