@@ -51,11 +51,11 @@ def test_counters_match_executions_and_protocols_share_a_fingerprint(observed, p
         for i in range(20):
             conn.execute("SELECT v FROM fp_t WHERE id = %s", [i])  # extended protocol, $1
         for i in range(7):
-            conn.execute("SELECT v FROM fp_t WHERE id IN (%s, %s, %s)" % (i, i + 1, i + 2), prepare=False)
+            conn.execute(f"SELECT v FROM fp_t WHERE id IN ({i}, {i + 1}, {i + 2})", prepare=False)
         with pytest.raises(psycopg.errors.UndefinedTable):
             conn.execute("SELECT * FROM no_such_table WHERE a = 1")
         for i in range(4):
-            conn.execute("SELECT v FROM fp_t WHERE id IN (%s, %s)" % (i, i + 1), prepare=False)
+            conn.execute(f"SELECT v FROM fp_t WHERE id IN ({i}, {i + 1})", prepare=False)
     q = queries(observed)
     # libpg_query's fingerprint folds IN lists of any length into the equality shape, so all of
     # these land on one fingerprint, labelled with the first text seen

@@ -55,7 +55,7 @@ class RawConn:
         self.sock.settimeout(wait)
         try:
             data = self.sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return b""
         self.buf += data
         return data
