@@ -16,6 +16,27 @@ if TYPE_CHECKING:
     from proxy.sql import StatementInfo
 
 
+_BINARY_INTS = {21: 2, 23: 4, 20: 8}  # int2, int4, int8
+_BINARY_TEXT = {25, 1043, 19, 1042}  # text, varchar, name, bpchar: binary form is the text itself
+
+
+def param_text(value: bytes | None, fmt: int, oid: int) -> str | None:
+    """A bound parameter as text for EXPLAIN; None when unknown (a generic plan is used then)."""
+    if value is None:
+        return None
+    if fmt == 0 or oid in _BINARY_TEXT:
+        return value.decode("utf-8", "replace")
+    if oid in _BINARY_INTS and len(value) == _BINARY_INTS[oid]:
+        return str(int.from_bytes(value, "big", signed=True))
+    if oid == 16 and len(value) == 1:
+        return "true" if value[0] else "false"
+    if oid in (700, 701) and len(value) in (4, 8):
+        import struct
+
+        return repr(struct.unpack("!f" if len(value) == 4 else "!d", value)[0])
+    return None
+
+
 class App:
     def __init__(self, cfg: Config, upstream: Upstream, worker_id: int = 0) -> None:
         self.cfg = cfg
@@ -84,8 +105,8 @@ class App:
             _stmt, a, b, data = p.bind
             try:
                 _, _, formats, values, _ = parse_bind(data[a + 5:b])
-                params = [None if v is None or (formats and formats[min(i, len(formats) - 1)] == 1)
-                          else v.decode("utf-8", "replace") for i, v in enumerate(values)]
+                params = [param_text(v, formats[min(i, len(formats) - 1)] if formats else 0,
+                                     p.stmt.oids[i] if i < len(p.stmt.oids) else 0) for i, v in enumerate(values)]
             except Exception:  # noqa: BLE001 - slow log is best effort, never break the relay
                 params = None
         sql = p.stmt.sent_sql if p.stmt is not None else info.text

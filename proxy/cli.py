@@ -10,7 +10,7 @@ from proxy import __version__
 from proxy.config import ConfigError
 
 # modules that add subcommands through register(subparsers)
-_SUBCOMMAND_MODULES: list[str] = ["proxy.rules.cli", "proxy.top"]
+_SUBCOMMAND_MODULES: list[str] = ["proxy.rules.cli", "proxy.advisor.cli", "proxy.top"]
 
 
 def _serve(args: argparse.Namespace) -> int:

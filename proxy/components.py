@@ -20,6 +20,10 @@ async def attach(app: App) -> list[asyncio.Task]:
     app.merged_stats = lambda: _merged(app)
     tasks = [asyncio.ensure_future(publisher.run(cfg.stats.flush_interval)),
              asyncio.ensure_future(_housekeeping(app))]
+    if cfg.slowlog.threshold_ms > 0:
+        from proxy.slowlog import SlowLog
+
+        app.slowlog = SlowLog(cfg, app.upstream.dsn())
     holder = load_rule_holder(cfg)
     if holder is not None:
         from proxy.rules import RuleWatcher
@@ -97,6 +101,8 @@ async def _housekeeping(app: App) -> None:
 
 
 async def detach(app: App) -> None:
+    if app.slowlog is not None:
+        await app.slowlog.close()
     watcher = getattr(app, "rule_watcher", None)
     if watcher is not None:
         await watcher.stop()

@@ -107,6 +107,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "store_parameters": Key("bool", True, "keep parameter values with captured plans"),
         "explain_analyze": Key("bool", False, "EXPLAIN ANALYZE slow reads (never writes)"),
         "per_fingerprint_interval": Key("duration", "60s", "at most one captured plan per fingerprint this often"),
+        "dsn": Key("str", "", "login for plan captures (a monitoring role; SET ROLE to the statement's user when "
+                              "allowed); empty = the upstream URL, logging in as the statement's user"),
+        "keep": Key("int", 5, "rotated slow-plan files kept (.1 ... .N)"),
+        "queue_size": Key("int", 100, "plan captures waiting at most; more are dropped and counted"),
     },
     "tls": {
         "cert_file": Key("str", "", "server certificate for client TLS; empty = refuse SSLRequest"),
@@ -120,6 +124,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "cache_hit_target": Key("float", 0.85, "scorecard: pgfront and Postgres buffer cache hit ratio"),
         "pool_utilisation_target": Key("float", 0.80, "scorecard: pool utilisation ceiling"),
         "min_improvement": Key("float", 0.20, "keep an index only if it cuts estimated cost by this share"),
+        "deadlocks_per_hour_target": Key("float", 1.0, "scorecard: deadlocks per hour ceiling"),
     },
 }
 

@@ -113,12 +113,15 @@ class MergedStatsCollector(Collector):
         yield GaugeMetricFamily("pgfront_workers", "Worker processes reporting", value=merged.workers)
         yield GaugeMetricFamily("pgfront_fingerprints", "Fingerprints tracked with their own statistics",
                                 value=len(merged.queries))
-        for name in sorted({*_ALWAYS_GAUGES, *merged.gauges} - _RESERVED):
+        # A known counter reported through set_gauge (a running total kept elsewhere) is still a counter:
+        # one family per name, or the exposition would carry two TYPE lines for it.
+        counters = {*_ALWAYS_COUNTERS, *merged.counters} - _RESERVED
+        for name in sorted({*_ALWAYS_GAUGES, *merged.gauges} - _RESERVED - counters):
             yield GaugeMetricFamily(f"pgfront_{name}", _HELP.get(name, name.replace("_", " ")),
                                     value=merged.gauges.get(name, 0))
-        for name in sorted({*_ALWAYS_COUNTERS, *merged.counters} - _RESERVED):
+        for name in sorted(counters):
             yield CounterMetricFamily(f"pgfront_{name}", _HELP.get(name, name.replace("_", " ")),
-                                      value=merged.counters.get(name, 0))
+                                      value=merged.counters.get(name, 0) + merged.gauges.get(name, 0))
 
 
 def render(get_merged: Callable[[], st.MergedStats], top_n: int = 50) -> bytes:
@@ -156,14 +159,22 @@ def _route(method: str, path: str, get_merged: Callable[[], st.MergedStats], hea
         report = health()
     except Exception as e:  # a failing check is an unhealthy answer, not a crash
         return _json_response(503, {"healthy": False, "error": str(e)}, head)
-    return _json_response(200 if report.get("healthy", True) else 503, report, head)
+    return _json_response(200 if _is_healthy(report) else 503, report, head)
+
+
+def _is_healthy(report: dict) -> bool:
+    """{"healthy": bool}, else {"status": "ok"}; a report with neither is healthy."""
+    if "healthy" in report:
+        return bool(report["healthy"])
+    return report.get("status", "ok") in ("ok", "healthy")
 
 
 async def start_metrics_server(host: str, port: int, get_merged: Callable[[], st.MergedStats],
                                health: Callable[[], dict], top_n: int = 50) -> asyncio.Server:
     """Serve GET /metrics and GET /healthz; SO_REUSEPORT lets every worker bind the same port.
 
-    health() returns a JSON-able dict; /healthz answers 200 unless it has "healthy": false (or raises).
+    health() returns a JSON-able dict; /healthz answers 503 when it says "healthy": false or a "status"
+    other than "ok" (or raises), 200 otherwise.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -59,7 +59,7 @@ _RESTORE_TIMEOUT = pq.query("SELECT set_config('statement_timeout', "
 class Stmt:
     """A prepared statement (named or unnamed) as the client knows it."""
 
-    __slots__ = ("name", "sql", "info", "notices", "sent_sql", "decision")
+    __slots__ = ("name", "sql", "info", "notices", "sent_sql", "decision", "oids")
 
     def __init__(self, name: str, sql: str, info: StatementInfo | None, sent_sql: str,
                  notices: tuple[bytes, ...] = ()) -> None:
@@ -69,6 +69,7 @@ class Stmt:
         self.sent_sql = sent_sql
         self.notices = notices
         self.decision: Decision | None = None
+        self.oids: list[int] = []
 
 
 class Pending:
@@ -585,6 +586,7 @@ class Session(asyncio.Protocol):
         name, sql, oids = pq.parse_parse(body)
         info = self.app.shapes.get(sql)
         stmt = Stmt(name, sql, info, sql)
+        stmt.oids = oids
         p = _PLAIN_P
         sent = None
         rules = self.app.rules

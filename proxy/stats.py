@@ -298,6 +298,11 @@ class Stats:
         self.counters[name] = self.counters.get(name, 0) + n
         self.changes += 1
 
+    def set_counter(self, name: str, total: int) -> None:
+        """A counter whose running total is kept elsewhere (bytes of open sessions, say)."""
+        self.counters[name] = total
+        self.changes += 1
+
     def set_gauge(self, name: str, value: float) -> None:
         self.gauges[name] = value
         self.changes += 1

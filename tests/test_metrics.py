@@ -128,6 +128,22 @@ def test_metrics_from_merged_workers(two_workers: Path) -> None:
     assert value(found, "pgfront_workers") == 2
 
 
+def test_running_totals_reported_as_gauges_stay_counters(tmp_path: Path) -> None:
+    live = Stats()
+    live.set_gauge(st.BYTES_RECEIVED, 500)  # a worker keeping its own running total
+    live.set_counter(st.BYTES_SENT, 700)
+    live.set_gauge("pool_waiting", 2)
+    live.inc("clients_refused")
+    [(_, _, body)] = serve_and_fetch(lambda: load_merged(tmp_path, live), [("GET", "/metrics")])
+    assert body.count("# TYPE pgfront_bytes_received ") == 1
+    found = samples(body)
+    assert value(found, "pgfront_bytes_received_total") == 500
+    assert value(found, "pgfront_bytes_sent_total") == 700
+    assert value(found, "pgfront_pool_waiting") == 2
+    assert value(found, "pgfront_clients_refused_total") == 1
+    assert "pgfront_bytes_received" not in found
+
+
 def test_metrics_exist_before_any_traffic(tmp_path: Path) -> None:
     [(status, _, body)] = serve_and_fetch(lambda: load_merged(tmp_path), [("GET", "/metrics")])
     found = samples(body)
@@ -159,6 +175,12 @@ def test_healthz_and_unknown_paths(tmp_path: Path) -> None:
     state["explode"] = True
     [(status, _, body)] = serve_and_fetch(lambda: load_merged(tmp_path), [("GET", "/healthz")], health=health)
     assert status == 503 and "check failed" in body
+
+    # the {"status": ...} form of report
+    for report, expected in (({"status": "ok", "worker": 1}, 200), ({"status": "stopping"}, 503)):
+        [(status, _, _)] = serve_and_fetch(lambda: load_merged(tmp_path), [("GET", "/healthz")],
+                                           health=lambda r=report: r)
+        assert status == expected
 
 
 def test_workers_share_the_port(tmp_path: Path) -> None:
