@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scenarios", nargs="+", action="extend", metavar="KEY", help="only these (space or comma separated)")
     run.add_argument("--targets", nargs="+", action="extend", metavar="KEY", help="only these targets")
     run.add_argument("--seconds", type=float, help="length of each pgbench run (default 4, --quick 1)")
+    run.add_argument("--rounds", type=int, help="split each cell's time into this many pgbench runs and "
+                                                "keep the best (default 2, --quick 1)")
     run.add_argument("--scale", type=int, help="pgbench scale factor (default 10, --quick 1)")
     run.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
     run.add_argument("--threads", type=int, default=2, help="pgbench threads (default 2)")
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    opts = Options(quick=args.quick, seconds=args.seconds, scale=args.scale, scenarios=_keys(args.scenarios),
+    opts = Options(quick=args.quick, seconds=args.seconds, rounds=args.rounds, scale=args.scale, scenarios=_keys(args.scenarios),
                    targets=_keys(args.targets), idle_clients=args.idle_clients, workers=not args.no_workers,
                    cache_config=args.cache_config, clients=args.clients, threads=args.threads, keep=args.keep)
     try:

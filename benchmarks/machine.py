@@ -50,7 +50,6 @@ def info(pg_bin: Path | None = None) -> dict[str, object]:
         "cpu": _cpu_model(),
         "memory_gib": _mem_total_gib(),
         "kernel": platform.release(),
-        "loadavg_at_start": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "postgres": _first_line([postgres, "--version"]),
         "pgbench": _first_line(["pgbench", "--version"]),

@@ -110,9 +110,14 @@ def _machine_line(results: dict) -> str:
     m = results.get("machine", {})
     s = results.get("settings", {})
     return (f"{m.get('date', '?')} - {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
-            f"{m.get('memory_gib', '?')} GiB - {m.get('postgres', '?')}, {m.get('pgbouncer', '?')}, "
+            f"{m.get('memory_gib', '?')} GiB, load average {m.get('loadavg_at_start', '?')} at start - {m.get('postgres', '?')}, {m.get('pgbouncer', '?')}, "
             f"{m.get('pgpool', '?')} - pgbench scale {s.get('scale')}, {s.get('clients')} clients, "
-            f"{s.get('threads')} threads, {s.get('seconds')} s per run" + (" (--quick)" if s.get("quick") else ""))
+            f"{s.get('threads')} threads, best of {s.get('rounds')} x {_each(s)} s per cell" + (" (--quick)" if s.get("quick") else ""))
+
+
+def _each(settings: dict) -> str:
+    each = max(1.0, (settings.get("seconds") or 1) / (settings.get("rounds") or 1))
+    return f"{each:g}"
 
 
 def _goal_mark(g: dict) -> str:

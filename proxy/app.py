@@ -52,6 +52,13 @@ class App:
         self.slowlog: Any = None
         self.slow_threshold = cfg.slowlog.threshold_ms / 1000.0 if cfg.slowlog.threshold_ms > 0 else None
         self.accepting = True
+        from proxy.upstream import client_ssl_context, server_ssl_context
+
+        self.tls_server = server_ssl_context(cfg.tls.cert_file, cfg.tls.key_file)
+        # [tls] upstream_sslmode, or else the upstream URL's own ?sslmode=
+        mode = cfg.tls.upstream_sslmode if cfg.tls.upstream_sslmode != "disable" else upstream.sslmode
+        self.upstream_sslmode = mode
+        self.tls_upstream = client_ssl_context(mode, cfg.tls.upstream_ca_file)
         self.run_dir = ""
         self.publisher: Any = None
         self.metrics_server: Any = None
@@ -66,13 +73,27 @@ class App:
         if not self.accepting:
             session.fatal("57P03", "pgfront is shutting down")
             return False
-        if len(self.sessions) >= self.cfg.server.max_client_conn:
-            self.stats_inc("clients_refused")
-            session.fatal("53300", "too many client connections to pgfront (max_client_conn)")
-            return False
         self.sessions.add(session)
         self.stats_inc("client_connections_opened")
         return True
+
+    def over_limit(self, session: Session) -> str | None:
+        """Why this client (user and database now known) may not connect, or None."""
+        srv = self.cfg.server
+        # checked once the startup packet is in (as Postgres does), so that the client reads the error
+        # in plain text rather than in the middle of its SSL negotiation
+        if len(self.sessions) > srv.max_client_conn:
+            self.stats_inc("clients_refused")
+            return "sorry, too many clients already (pgfront max_client_conn)"
+        if srv.max_user_client_conn:
+            n = sum(1 for s in self.sessions if s.user == session.user and s is not session)
+            if n >= srv.max_user_client_conn:
+                return f'too many connections for role "{session.user}" (pgfront max_user_client_conn)'
+        if srv.max_db_client_conn:
+            n = sum(1 for s in self.sessions if s.database == session.database and s is not session)
+            if n >= srv.max_db_client_conn:
+                return f'too many connections for database "{session.database}" (pgfront max_db_client_conn)'
+        return None
 
     def forget(self, session: Session) -> None:
         if session in self.sessions:

@@ -69,6 +69,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "startup_timeout": Key("duration", "15s", "a client that has not finished its startup by then is dropped"),
         "client_idle_timeout": Key("duration", "0s", "drop clients idle (no transaction open) this long; 0 = never"),
         "max_client_conn": Key("int", 10000, "client connections accepted at once, per worker"),
+        "max_user_client_conn": Key("int", 0, "client connections per user at once, per worker; 0 = no limit"),
+        "max_db_client_conn": Key("int", 0, "client connections per database at once, per worker; 0 = no limit"),
         "shutdown_timeout": Key("duration", "30s", "on SIGTERM, how long running transactions may finish"),
         "run_dir": Key("str", "", "directory for worker state (stats snapshots); empty = a temp dir per instance"),
         "log_level": Key("str", "info", "debug, info, warning or error"),
@@ -115,6 +117,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "tls": {
         "cert_file": Key("str", "", "server certificate for client TLS; empty = refuse SSLRequest"),
         "key_file": Key("str", "", "private key for cert_file"),
+        "require_client_tls": Key("bool", False, "refuse clients that do not use TLS (needs cert_file)"),
         "upstream_sslmode": Key("str", "disable", "disable, prefer, require, verify-ca or verify-full"),
         "upstream_ca_file": Key("str", "", "CA bundle for verify-ca / verify-full"),
     },

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import struct
 import time
 from collections import deque
@@ -158,6 +159,7 @@ class Session(asyncio.Protocol):
         self.special = 0  # queued entries whose replies are not relayed verbatim
         self.last_bind: tuple | None = None
         self.admin = False
+        self.tls = False
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.restore_at_sync = False
         self.admin_queue: deque = deque()
@@ -186,7 +188,7 @@ class Session(asyncio.Protocol):
             self.startup_timer = asyncio.get_running_loop().call_later(timeout, self._startup_timeout)
 
     def _startup_timeout(self) -> None:
-        if self.phase in ("startup", "connecting", "auth"):
+        if self.phase in ("startup", "tls", "connecting", "auth"):
             log.info("startup timeout", extra={"client": self.id, "peer": self.peer})
             self.fatal("08006", "startup timeout: the client did not complete the startup in time")
 
@@ -256,8 +258,8 @@ class Session(asyncio.Protocol):
         elif phase == "startup":
             self.startup_buf += data
             self._startup()
-        elif phase == "connecting":
-            self.startup_buf += data  # a client must wait for the auth request; keep it in order
+        elif phase == "connecting" or phase == "tls":
+            self.startup_buf += data  # keep it in order until the connection is ready for it
 
     def auth_client_frames(self, frames: list, data: bytes) -> None:
         out = []
@@ -276,7 +278,7 @@ class Session(asyncio.Protocol):
                 self.fatal(e.code, str(e))
                 return
             if body is None:
-                if self.startup_buf[:1] == b"\\x16":
+                if self.startup_buf[:1] == b"\x16":
                     # a TLS ClientHello straight away (sslnegotiation=direct): no TLS configured
                     self.close()
                 return
@@ -287,6 +289,11 @@ class Session(asyncio.Protocol):
                     # bytes pipelined behind the request could be injected before encryption
                     # (CVE-2021-23214): refuse
                     self.fatal("08P01", "received unencrypted data after SSL request")
+                    return
+                if code == pq.SSL_REQUEST and self.app.tls_server is not None and not self.tls:
+                    self.transport.write(b"S")
+                    self.phase = "tls"
+                    asyncio.ensure_future(self._start_tls())
                     return
                 self.transport.write(b"N")
                 continue
@@ -299,6 +306,23 @@ class Session(asyncio.Protocol):
                 return
             self._begin(code, params)
             return
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(self.transport, self, self.app.tls_server, server_side=True,
+                                             ssl_handshake_timeout=self.app.cfg.server.startup_timeout or None)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+            log.info("client TLS handshake failed", extra={"client": self.id, "peer": self.peer, "reason": str(e)})
+            self.close()
+            return
+        if transport is None or self.phase == "closed":
+            return
+        self.transport = transport
+        self.tls = True
+        self.phase = "startup"
+        if self.startup_buf:
+            self._startup()
 
     def _cancel_request(self, body: bytes) -> None:
         if len(body) < 12:
@@ -320,10 +344,17 @@ class Session(asyncio.Protocol):
         if "user" not in params:
             self.fatal("28000", "no PostgreSQL user name specified in startup packet")
             return
+        if self.app.cfg.tls.require_client_tls and not self.tls:
+            self.fatal("28000", "pgfront requires TLS: connect with sslmode=require or stronger")
+            return
         self.params = params
         self.user = params["user"]
         self.database = params.get("database") or self.user
         self.application_name = params.get("application_name", "")
+        refusal = self.app.over_limit(self)
+        if refusal:
+            self.fatal("53300", refusal)
+            return
         admin = self.database == "pgfront"
         if admin and self.user not in self.app.cfg.admin.users:
             self.fatal("42501", f'role "{self.user}" may not use the pgfront admin console '
@@ -340,8 +371,9 @@ class Session(asyncio.Protocol):
     async def _connect(self, params: dict[str, str]) -> None:
         app = self.app
         try:
-            _, link = await open_connection(app.upstream, lambda: ServerLink(self), app.cfg.server.connect_timeout)
-        except (TimeoutError, OSError) as e:
+            _, link = await open_connection(app.upstream, lambda: ServerLink(self), app.cfg.server.connect_timeout,
+                                            app.upstream_sslmode, app.tls_upstream)
+        except (TimeoutError, OSError, ssl.SSLError) as e:
             reason = "timeout" if isinstance(e, asyncio.TimeoutError) else str(e)
             log.warning("upstream connect failed", extra={"client": self.id, "reason": reason})
             self.fatal("08006", f"pgfront could not connect to the upstream server: {reason}")
@@ -398,6 +430,11 @@ class Session(asyncio.Protocol):
                 self.transport.write(b"".join(out))
                 self.close()
                 return b""
+            elif t == _R and raw[5:9] == b"\x00\x00\x00\x0a":
+                # AuthenticationSASL: channel binding ties SCRAM to one TLS connection, and the
+                # client's TLS connection ends at pgfront, so -PLUS can never succeed end to end
+                mechs = [m for m in raw[9:].split(b"\0") if m and not m.endswith(b"-PLUS")]
+                raw = pq.msg(b"R", raw[5:9] + b"".join(m + b"\0" for m in mechs) + b"\0")
             elif t == _Z:
                 self.tx_status = raw[5:6]
                 if self.startup_timer:

@@ -122,7 +122,8 @@ class AdminSource:
             self._conn = psycopg.connect(**self.conninfo, autocommit=True, connect_timeout=5)
         try:
             with self._conn.cursor() as cur:
-                cur.execute("SHOW QUERIES")  # no parameters: psycopg uses the simple query protocol
+                # no parameters: psycopg uses the simple query protocol, which the console speaks
+                cur.execute(f"SHOW QUERIES {int(self.limit)} BY {self.order_by}")
                 names = [d.name for d in cur.description or ()]
                 rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
         except psycopg.OperationalError:

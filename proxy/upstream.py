@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -57,14 +59,39 @@ def parse_upstream(dsn: str) -> Upstream:
     )
 
 
-async def open_connection(up: Upstream, protocol_factory, timeout: float):
-    """Connect a Protocol to the upstream, raising ConnectionError / TimeoutError after `timeout`."""
+async def open_connection(up: Upstream, protocol_factory, timeout: float, sslmode: str = "disable",
+                          ssl_ctx: ssl.SSLContext | None = None):
+    """Connect a Protocol to the upstream, raising OSError / TimeoutError after `timeout`.
+
+    With an sslmode other than disable, the SSLRequest exchange happens on the bare socket first,
+    then the TLS handshake, as libpq does it.
+    """
+    return await asyncio.wait_for(_open(up, protocol_factory, sslmode, ssl_ctx), timeout)
+
+
+async def _open(up: Upstream, protocol_factory, sslmode: str, ssl_ctx: ssl.SSLContext | None):
     loop = asyncio.get_running_loop()
-    if up.is_unix:
-        coro = loop.create_unix_connection(protocol_factory, f"{up.host}/.s.PGSQL.{up.port}")
-    else:
-        coro = loop.create_connection(protocol_factory, up.host, up.port)
-    return await asyncio.wait_for(coro, timeout)
+    if sslmode == "disable" or ssl_ctx is None or up.is_unix:
+        if up.is_unix:
+            return await loop.create_unix_connection(protocol_factory, f"{up.host}/.s.PGSQL.{up.port}")
+        return await loop.create_connection(protocol_factory, up.host, up.port)
+    infos = await loop.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, addr)
+        await loop.sock_sendall(sock, struct.pack("!ii", 8, pq.SSL_REQUEST))
+        answer = await loop.sock_recv(sock, 1)
+        if answer == b"S":
+            return await loop.create_connection(protocol_factory, sock=sock, ssl=ssl_ctx,
+                                                server_hostname=up.host if ssl_ctx.check_hostname else None)
+        if answer == b"N" and sslmode == "prefer":
+            return await loop.create_connection(protocol_factory, sock=sock)
+        raise ConnectionError(f"upstream refused TLS (sslmode={sslmode})")
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def send_cancel(up: Upstream, pid: int, secret: bytes, timeout: float = 5.0) -> None:
@@ -86,6 +113,16 @@ async def send_cancel(up: Upstream, pid: int, secret: bytes, timeout: float = 5.
         pass
     finally:
         writer.close()
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
+    """TLS toward clients; None when no certificate is configured."""
+    if not cert_file:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file or None)
+    return ctx
 
 
 def client_ssl_context(mode: str, ca_file: str = "") -> ssl.SSLContext | None:

@@ -9,7 +9,14 @@ import subprocess
 import asyncpg
 import pytest
 
-from proxy.cache.testing import TempRedisCluster, eventually, read_through, settle, started_cache, write_through
+from proxy.cache.testing import (
+    TempRedisCluster,
+    eventually,
+    read_through,
+    settle,
+    started_cache,
+    write_through,
+)
 from proxy.sql import analyze
 
 DB = "cache_cluster"

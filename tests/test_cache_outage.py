@@ -48,10 +48,6 @@ async def _setup(db, redis, n=1):
     return caches, states, await asyncpg.connect(db.dsn(dbname=DB))
 
 
-async def _available(cache):
-    return cache.versions.available
-
-
 @pytest.mark.parametrize("outage", ["stop", "pause"])
 def test_outage_bypasses_then_recovers_without_serving_stale(db, redis, outage):
     async def go():
@@ -69,7 +65,7 @@ def test_outage_bypasses_then_recovers_without_serving_stale(db, redis, outage):
         assert isinstance(res, Bypass) and res.reason == "redis unavailable"
         await asyncio.to_thread(redis.start if outage == "stop" else redis.resume)
         for cache in (a, b):
-            assert await eventually(lambda c=cache: _available(c))
+            assert await eventually(lambda c=cache: c.versions.available)
         expected = str(int(before[1][0]) + 1).encode()
         for cache, state in ((a, sa), (b, sb)):
             source, values = await read_through(cache, state, conn, READ, 1)
@@ -126,7 +122,7 @@ def test_outages_under_load_fail_no_query_and_serve_nothing_stale(db, redis):
                 await asyncio.to_thread(flip)
                 await asyncio.sleep(0.6)
             for c in caches:
-                await eventually(lambda c=c: _available(c))
+                await eventually(lambda c=c: c.versions.available)
             await asyncio.sleep(0.5)
             stop.set()
 

@@ -91,15 +91,11 @@ def test_a_write_through_one_instance_invalidates_every_instance(db, redis_serve
         assert await read_through(b, sb, conn, READ, 2) == ("l2", [b"1"])
         # pub/sub frees the L1 entries of other processes
         await write_through(a, sa, conn, "UPDATE kv SET v = v + 1 WHERE k = 2")
-        assert await eventually(lambda: _async(len(b.l1) == 0))
+        assert await eventually(lambda: len(b.l1) == 0)
         assert b.counters()["invalidations"] >= 1 and a.counters()["invalidations"] >= 1
         await _teardown([a, b], conn)
 
     run(go())
-
-
-async def _async(value):
-    return value
 
 
 def test_reader_writer_race_never_stores_a_reachable_stale_result(db, redis_server):

@@ -135,7 +135,7 @@ def test_running_totals_reported_as_gauges_stay_counters(tmp_path: Path) -> None
     live.set_gauge("pool_waiting", 2)
     live.inc("clients_refused")
     [(_, _, body)] = serve_and_fetch(lambda: load_merged(tmp_path, live), [("GET", "/metrics")])
-    assert body.count("# TYPE pgfront_bytes_received ") == 1
+    assert body.count("# TYPE pgfront_bytes_received") == 1
     found = samples(body)
     assert value(found, "pgfront_bytes_received_total") == 500
     assert value(found, "pgfront_bytes_sent_total") == 700

@@ -154,3 +154,31 @@ def test_upstream_local_starts_a_throwaway_server(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert "psql" in out
+
+
+def test_connection_limits(pgfront_factory):
+    p = pgfront_factory(config="[server]\nmax_client_conn = 4\nmax_user_client_conn = 2\nmax_db_client_conn = 3\n")
+    a = psycopg.connect(p.conninfo())
+    b = psycopg.connect(p.conninfo())
+    with pytest.raises(psycopg.OperationalError, match='too many connections for role "postgres"'):
+        psycopg.connect(p.conninfo())
+    c = psycopg.connect(p.conninfo(user="trustuser"))
+    with pytest.raises(psycopg.OperationalError, match='too many connections for database "postgres"'):
+        psycopg.connect(p.conninfo(user="trustuser"))
+    d = psycopg.connect(p.conninfo(user="trustuser", dbname="app"))
+    with pytest.raises(psycopg.OperationalError, match="too many clients already"):
+        psycopg.connect(p.conninfo(user="trustuser", dbname="app"))
+    for conn in (a, b, c, d):
+        conn.close()
+    time.sleep(0.2)
+    with psycopg.connect(p.conninfo()) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_client_idle_timeout(pgfront_factory):
+    p = pgfront_factory(config="[server]\nclient_idle_timeout = '1s'\n")
+    conn = psycopg.connect(p.conninfo(), autocommit=True)
+    conn.execute("SELECT 1")
+    time.sleep(2.5)
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 from pglast import parser
 
 from proxy.sql import StatementInfo, analyze, constants, split_statements
@@ -153,6 +155,39 @@ def test_odd_text_never_raises() -> None:
     for sql in ("\x00", "SELECT '\x00'", "(" * 5000 + "1" + ")" * 5000, "SELECT " + "1 + " * 20000 + "1", "\ud800"):
         info = analyze(sql)
         assert isinstance(info, StatementInfo) and len(info.fingerprint) == 16
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.text(alphabet=hs.sampled_from(list("SELECT FROMWHERE*()';$1-,.\"\n\x00é ")) | hs.characters(),
+               max_size=80))
+def test_never_raises_on_any_text(text: str) -> None:
+    info = analyze(text)
+    assert len(info.fingerprint) == 16
+    assert info.kind in {"select", "insert", "update", "delete", "merge", "ddl", "copy", "utility",
+                         "transaction", "set", "empty", "unknown"}
+    split_statements(text)
+    for start, end, literal in constants(text):
+        assert text[start:end] == literal
+
+
+@settings(max_examples=150, deadline=None)
+@given(table=hs.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
+       column=hs.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
+       number=hs.integers(-10**12, 10**12),
+       word=hs.text(hs.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=20),
+       in_list=hs.lists(hs.integers(0, 10**6), min_size=1, max_size=30))
+def test_literal_and_parameter_forms_share_a_fingerprint(table: str, column: str, number: int, word: str,
+                                                          in_list: list[int]) -> None:
+    literal = word.replace("'", "''")
+    forms = [
+        f"SELECT * FROM x_{table} WHERE c_{column} = {number} AND d = '{literal}' AND e IN ({', '.join(map(str, in_list))})",
+        f"SELECT * FROM x_{table} WHERE c_{column} = $1 AND d = $2 AND e IN ($3)",
+    ]
+    infos = [analyze(f) for f in forms]
+    assert infos[0].parsed and infos[1].parsed
+    assert infos[0].fingerprint == infos[1].fingerprint
+    assert infos[0].tables_read == {f"x_{table}"}
+    assert _substitute(forms[0]) == infos[0].normalized
 
 
 # -- tables -----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -35,11 +36,14 @@ def reply_values(reply: bytes) -> list[bytes]:
     return out
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, step: float = 0.05) -> Any:
-    """Await check() until it returns something truthy; its last result after `timeout` seconds."""
+async def eventually(check: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, step: float = 0.05) -> Any:
+    """Call (and await, if need be) check() until it returns something truthy; its last result after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        got = await check()
+        got = check()
+        if inspect.isawaitable(got):
+            got = await got
         if got or time.monotonic() > deadline:
             return got
         await asyncio.sleep(step)

@@ -210,8 +210,13 @@ class Versions:
                     else:
                         for f in fields:
                             pipe.hincrby(VERSIONS_KEY, f, 1)
-                    pipe.publish(CHANNEL, "\t".join(fields + notes))
-                    await pipe.execute()
+                    message = "\t".join(fields + notes)
+                    if self.cluster:  # a cluster pipeline refuses PUBLISH: send it after the bumps
+                        await pipe.execute()
+                        await self.client.publish(CHANNEL, message)
+                    else:
+                        pipe.publish(CHANNEL, message)
+                        await pipe.execute()
                 if fields == [FLUSH_ALL]:
                     self.epoch_changes += 1
                 return True

@@ -7,6 +7,7 @@ rejects gets parsed=False, kind "unknown" and a fingerprint hashed from its whit
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ MAX_CACHED_CHARS = 32 * 1024 * 1024  # text + normalized text held by the cache,
 
 _cache: OrderedDict[str, StatementInfo] = OrderedDict()
 _cached_chars = 0
+_lock = threading.Lock()
 
 
 def analyze(text: str) -> StatementInfo:
@@ -46,8 +48,9 @@ def analyze(text: str) -> StatementInfo:
 
 def clear_cache() -> None:
     global _cached_chars
-    _cache.clear()
-    _cached_chars = 0
+    with _lock:
+        _cache.clear()
+        _cached_chars = 0
 
 
 def cache_size() -> int:
@@ -59,11 +62,14 @@ def _remember(text: str, info: StatementInfo) -> None:
     size = len(text) + len(info.normalized)
     if size > MAX_CACHED_CHARS // 8:
         return  # a huge one-off (bulk INSERT): analysing it again is cheaper than holding it
-    _cache[text] = info
-    _cached_chars += size
-    while len(_cache) > MAX_ENTRIES or _cached_chars > MAX_CACHED_CHARS:
-        old_text, old = _cache.popitem(last=False)
-        _cached_chars -= len(old_text) + len(old.normalized)
+    with _lock:  # only the miss path takes it (the advisor and slow log may analyse from threads)
+        if text in _cache:
+            return
+        _cache[text] = info
+        _cached_chars += size
+        while len(_cache) > MAX_ENTRIES or _cached_chars > MAX_CACHED_CHARS:
+            old_text, old = _cache.popitem(last=False)
+            _cached_chars -= len(old_text) + len(old.normalized)
 
 
 def _unparsed(text: str, error: str) -> StatementInfo:
