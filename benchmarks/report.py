@@ -50,12 +50,14 @@ def goals(results: dict) -> list[dict]:
     b = idle.get("bytes_per_client")
     out.append({"goal": "pgfront memory per idle client", "want": "<= 16 KiB",
                 "value": None if b is None else round(b), "shown": "n/a" if b is None else f"{b / 1024:.1f} KiB",
-                "pass": None if b is None else b <= IDLE_GOAL_BYTES, "why": idle.get("na", idle.get("note", ""))})
+                "pass": None if b is None else b <= IDLE_GOAL_BYTES,
+                "why": idle.get("na", idle.get("note", "" if idle else "not measured in this run"))})
     w = results.get("extras", {}).get("workers", {})
     r = w.get("ratio")
     out.append({"goal": "pgfront 2 workers vs 1 worker, pgbench -S simple", "want": f">= {WORKERS_GOAL:.2f}x",
                 "value": None if r is None else round(r, 3), "shown": "n/a" if r is None else f"{r:.2f}x",
-                "pass": None if r is None else r >= WORKERS_GOAL, "why": w.get("na", "")})
+                "pass": None if r is None else r >= WORKERS_GOAL,
+                "why": w.get("na", "" if w else "not measured in this run (--no-workers)")})
     return out
 
 

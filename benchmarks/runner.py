@@ -12,7 +12,8 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from proxy.devdb import TempPostgres, TempRedis
@@ -63,8 +64,12 @@ class Options:
         return self
 
 
-def log(msg: str, started: float = time.monotonic()) -> None:
-    print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so --json output on stdout stays clean."""
+    print(f"[{time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def na(reason: str) -> dict[str, str]:
@@ -145,24 +150,20 @@ class Bench:
         dead = self._dead(t)
         if dead:
             return na(dead)
-        load = pgbench.Load(**{**sc.load.__dict__, "clients": self.opts.clients, "threads": self.opts.threads})
-        holder = Holder(t.port, sc.idle_connections) if sc.idle_connections else None
+        load = replace(sc.load, clients=self.opts.clients, threads=self.opts.threads)
         cell: dict = {}
-        try:
-            if holder:
-                holder.__enter__()
+        pid = t.pid
+        with ExitStack() as stack:
+            if sc.idle_connections:
+                holder = stack.enter_context(Holder(t.port, sc.idle_connections))
                 cell["idle_held"] = holder.opened
                 if holder.opened < sc.idle_connections:
                     cell["note"] = f"held {holder.opened} of {sc.idle_connections} idle clients: {holder.error}"
-            pid = t.pid
             cpu0 = procstat.tree_cpu_seconds(pid) if pid else 0.0
             res, total = self._best_of_rounds(t.port, load)
             cpu1 = procstat.tree_cpu_seconds(pid) if pid else 0.0
-            if holder and pid:
+            if sc.idle_connections and pid:
                 cell["mem_bytes"] = procstat.tree_pss_bytes(pid)
-        finally:
-            if holder:
-                holder.close()
         if not res.ok:
             dead = self._dead(t)
             return na(f"pgbench failed: {res.error}" + (f" ({dead})" if dead else ""))

@@ -72,6 +72,8 @@ class Target:
 
 
 class Direct(Target):
+    _pid = None  # the postmaster, set by start()
+
     @property
     def pid(self) -> int | None:
         return self._pid

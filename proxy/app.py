@@ -55,6 +55,12 @@ class App:
         from proxy.upstream import client_ssl_context, server_ssl_context
 
         self.tls_server = server_ssl_context(cfg.tls.cert_file, cfg.tls.key_file)
+        self.credentials: Any = None
+        if cfg.auth.mode != "passthrough":
+            from proxy.auth import Credentials
+
+            self.credentials = Credentials(cfg.auth.mode, cfg.auth.file, cfg.auth.query,
+                                           cfg.auth.query_dsn or upstream.dsn(user="postgres", database="postgres"))
         # [tls] upstream_sslmode, or else the upstream URL's own ?sslmode=
         mode = cfg.tls.upstream_sslmode if cfg.tls.upstream_sslmode != "disable" else upstream.sslmode
         self.upstream_sslmode = mode

@@ -59,6 +59,12 @@ def _serve(args: argparse.Namespace) -> int:
             local.cleanup()
 
 
+def config_defaults() -> str:
+    from proxy.config import render_defaults
+
+    return render_defaults()
+
+
 def _check_rules(cfg) -> None:
     """Refuse to start on a broken rule file: the operator sees every problem at once."""
     from proxy.components import load_rule_holder
@@ -84,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--slow-ms", type=float, help="capture plans of statements slower than this")
     sp.add_argument("--slowlog", help="slow-plan store path")
     sp.set_defaults(func=_serve)
+    cp = sub.add_parser("config", help="print a config.toml with every key at its default, documented")
+    cp.set_defaults(func=lambda _args: print(config_defaults()) or 0)
     for name in _SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

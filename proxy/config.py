@@ -77,6 +77,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "log_format": Key("str", "json", "json (one object per line) or text"),
         "log_parameters": Key("bool", False, "include query parameter values in logs"),
     },
+    "auth": {
+        "mode": Key("str", "passthrough", "passthrough (the upstream checks passwords), userlist or query "
+                                          "(pgfront checks them and logs in to the upstream itself)"),
+        "file": Key("str", "", "userlist for mode = userlist: lines of \"user\" \"password or SCRAM/md5 verifier\""),
+        "query": Key("str", "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1 AND rolcanlogin",
+                     "for mode = query: returns (name, password verifier) of a role"),
+        "query_dsn": Key("str", "", "login used to run the auth query; empty = the upstream URL as postgres"),
+    },
     "admin": {
         "users": Key("list", ["postgres"], "roles allowed on the admin console (dbname=pgfront)"),
     },
@@ -200,11 +208,16 @@ class Config:
             raise ConfigError(f"{source}: [server] workers: must be at least 1")
         if self.server.log_format not in ("json", "text"):
             raise ConfigError(f"{source}: [server] log_format: expected json or text")
+        if self.auth.mode not in ("passthrough", "userlist", "query"):
+            raise ConfigError(f"{source}: [auth] mode: expected passthrough, userlist or query")
+        if self.auth.mode == "userlist" and not self.auth.file:
+            raise ConfigError(f"{source}: [auth] file: mode = userlist needs a userlist file")
         if self.tls.upstream_sslmode not in ("disable", "prefer", "require", "verify-ca", "verify-full"):
             raise ConfigError(f"{source}: [tls] upstream_sslmode: unknown mode {self.tls.upstream_sslmode!r}")
 
     # typed views used everywhere
     server: Section
+    auth: Section
     admin: Section
     metrics: Section
     stats: Section
@@ -246,3 +259,26 @@ def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = 
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)
     return Config(raw, source)
+
+
+def render_defaults() -> str:
+    """config.toml with every key at its default, each under its description (`pgfront config`)."""
+    import json
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return json.dumps(v)
+
+    out = ["# pgfront configuration. Every key is shown with its default and what it does.",
+           "# Command-line flags (pgfront serve --listen/--upstream/--workers/--metrics/--rules/--slow-ms/--slowlog)",
+           "# override these. Sizes take kB/MB/GB/KiB/MiB/GiB; durations take ms/s/m/h/d.", ""]
+    for section, keys in SCHEMA.items():
+        out.append(f"[{section}]")
+        for name, key in keys.items():
+            out.append(f"# {key.doc}")
+            out.append(f"{name} = {fmt(key.default)}")
+        out.append("")
+    return "\n".join(out)

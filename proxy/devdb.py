@@ -42,6 +42,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _child_pids(parent: int) -> list[int]:
+    """Pids whose parent is `parent` (from /proc)."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rpartition(")")[2].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie no longer holds memory or sockets)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _demote_args() -> tuple[dict, int | None]:
     """(popen kwargs, uid) to run a server binary as `postgres` when we are root."""
     if os.geteuid() != 0:
@@ -144,24 +167,36 @@ class TempPostgres:
         """Stop the postmaster: mode 'fast' (SIGINT), 'immediate' (SIGQUIT) or 'kill' (SIGKILL)."""
         if not self.proc or self.proc.poll() is not None:
             return
-        sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "kill": signal.SIGKILL}[mode]
+        if mode == "kill":
+            self._kill()
+            return
+        sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
         self.proc.send_signal(sig)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if mode == "kill":
-            # orphaned backends keep the port and shared memory: finish them off too
-            subprocess.run(["pkill", "-9", "-f", f"-D {self.data}"], capture_output=True)
-            pid_file = self.data / "postmaster.pid"
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                r = subprocess.run(["pgrep", "-u", "postgres", "-f", str(self.data)], capture_output=True)
-                if r.returncode != 0:
-                    break
-                time.sleep(0.05)
-            pid_file.unlink(missing_ok=True)
+
+    def _kill(self) -> None:
+        """SIGKILL the postmaster, then its orphaned children: a busy backend outlives its postmaster and
+        keeps the shared memory attached, so the next start() would fail ("pre-existing shared memory
+        block is still in use"). Children change their process titles and each is its own process group,
+        so they are found by parent pid, with the postmaster frozen so that it forks no new one meanwhile."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        children = _child_pids(self.proc.pid)
+        self.proc.kill()
+        self.proc.wait()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.02)
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
 
     def restart(self) -> None:
         self.stop()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,7 +37,7 @@ DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # fine bucket -> index of the first `le` bound at or above the fine bucket's middle
 _FINE_TO_LE = [
     next((i for i, le in enumerate(DURATION_BUCKETS) if middle <= le), len(DURATION_BUCKETS))
-    for middle in (st.bucket_upper(k) / st.GROWTH ** 0.5 for k in range(st.bucket_of(1e9) + 1))
+    for middle in (st.bucket_upper(k) / st.GROWTH ** 0.5 for k in range(st.TOP_BUCKET + 1))
 ]
 
 _CACHE_FAMILIES = {"hit": "hits", "miss": "misses", "bypass": "bypasses", "invalidation": "invalidations"}
@@ -117,11 +118,15 @@ class MergedStatsCollector(Collector):
         # one family per name, or the exposition would carry two TYPE lines for it.
         counters = {*_ALWAYS_COUNTERS, *merged.counters} - _RESERVED
         for name in sorted({*_ALWAYS_GAUGES, *merged.gauges} - _RESERVED - counters):
-            yield GaugeMetricFamily(f"pgfront_{name}", _HELP.get(name, name.replace("_", " ")),
-                                    value=merged.gauges.get(name, 0))
+            yield GaugeMetricFamily(_family(name), _HELP.get(name, name), value=merged.gauges.get(name, 0))
         for name in sorted(counters):
-            yield CounterMetricFamily(f"pgfront_{name}", _HELP.get(name, name.replace("_", " ")),
+            yield CounterMetricFamily(_family(name), _HELP.get(name, name),
                                       value=merged.counters.get(name, 0) + merged.gauges.get(name, 0))
+
+
+def _family(name: str) -> str:
+    """pgfront_<name>, with anything Prometheus does not allow in a name made an underscore."""
+    return "pgfront_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
 
 def render(get_merged: Callable[[], st.MergedStats], top_n: int = 50) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import ssl
 import struct
 import time
@@ -160,6 +161,13 @@ class Session(asyncio.Protocol):
         self.last_bind: tuple | None = None
         self.admin = False
         self.tls = False
+        self.upstream_params: dict[str, str] = {}
+        self.upstream_login: tuple | None = None  # (secret, client_key) when pgfront logs in for the client
+        self.scram = None
+        self.scram_client = None
+        self.secret = None
+        self.secret_known = False
+        self.md5_salt = b""
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.restore_at_sync = False
         self.admin_queue: deque = deque()
@@ -188,7 +196,7 @@ class Session(asyncio.Protocol):
             self.startup_timer = asyncio.get_running_loop().call_later(timeout, self._startup_timeout)
 
     def _startup_timeout(self) -> None:
-        if self.phase in ("startup", "tls", "connecting", "auth"):
+        if self.phase in ("startup", "tls", "local_auth", "connecting", "auth"):
             log.info("startup timeout", extra={"client": self.id, "peer": self.peer})
             self.fatal("08006", "startup timeout: the client did not complete the startup in time")
 
@@ -243,16 +251,24 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         phase = self.phase
-        if phase == "ready" or phase == "admin" or phase == "auth":
+        if phase == "ready" or phase == "admin" or phase == "auth" or phase == "local_auth":
             try:
                 frames = self.cframer.feed(data)
             except FrameError as e:
                 self.fatal(e.code, str(e))
                 return
             if phase == "ready":
-                self.client_frames(frames, self.cframer.data)
+                try:
+                    self.client_frames(frames, self.cframer.data)
+                except pq.MALFORMED as e:
+                    # a message of valid length whose body does not parse (a Parse without its
+                    # terminators, an empty Execute...): a relay cannot follow what it cannot read
+                    log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
+                    self.fatal("08P01", "invalid message format")
             elif phase == "admin":
                 self.admin_frames(frames, self.cframer.data)
+            elif phase == "local_auth":
+                self.local_auth_frames(frames, self.cframer.data)
             else:
                 self.auth_client_frames(frames, self.cframer.data)
         elif phase == "startup":
@@ -283,7 +299,11 @@ class Session(asyncio.Protocol):
                     self.close()
                 return
             self.startup_buf = rest
-            code, params = pq.parse_startup(body)
+            try:
+                code, params = pq.parse_startup(body)
+            except pq.MALFORMED:
+                self.fatal("08P01", "invalid startup packet layout")
+                return
             if code in (pq.SSL_REQUEST, pq.GSSENC_REQUEST):
                 if rest:
                     # bytes pipelined behind the request could be injected before encryption
@@ -365,8 +385,102 @@ class Session(asyncio.Protocol):
             # authenticate admin users against the upstream itself: pgfront keeps no passwords
             upstream_params["database"] = "postgres"
         self.admin = admin
+        self.upstream_params = upstream_params
+        if self.app.credentials is not None:
+            self.phase = "local_auth"
+            asyncio.ensure_future(self._local_auth_start())
+            return
         self.phase = "connecting"
         asyncio.ensure_future(self._connect(upstream_params))
+
+    # -- authentication by pgfront itself ([auth] mode = userlist | query) ---------------------------
+    async def _local_auth_start(self) -> None:
+        from proxy.auth import ScramServer, Secret
+
+        try:
+            secret = await self.app.credentials.lookup(self.user)
+        except Exception as e:  # noqa: BLE001 - any failure of the credential source refuses the login
+            log.warning("auth lookup failed", extra={"client": self.id, "user": self.user, "reason": str(e)})
+            self.fatal("08006", "pgfront could not look up the credentials for this role")
+            return
+        if self.phase != "local_auth":
+            return
+        self.secret_known = secret is not None
+        if secret is None:  # go through the motions anyway, so user names cannot be probed
+            secret = Secret("plain", os.urandom(16).hex())
+        self.secret = secret
+        if secret.kind == "md5":
+            self.md5_salt = os.urandom(4)
+            self.transport.write(pq.msg(b"R", struct.pack("!i", 5) + self.md5_salt))
+        else:
+            self.scram = ScramServer(secret)
+            self.transport.write(pq.msg(b"R", struct.pack("!i", 10) + b"SCRAM-SHA-256\0\0"))
+
+    def local_auth_frames(self, frames: list, data: bytes) -> None:
+        from proxy.auth import AuthFailed, md5_response
+
+        for t, a, b in frames:
+            body = data[a + 5:b]
+            if t != b"p"[0]:
+                self.fatal("08P01", f"expected a password message, got message type {t}")
+                return
+            try:
+                if self.scram is None:
+                    answer = body.rstrip(b"\0").decode()
+                    if answer != md5_response(self.secret, self.user, self.md5_salt) or not self.secret_known:
+                        raise AuthFailed("password authentication failed")
+                    self._local_auth_ok(None)
+                elif not self.scram.server_first:
+                    self.transport.write(pq.msg(b"R", struct.pack("!i", 11) + self.scram.first(body)))
+                else:
+                    final = self.scram.final(body)
+                    if not self.secret_known:
+                        raise AuthFailed("password authentication failed")
+                    self.transport.write(pq.msg(b"R", struct.pack("!i", 12) + final))
+                    self._local_auth_ok(self.scram.client_key)
+            except (AuthFailed, ValueError) as e:
+                log.info("client authentication failed", extra={"client": self.id, "user": self.user,
+                                                                "reason": str(e)})
+                self.fatal("28P01", f'password authentication failed for user "{self.user}"')
+                return
+
+    def _local_auth_ok(self, client_key: bytes | None) -> None:
+        self.transport.write(pq.AUTH_OK)
+        self.upstream_login = (self.secret, client_key)
+        self.phase = "connecting"
+        asyncio.ensure_future(self._connect(self.upstream_params))
+
+    def _upstream_login(self, raw: bytes) -> bytes | None:
+        """Answer the upstream's authentication request for our client; None once it says OK."""
+        from proxy.auth import AuthFailed, ScramClient, md5_response
+
+        secret, client_key = self.upstream_login
+        (code,) = struct.unpack_from("!i", raw, 5)
+        try:
+            if code == 0:
+                return None
+            if code == 3 and secret.kind == "plain":
+                return pq.msg(b"p", pq.cstr(secret.value))
+            if code == 5 and secret.kind in ("plain", "md5"):
+                return pq.msg(b"p", pq.cstr(md5_response(secret, self.user, raw[9:13])))
+            if code == 10:
+                if secret.kind == "plain":
+                    self.scram_client = ScramClient(password=secret.value)
+                elif client_key is not None:
+                    self.scram_client = ScramClient(client_key=client_key, server_key=secret.server_key)
+                else:
+                    raise AuthFailed("no usable secret for the upstream's SCRAM")
+                return pq.msg(b"p", self.scram_client.initial())
+            if code == 11:
+                return pq.msg(b"p", self.scram_client.respond(raw[9:]))
+            if code == 12:
+                self.scram_client.verify(raw[9:])
+                return b""
+            raise AuthFailed(f"the upstream asked for an authentication method pgfront cannot answer ({code})")
+        except (AuthFailed, ValueError, KeyError, AttributeError) as e:
+            log.warning("upstream login failed", extra={"client": self.id, "user": self.user, "reason": str(e)})
+            self.fatal("08006", f"pgfront could not log in to the upstream as {self.user}: {e}")
+            return b""
 
     async def _connect(self, params: dict[str, str]) -> None:
         app = self.app
@@ -430,6 +544,13 @@ class Session(asyncio.Protocol):
                 self.transport.write(b"".join(out))
                 self.close()
                 return b""
+            elif t == _R and self.upstream_login is not None:
+                reply = self._upstream_login(raw)
+                if reply:
+                    self.server.transport.write(reply)
+                if self.phase == "closed":
+                    return b""
+                continue
             elif t == _R and raw[5:9] == b"\x00\x00\x00\x0a":
                 # AuthenticationSASL: channel binding ties SCRAM to one TLS connection, and the
                 # client's TLS connection ends at pgfront, so -PLUS can never succeed end to end
@@ -481,7 +602,7 @@ class Session(asyncio.Protocol):
                 pass  # the server discards everything up to Sync after an error: so do we
             elif t == _B:
                 if data[a + 5] == 0:  # unnamed portal, the common case
-                    name = data[a + 6:data.index(0, a + 6)].decode(pq.ENC, pq.ERRORS)
+                    name = data[a + 6:data.index(0, a + 6, b)].decode(pq.ENC, pq.ERRORS)
                     portal = ""
                     stmt = self.statements.get(name)
                     if stmt is not None:

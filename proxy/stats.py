@@ -64,14 +64,14 @@ _PER_DECADE = 48
 GROWTH = 10 ** (1 / _PER_DECADE)
 _SCALE = _PER_DECADE / math.log(10)
 _FLOOR = 1e-6  # bucket 0 holds everything up to 1 us
-_TOP_BUCKET = _PER_DECADE * 12  # 1 us * 10^12: about 11 days
+TOP_BUCKET = _PER_DECADE * 12  # 1 us * 10^12: about 11 days
 
 
 def bucket_of(seconds: float) -> int:
     """Bucket k >= 1 holds (1us * GROWTH^(k-1), 1us * GROWTH^k]."""
     if seconds <= _FLOOR:
         return 0
-    return min(math.ceil(math.log(seconds / _FLOOR) * _SCALE), _TOP_BUCKET)
+    return min(math.ceil(math.log(seconds / _FLOOR) * _SCALE), TOP_BUCKET)
 
 
 def bucket_upper(k: int) -> float:
@@ -499,6 +499,7 @@ _ORDERS = {
     "errors": lambda q: sum(q.errors.values()),
     "last_seen": lambda q: q.last_seen,
 }
+ORDER_BY: tuple[str, ...] = tuple(_ORDERS)  # what top() and SHOW QUERIES ... BY accept
 
 
 def load_merged(run_dir: str | Path, live: Stats | None = None) -> MergedStats:

@@ -16,8 +16,9 @@ from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from proxy.stats import load_merged
+from proxy.stats import ORDER_BY, load_merged
 
 Row = dict[str, Any]
 
@@ -37,9 +38,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 _DROP_ORDER = ("errors", "rows", "p99_ms", "calls_per_s", "fingerprint", "cache_hit_pct", "mean_ms")
 _QUERY_MIN = 30
-ORDERS = ("total_time", "calls", "mean_time", "max_time", "p95", "p99", "rows", "errors", "last_seen")
-_ORDER_KEYS = {"total_time": "total_ms", "mean_time": "mean_ms", "max_time": "max_ms", "p95": "p95_ms",
-               "p99": "p99_ms"}
 
 
 def _number(value: Any) -> float:
@@ -97,18 +95,13 @@ def render_table(rows: list[Row], title: str = "pgfront top", width: int = 200) 
     return table
 
 
-def sort_rows(rows: list[Row], order_by: str, limit: int) -> list[Row]:
-    key = _ORDER_KEYS.get(order_by, order_by)
-    return sorted(rows, key=lambda r: _number(r.get(key)), reverse=True)[:limit]
-
-
 # -- sources ----------------------------------------------------------------------------------------
 def run_dir_source(run_dir: str, order_by: str, limit: int) -> Callable[[], list[Row]]:
     return lambda: load_merged(run_dir).top(limit, order_by)
 
 
 class AdminSource:
-    """SHOW QUERIES over pgfront's admin console; reconnects after a failure."""
+    """SHOW QUERIES n BY order over pgfront's admin console; reconnects after a failure."""
 
     def __init__(self, host: str, port: int, user: str, order_by: str, limit: int) -> None:
         self.conninfo = {"host": host, "port": port, "user": user, "dbname": "pgfront"}
@@ -129,7 +122,7 @@ class AdminSource:
         except psycopg.OperationalError:
             self.close()
             raise
-        return sort_rows(rows, self.order_by, self.limit)
+        return rows
 
     def close(self) -> None:
         if self._conn is not None:
@@ -161,7 +154,11 @@ def run(args: argparse.Namespace) -> int:
         with Live(sample(), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(args.interval)
-                live.update(sample(), refresh=True)
+                try:
+                    live.update(sample(), refresh=True)
+                except Exception as e:  # pgfront restarting, say: show why and try again
+                    live.update(Text(f"pgfront top: {e} (retrying every {args.interval}s)", style="red"),
+                                refresh=True)
     except KeyboardInterrupt:
         return 0
     except Exception as e:  # connection refused, auth failure, unreadable run dir: one line, exit 1
@@ -181,6 +178,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default="", help="read worker snapshots from this directory instead")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--limit", type=int, default=20, help="fingerprints shown")
-    p.add_argument("--order-by", default="total_time", choices=ORDERS, help="ranking")
+    p.add_argument("--order-by", default="total_time", choices=ORDER_BY, help="ranking")
     p.add_argument("--once", action="store_true", help="print one table and exit")
     p.set_defaults(func=run)

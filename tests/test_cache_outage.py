@@ -41,7 +41,8 @@ def run(coro):
 
 
 async def _setup(db, redis, n=1):
-    caches = [await started_cache(redis.url, db.dsn(dbname=DB), retry_after=0.1) for _ in range(n)]
+    caches = [await started_cache(redis.url, db.dsn(dbname=DB), retry_after=0.1, redis_timeout="100ms")
+              for _ in range(n)]
     states = [c.session(DB, "postgres") for c in caches]
     for c, s in zip(caches, states, strict=True):
         await settle(c, analyze(READ), s)

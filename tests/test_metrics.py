@@ -134,6 +134,7 @@ def test_running_totals_reported_as_gauges_stay_counters(tmp_path: Path) -> None
     live.set_counter(st.BYTES_SENT, 700)
     live.set_gauge("pool_waiting", 2)
     live.inc("clients_refused")
+    live.inc("odd-name.x", 3)
     [(_, _, body)] = serve_and_fetch(lambda: load_merged(tmp_path, live), [("GET", "/metrics")])
     assert body.count("# TYPE pgfront_bytes_received") == 1
     found = samples(body)
@@ -141,6 +142,7 @@ def test_running_totals_reported_as_gauges_stay_counters(tmp_path: Path) -> None
     assert value(found, "pgfront_bytes_sent_total") == 700
     assert value(found, "pgfront_pool_waiting") == 2
     assert value(found, "pgfront_clients_refused_total") == 1
+    assert value(found, "pgfront_odd_name_x_total") == 3
     assert "pgfront_bytes_received" not in found
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from proxy import stats as st
 from proxy.stats import OTHER, MergedStats, Stats, StatsPublisher, load_merged, request_reset
-from proxy.top import derive, render_table, sort_rows
+from proxy.top import derive, render_table
 
 ROW_KEYS = {
     "fingerprint", "query", "calls", "total_ms", "mean_ms", "min_ms", "max_ms", "p50_ms", "p95_ms", "p99_ms",
@@ -324,12 +324,22 @@ def test_render_table_from_rows(tmp_path: Path) -> None:
     assert "aaaa000011112222" in text and "50.0" in text
 
 
-def test_sort_rows_from_the_admin_console_text() -> None:
-    rows = [{"fingerprint": "a", "total_ms": "5.5", "calls": "10"},
-            {"fingerprint": "b", "total_ms": "50.25", "calls": "2"},
-            {"fingerprint": "c", "total_ms": "", "calls": "7"}]
-    assert [r["fingerprint"] for r in sort_rows(rows, "total_time", 5)] == ["b", "a", "c"]
-    assert [r["fingerprint"] for r in sort_rows(rows, "calls", 2)] == ["a", "c"]
+def test_render_table_from_admin_console_text() -> None:
+    rows = [{"fingerprint": "a", "total_ms": "50.25", "calls": "10", "cache_hits": "3", "cache_misses": "1"},
+            {"fingerprint": "b", "total_ms": "5.5", "calls": "2", "cache_hits": "0", "cache_misses": "0"}]
+    derive(rows, {}, now=1.0)
+    assert rows[0]["cache_hit_pct"] == 75.0 and rows[1]["cache_hit_pct"] == ""
     console = Console(record=True, width=200)
     console.print(render_table(rows))
-    assert "50.25" in console.export_text()
+    text = console.export_text()
+    assert "50.25" in text and "75.00" in text
+
+
+def test_render_table_narrow_screen_keeps_numbers_whole() -> None:
+    rows = [{"fingerprint": "f" * 16, "query": "SELECT " + "x, " * 100 + "y FROM t", "calls": 123456,
+             "total_ms": 98765.4321, "mean_ms": 1.5, "p95_ms": 2.5, "p99_ms": 3.5, "rows": 7, "errors": 0}]
+    console = Console(record=True, width=70)
+    console.print(render_table(rows, width=70))
+    text = console.export_text()
+    assert "123,456" in text and "98,765.43" in text and "SELECT x, x" in text
+    assert max(len(line) for line in text.splitlines()) <= 70

@@ -88,8 +88,11 @@ def cache_config(redis_url: str, **cache: Any) -> Any:
 
 
 async def started_cache(redis_url: str, dsn: str, *, retry_after: float = 0.2, **cache: Any) -> Any:
+    """A started ResultCache. Redis calls get 1 s unless told otherwise: a busy 2-core test machine stalls
+    event loops past 50 ms, and each stall would open the breaker and flush the cache."""
     from proxy.cache.resultcache import ResultCache
 
+    cache.setdefault("redis_timeout", "1s")
     rc = ResultCache(cache_config(redis_url, **cache), dsn, retry_after=retry_after)
     await rc.start()
     return rc

@@ -9,6 +9,7 @@ as pg_stat_statements does, so the k-th item of constants() is always the k-th n
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 
 from pglast import parser
@@ -32,6 +33,10 @@ def normalize(text: str, max_param: int) -> str:
     normalized = parser.normalize(text)
     if _in_text_order(_PLACEHOLDER.findall(normalized), max_param):
         return normalized  # the common case
+    if not any(int(n) > max_param for n in _PLACEHOLDER.findall(text)):
+        # every $n above max_param is a new placeholder (none came from comments or names): renumber them
+        numbers = itertools.count(max_param + 1)
+        return _PLACEHOLDER.sub(lambda m: f"${next(numbers)}" if int(m[1]) > max_param else m[0], normalized)
     spans = replaced_spans(text, normalized)
     if spans is None:
         return normalized

@@ -8,7 +8,8 @@ per-message cost to one small tuple; callers slice only the few bodies they read
 Messages whose type is in `stream_types` (DataRow, CopyData) are never buffered whole: when one is
 larger than what has arrived, its bytes are handed on piece by piece as `(-type, start, end)`, so a
 500 MB row costs no 500 MB buffer. Every other message is buffered until complete, up to `max_size`
-(FrameError beyond it).
+(FrameError beyond it); while one is incomplete, arriving bytes are appended to it and not rescanned, so
+a large message arriving in many reads costs linear, not quadratic, copying.
 
 `read_startup` handles the untyped first messages (StartupMessage, SSLRequest, CancelRequest...).
 """
@@ -31,10 +32,11 @@ class FrameError(Exception):
 
 
 class Framer:
-    __slots__ = ("_buf", "_skip", "_skip_type", "max_size", "stream_types", "data")
+    __slots__ = ("_buf", "_want", "_skip", "_skip_type", "max_size", "stream_types", "data")
 
     def __init__(self, max_size: int = 1 << 30, stream_types: bytes = b"Dd") -> None:
-        self._buf = b""
+        self._buf = bytearray()
+        self._want = 0  # length `_buf` must reach before it can yield a message
         self._skip = 0
         self._skip_type = 0
         self.max_size = max_size
@@ -58,8 +60,13 @@ class Framer:
             pos = self._skip
             self._skip = 0
         elif self._buf:
-            data = self._buf + data
-            self._buf = b""
+            buf = self._buf
+            buf += data
+            if len(buf) < self._want:  # still incomplete: nothing to scan yet
+                self.data = b""
+                return out
+            data = bytes(buf)
+            self._buf = bytearray()
         self.data = data
         n = len(data)
         unpack = _LEN.unpack_from
@@ -81,9 +88,12 @@ class Framer:
                 self._skip = end - n
                 self._skip_type = t
                 return out
-            break
+            self._buf = bytearray(data[pos:])
+            self._want = end - pos
+            return out
         if pos < n:
-            self._buf = data[pos:]
+            self._buf = bytearray(data[pos:])
+            self._want = 5
         return out
 
 

@@ -145,6 +145,11 @@ TERMINATE = msg(b"X")
 
 # --- parsers ------------------------------------------------------------------------------------
 
+# What a parser raises on a malformed body, and all it may raise (tests/test_fuzz_wire.py): never a
+# UnicodeError, since text is decoded with surrogateescape.
+MALFORMED = (ValueError, IndexError, struct.error)
+
+
 def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:
     """Body of an untyped startup-phase message (after the length): (code, params)."""
     (code,) = _I32.unpack_from(body, 0)
