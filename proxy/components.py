@@ -77,8 +77,8 @@ def _gauges(app: App) -> None:
     s = app.stats
     s.set_gauge("client_connections", len(app.sessions))
     s.set_gauge("server_connections", sum(1 for x in app.sessions if x.server is not None and x.phase == "ready"))
-    s.set_gauge("bytes_received", sum(x.bytes_in for x in app.sessions) + app.closed_bytes[0])
-    s.set_gauge("bytes_sent", sum(x.bytes_out for x in app.sessions) + app.closed_bytes[1])
+    s.set_counter("bytes_received", sum(x.bytes_in for x in app.sessions) + app.closed_bytes[0])
+    s.set_counter("bytes_sent", sum(x.bytes_out for x in app.sessions) + app.closed_bytes[1])
 
 
 def _health(app: App) -> dict:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -57,6 +59,13 @@ SELECT lower(p.proname) AS name, p.provolatile::text AS provolatile, n.nspname
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE lower(p.proname) = ANY($1::text[])
 """
+
+
+async def connect(dsn: str, database: str, application_name: str, timeout: float) -> asyncpg.Connection:
+    """A connection to `database` on the upstream; user from the DSN, else $PGUSER, else postgres."""
+    user = None if urlsplit(dsn).username or os.environ.get("PGUSER") else "postgres"
+    return await asyncpg.connect(dsn, database=database, user=user, timeout=timeout,
+                                 server_settings={"application_name": application_name})
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +194,7 @@ class Catalog:
 
     async def _connection(self, database: str, db: _Database) -> asyncpg.Connection:
         if db.conn is None or db.conn.is_closed():
-            db.conn = await asyncpg.connect(self.dsn, database=database, timeout=self.timeout,
-                                            server_settings={"application_name": "pgfront-cache-catalog"})
+            db.conn = await connect(self.dsn, database, "pgfront-cache-catalog", self.timeout)
         return db.conn
 
     async def _fetch(self, database: str, db: _Database, rels: list[str], fns: list[str]) -> None:

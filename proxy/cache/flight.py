@@ -33,6 +33,8 @@ class Flights:
         try:
             return await asyncio.wait_for(asyncio.shield(got[1]), timeout)
         except TimeoutError:
+            if self._flights.get(key) is got:  # a leader that never landed must not hold up later misses
+                del self._flights[key]
             return None
 
     def land(self, key: bytes, stamp: bytes, reply: bytes | None) -> None:

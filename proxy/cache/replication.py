@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from proxy.cache.catalog import connect
 from proxy.cache.writes import relname
 
 log = logging.getLogger("pgfront.cache.replication")
@@ -78,8 +79,7 @@ class ReplicationListener:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(self.dsn, database=database, timeout=5,
-                                             server_settings={"application_name": "pgfront-cache-replication"})
+                conn = await connect(self.dsn, database, "pgfront-cache-replication", 5.0)
                 if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", "pgfront:" + slot):
                     await asyncio.sleep(self.retry_after * 3)  # another process consumes the slot
                     continue
