@@ -216,6 +216,45 @@ class ScramClient:
             raise AuthFailed("the upstream's SCRAM signature is wrong")
 
 
+class UpstreamLogin:
+    """Answers the upstream's authentication requests for a role, with what pgfront knows of it."""
+
+    def __init__(self, user: str, secret: Secret, client_key: bytes | None = None) -> None:
+        self.user = user
+        self.secret = secret
+        self.client_key = client_key
+        self.scram: ScramClient | None = None
+
+    def answer(self, body: bytes) -> bytes | None:
+        """AuthenticationXXX message body -> PasswordMessage to send (b"" = nothing), None once OK."""
+        secret = self.secret
+        (code,) = struct.unpack_from("!i", body, 0)
+        if code == 0:
+            return None
+        if code == 3 and secret.kind == "plain":
+            return _password_message(secret.value.encode() + b"\0")
+        if code == 5 and secret.kind in ("plain", "md5"):
+            return _password_message(md5_response(secret, self.user, body[4:8]).encode() + b"\0")
+        if code == 10:
+            if secret.kind == "plain":
+                self.scram = ScramClient(password=secret.value)
+            elif secret.kind == "scram" and self.client_key is not None:
+                self.scram = ScramClient(client_key=self.client_key, server_key=secret.server_key)
+            else:
+                raise AuthFailed("no usable secret for the upstream's SCRAM login (a client must log in first)")
+            return _password_message(self.scram.initial())
+        if code == 11 and self.scram is not None:
+            return _password_message(self.scram.respond(body[4:]))
+        if code == 12 and self.scram is not None:
+            self.scram.verify(body[4:])
+            return b""
+        raise AuthFailed(f"the upstream asked for an authentication method pgfront cannot answer ({code})")
+
+
+def _password_message(body: bytes) -> bytes:
+    return b"p" + struct.pack("!I", len(body) + 4) + body
+
+
 class Credentials:
     """Where secrets come from: a userlist file (re-read on reload) or the upstream (auth_query)."""
 

@@ -162,7 +162,7 @@ class Session(asyncio.Protocol):
         self.admin = False
         self.tls = False
         self.upstream_params: dict[str, str] = {}
-        self.upstream_login: tuple | None = None  # (secret, client_key) when pgfront logs in for the client
+        self.upstream_login = None  # an auth.UpstreamLogin when pgfront logs in for the client
         self.scram = None
         self.scram_client = None
         self.secret = None
@@ -445,39 +445,20 @@ class Session(asyncio.Protocol):
                 return
 
     def _local_auth_ok(self, client_key: bytes | None) -> None:
+        from proxy.auth import UpstreamLogin
+
         self.transport.write(pq.AUTH_OK)
-        self.upstream_login = (self.secret, client_key)
+        self.upstream_login = UpstreamLogin(self.user, self.secret, client_key)
         self.phase = "connecting"
         asyncio.ensure_future(self._connect(self.upstream_params))
 
     def _upstream_login(self, raw: bytes) -> bytes | None:
         """Answer the upstream's authentication request for our client; None once it says OK."""
-        from proxy.auth import AuthFailed, ScramClient, md5_response
+        from proxy.auth import AuthFailed
 
-        secret, client_key = self.upstream_login
-        (code,) = struct.unpack_from("!i", raw, 5)
         try:
-            if code == 0:
-                return None
-            if code == 3 and secret.kind == "plain":
-                return pq.msg(b"p", pq.cstr(secret.value))
-            if code == 5 and secret.kind in ("plain", "md5"):
-                return pq.msg(b"p", pq.cstr(md5_response(secret, self.user, raw[9:13])))
-            if code == 10:
-                if secret.kind == "plain":
-                    self.scram_client = ScramClient(password=secret.value)
-                elif client_key is not None:
-                    self.scram_client = ScramClient(client_key=client_key, server_key=secret.server_key)
-                else:
-                    raise AuthFailed("no usable secret for the upstream's SCRAM")
-                return pq.msg(b"p", self.scram_client.initial())
-            if code == 11:
-                return pq.msg(b"p", self.scram_client.respond(raw[9:]))
-            if code == 12:
-                self.scram_client.verify(raw[9:])
-                return b""
-            raise AuthFailed(f"the upstream asked for an authentication method pgfront cannot answer ({code})")
-        except (AuthFailed, ValueError, KeyError, AttributeError) as e:
+            return self.upstream_login.answer(raw[5:])
+        except (AuthFailed, ValueError, KeyError) as e:
             log.warning("upstream login failed", extra={"client": self.id, "user": self.user, "reason": str(e)})
             self.fatal("08006", f"pgfront could not log in to the upstream as {self.user}: {e}")
             return b""

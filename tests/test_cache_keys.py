@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from proxy.cache import ResultCapture, SessionCacheState, make_key, split_row_description, write_effect
+from proxy.cache.catalog import FunctionFacts
 from proxy.cache.keys import normalize_formats, session_prefix
 from proxy.cache.testing import message, select_reply
 from proxy.cache.writes import relname
@@ -35,6 +36,7 @@ def test_key_scoping_covers_everything_that_shapes_the_result():
         key(params=[b"1"], param_types=[23]),
         key(sql="SELECT v FROM kv WHERE k = $1 ", params=[b"1"]),
         key(sql="select v from kv where k = $1", params=[b"1"]),
+        key(params=[b"1"], extended=True),  # an Execute's reply has no RowDescription
     ]
     assert len(set(variants) | {base}) == len(variants) + 1
 
@@ -141,7 +143,8 @@ def test_isolation_is_tracked_per_block():
 
 
 def test_writes_are_flushed_only_at_commit_points():
-    s = SessionCacheState("app", "alice", function_may_write=lambda db, name: False)
+    facts = {"lower": FunctionFacts(True, False), "bump_counter": FunctionFacts(False, True)}
+    s = SessionCacheState("app", "alice", function_facts=lambda db, name: facts.get(name))
     # autocommit statement: flushed at ReadyForQuery 'I'
     ins = analyze("INSERT INTO public.orders VALUES (1)")
     s.sent(ins)
@@ -163,9 +166,14 @@ def test_writes_are_flushed_only_at_commit_points():
     s.sent(upd)
     s.done(analyze("ROLLBACK"))
     assert s.ready(b"I") is None
-    # reads calling functions that cannot write are not writes
+    # reads calling functions that cannot write are not writes; known writers flush the database;
+    # unknown functions are kept for invalidate() to look up
     s.sent(analyze("SELECT lower(a) FROM items"))
     assert not s.pending
+    s.sent(analyze("SELECT bump_counter()"))
+    assert s.ready(b"I").flush_database
+    s.sent(analyze("SELECT mystery(a) FROM items"))
+    assert s.ready(b"I").functions == {"mystery"}
 
 
 def test_write_classification():

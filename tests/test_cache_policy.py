@@ -37,6 +37,7 @@ CREATE TABLE audit_log (a int);
 CREATE FUNCTION log_it() RETURNS trigger LANGUAGE plpgsql AS
   'BEGIN INSERT INTO audit_log VALUES (NEW.a); RETURN NEW; END';
 CREATE TRIGGER audit AFTER INSERT ON audited FOR EACH ROW EXECUTE FUNCTION log_it();
+CREATE FUNCTION f_write() RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO audit_log VALUES (0) RETURNING 1';
 CREATE TABLE shadow (a int);
 CREATE SEQUENCE seq;
 """
@@ -142,6 +143,10 @@ def test_dependencies_guard_reads_of_views_partitions_and_cascades(db, redis_ser
         await read_through(cache, state, conn, "SELECT count(*) FROM audit_log")
         await write_through(cache, state, conn, "INSERT INTO audited VALUES (7)")
         assert await read_through(cache, state, conn, "SELECT count(*) FROM audit_log") == ("miss", [b"1"])
+        # so may a volatile user function called by a SELECT
+        assert (await read_through(cache, state, conn, "SELECT count(*) FROM audit_log"))[0] == "l1"
+        await write_through(cache, state, conn, "SELECT f_write()")
+        assert await read_through(cache, state, conn, "SELECT count(*) FROM audit_log") == ("miss", [b"2"])
         await conn.close()
         await cache.close()
 

@@ -133,18 +133,25 @@ class Catalog:
     async def relations_now(self, database: str, names: Iterable[str]) -> dict[str, RelationFacts | None]:
         """Facts for `names`, looking up the missing ones now; None where the look-up failed."""
         db = self._db(database)
-        missing = [n for n in names if n not in db.relations]
-        if missing:
-            try:
-                await self._fetch(database, db, missing, [])
-            except Exception as e:  # the caller falls back to flushing the database
-                self._failed(database, db, e)
+        await self._fetch_missing(database, db, [n for n in names if n not in db.relations], [])
         return {n: (db.relations[n][0] if n in db.relations else None) for n in names}
 
-    def forget(self, database: str | None = None) -> None:
-        """Drop facts (after DDL): of one database, or of all."""
+    async def functions_now(self, database: str, names: Iterable[str]) -> dict[str, FunctionFacts | None]:
+        db = self._db(database)
+        await self._fetch_missing(database, db, [], [n for n in names if n not in db.functions])
+        return {n: (db.functions[n][0] if n in db.functions else None) for n in names}
+
+    def forget(self, database: str | None = None, relations: Iterable[str] = ()) -> None:
+        """Drop facts after DDL: with `relations`, the facts of those names and of every name depending
+        on them (views, partitions); else all facts of `database` (or of every database)."""
+        names = set(relations)
         for name, db in self._dbs.items():
-            if database is None or name == database:
+            if database is not None and name != database:
+                continue
+            if names:
+                for rel in [r for r, (facts, _) in db.relations.items() if facts.tags & names]:
+                    del db.relations[rel]
+            else:
                 db.relations.clear()
                 db.functions.clear()
         self.generation += 1
@@ -184,6 +191,13 @@ class Catalog:
             except Exception as e:
                 self._failed(database, db, e)
                 return
+
+    async def _fetch_missing(self, database: str, db: _Database, rels: list[str], fns: list[str]) -> None:
+        if rels or fns:
+            try:
+                await self._fetch(database, db, rels, fns)
+            except Exception as e:  # the caller treats unknown facts conservatively
+                self._failed(database, db, e)
 
     def _failed(self, database: str, db: _Database, e: BaseException) -> None:
         self.errors += 1

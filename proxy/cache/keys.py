@@ -78,13 +78,16 @@ def make_key(
     param_formats: Sequence[int] = (),
     result_formats: Sequence[int] = (),
     param_types: Sequence[int] = (),
+    extended: bool = False,
 ) -> bytes:
-    """Digest of (session prefix, statement text, parameter OIDs, values and formats, result formats).
+    """Digest of (session prefix, protocol, statement text, parameter OIDs, values and formats, result formats).
 
     Parameter type OIDs from Parse are keyed because they change the result (`SELECT $1` as int4 or text).
-    NULL is encoded apart from the empty string.
+    NULL is encoded apart from the empty string. `extended` keeps the two reply shapes apart: a simple
+    Query's entry holds RowDescription + DataRows + CommandComplete, an Execute's DataRows + CommandComplete.
     """
     h = blake2b(prefix, digest_size=KEY_BYTES)
+    h.update(b"E" if extended else b"Q")
     h.update(_field(sql.encode()))
     pf = normalize_formats(param_formats, len(params))
     h.update(len(params).to_bytes(4, "big"))

@@ -110,14 +110,15 @@ class ResultCache:
             self._background(self.versions.register_database(database))
             if self.replication:
                 self.replication.follow(database)
-        return SessionCacheState(database, role, startup_params, self._function_may_write)
+        return SessionCacheState(database, role, startup_params, self.catalog.function)
 
     # -- reads ---------------------------------------------------------------------------------------------
     @staticmethod
     def key(state: SessionCacheState, sql: str, params: Sequence[bytes | None] = (),
             param_formats: Sequence[int] = (), result_formats: Sequence[int] = (),
-            param_types: Sequence[int] = ()) -> bytes:
-        return make_key(state.prefix, sql, params, param_formats, result_formats, param_types)
+            param_types: Sequence[int] = (), extended: bool = False) -> bytes:
+        """The cache key of one execution (see keys.make_key); `extended` for an Execute's reply."""
+        return make_key(state.prefix, sql, params, param_formats, result_formats, param_types, extended)
 
     async def lookup(self, key: bytes, info: Any, state: SessionCacheState, *, allow_rls: bool = False,
                      allow_catalog: bool = False) -> Hit | Fill | Bypass:
@@ -188,27 +189,35 @@ class ResultCache:
         Await it after the commit and before the client sees its acknowledgement (see SessionCacheState).
         """
         database = where if isinstance(where, str) else where.database
-        fields: set[str] = set()
-        if effect.flush_all:
-            fields.add(FLUSH_ALL)
-        elif effect.flush_database:
-            fields.add(db_field(database))
-        elif effect.ddl:
-            fields.update(table_field(database, t) for t in effect.tables)
-        elif effect.tables:
-            for facts in (await self.catalog.relations_now(database, effect.tables)).values():
-                if facts is None or facts.side_effects:  # triggers or rules may write anywhere
-                    fields.add(db_field(database))
-                    break
-                fields.update(table_field(database, t) for t in facts.write_tags)
+        fields = await self._fields_to_bump(database, effect)
         notes = []
         if effect.ddl:
-            self.catalog.forget(database)
-            notes.append(f"ddl:{database}")
-        self._invalidated(list(fields))
+            relations = () if effect.flush_database or effect.flush_all else effect.tables
+            self.catalog.forget(database, relations)
+            notes.append(f"ddl:{database}:" + ",".join(sorted(relations)))
+        self._invalidated(sorted(fields))
         self.stats["invalidations"] += 1
         if not await self.versions.bump(fields, notes):
             self.stats["invalidation_failures"] += 1
+
+    async def _fields_to_bump(self, database: str, effect: WriteEffect) -> set[str]:
+        if effect.flush_all:
+            return {FLUSH_ALL}
+        flush_db = {db_field(database)}
+        if effect.flush_database:
+            return flush_db
+        if effect.functions:  # called functions whose volatility was unknown when the statement was sent
+            for facts in (await self.catalog.functions_now(database, effect.functions)).values():
+                if facts is None or facts.may_write:
+                    return flush_db
+        if effect.ddl:
+            return {table_field(database, t) for t in effect.tables}
+        fields = set()
+        for facts in (await self.catalog.relations_now(database, effect.tables)).values():
+            if facts is None or facts.side_effects:  # triggers or rules may write anywhere
+                return flush_db
+            fields.update(table_field(database, t) for t in facts.write_tags)
+        return fields
 
     async def purge_all(self) -> None:
         self.stats["purges"] += 1
@@ -262,19 +271,17 @@ class ResultCache:
         self.bypass_reasons[reason] += 1
         return Bypass(reason)
 
-    def _function_may_write(self, database: str, name: str) -> bool:
-        facts = self.catalog.function(database, name)
-        return facts is None or facts.may_write
-
     def _invalidated(self, fields: list[str]) -> None:
-        """Versions changed (here or, via pub/sub, elsewhere): free the L1 entries they guard."""
+        """Versions changed (here or, via pub/sub, elsewhere): free the L1 entries they guard; a DDL note
+        ("ddl:<db>:<rel>,<rel>" or "ddl:<db>:") drops catalog facts."""
         for f in fields:
-            if f == FLUSH_ALL:
-                self.l1.clear()
-                return
             if f.startswith("ddl:"):
-                self.catalog.forget(f[4:])
-        self.l1.drop_fields([f for f in fields if not f.startswith("ddl:")])
+                database, _, relations = f[4:].rpartition(":")
+                self.catalog.forget(database, [r for r in relations.split(",") if r])
+        if FLUSH_ALL in fields:
+            self.l1.clear()
+        else:
+            self.l1.drop_fields([f for f in fields if not f.startswith("ddl:")])
 
     async def _replicated_writes(self, database: str, tables: set[str]) -> bool:
         """Writes seen in the replication stream (maybe by-passing pgfront): bump their versions."""

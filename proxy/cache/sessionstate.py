@@ -61,10 +61,10 @@ class SessionCacheState:
     """Per-client facts that shape keys and decide cacheability; see the module docstring for the hooks."""
 
     def __init__(self, database: str, role: str, startup_params: Mapping[str, str] | None = None,
-                 function_may_write: Any = None) -> None:
+                 function_facts: Any = None) -> None:
         self.database = database
         self.role = role
-        self._function_may_write = function_may_write  # callable(database, name) -> bool
+        self._function_facts = function_facts  # callable(database, name) -> FunctionFacts | None
         self.reported: dict[str, str] = {}     # ParameterStatus values, authoritative
         self.explicit: dict[str, str] = {}     # SET outside a transaction block, and startup parameters
         self.staged: dict[str, str | None] = {}  # SET since the last commit point (None = RESET)
@@ -156,10 +156,18 @@ class SessionCacheState:
         return effect or None
 
     def _resolve_functions(self, effect: WriteEffect) -> WriteEffect:
-        """Calls of functions that cannot write are not writes; unknown or volatile user functions may be."""
-        may_write = self._function_may_write
-        writing = may_write is None or any(may_write(self.database, relname(f)) for f in effect.functions)
-        return WriteEffect(effect.tables, frozenset(), effect.flush_database or writing, effect.flush_all, effect.ddl)
+        """Calls of functions known not to write are not writes; known writers flush the database; the
+        unknown stay in `functions` (a write for now; invalidate() looks them up before deciding)."""
+        facts_of = self._function_facts
+        unknown, writing = set(), False
+        for f in effect.functions:
+            facts = facts_of(self.database, relname(f)) if facts_of else None
+            if facts is None:
+                unknown.add(relname(f))
+            elif facts.may_write:
+                writing = True
+        return WriteEffect(effect.tables, frozenset(unknown), effect.flush_database or writing, effect.flush_all,
+                           effect.ddl)
 
     def _done_one(self, info: Any) -> WriteEffect | None:
         kind = info.kind
