@@ -104,11 +104,11 @@ def run(port: int, load: Load, seconds: float, *, dbname: str = "postgres", user
         args.append(dbname)
         # no TLS or GSSAPI negotiation round trips: the same plain startup for every target
         env = {**os.environ, "PGCONNECT_TIMEOUT": "10", "PGSSLMODE": "disable", "PGGSSENCMODE": "disable"}
+        limit = timeout or seconds * 2 + 30  # -T ends the run; past this the target is stuck
         try:
-            proc = subprocess.run(args, capture_output=True, text=True, cwd=work, env=env,
-                                  timeout=timeout or seconds * 3 + 60)
+            proc = subprocess.run(args, capture_output=True, text=True, cwd=work, env=env, timeout=limit)
         except subprocess.TimeoutExpired:
-            return Result(error=f"pgbench did not finish within {timeout or seconds * 3 + 60:.0f}s")
+            return Result(error=f"pgbench did not finish within {limit:.0f}s")
         tps = _TPS.search(proc.stdout)
         txns = _TXNS.search(proc.stdout)
         if proc.returncode != 0 or not tps or not txns or int(txns.group(1)) == 0:

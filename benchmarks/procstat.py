@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -69,3 +70,16 @@ def tree_pss_bytes(pid: int) -> int:
     """Proportional set size summed over the tree: shared pages split between sharers, so a
     forking server such as PostgreSQL is not counted once per backend for its shared buffers."""
     return 1024 * sum(_status_kib(p, "Pss", "smaps_rollup") for p in tree(pid))
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by everything on the machine (all cores) since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of every child it has waited for (their descendants included)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime

@@ -72,7 +72,7 @@ def _ratio_text(r: float | None) -> str:
     return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
 
 
-def _short(text: str, limit: int = 90) -> str:
+def _short(text: str, limit: int = 140) -> str:
     """Table notes stay one or two lines; the JSON keeps the whole reason."""
     if text.startswith("not available"):
         return "not available (see below)"
@@ -112,9 +112,14 @@ def _machine_line(results: dict) -> str:
     m = results.get("machine", {})
     s = results.get("settings", {})
     return (f"{m.get('date', '?')} - {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
-            f"{m.get('memory_gib', '?')} GiB, load average {m.get('loadavg_at_start', '?')} at start - {m.get('postgres', '?')}, {m.get('pgbouncer', '?')}, "
+            f"{m.get('memory_gib', '?')} GiB, {_others(m)} - {m.get('postgres', '?')}, {m.get('pgbouncer', '?')}, "
             f"{m.get('pgpool', '?')} - pgbench scale {s.get('scale')}, {s.get('clients')} clients, "
             f"{s.get('threads')} threads, best of {s.get('rounds')} x {_each(s)} s per cell" + (" (--quick)" if s.get("quick") else ""))
+
+
+def _others(m: dict) -> str:
+    share = m.get("other_processes_cpu_share")
+    return "other processes' CPU share unknown" if share is None else f"other processes used {share:.0%} of the CPU"
 
 
 def _each(settings: dict) -> str:
@@ -136,6 +141,16 @@ def _idle_lines(results: dict) -> list[str]:
                        f"({m['clients']} clients, RSS {_mib(m['rss_before'])} -> {_mib(m['rss_after'])})"
                        + (f"; {m['note']}" if m.get("note") else ""))
     return out
+
+
+def _workers_lines(results: dict) -> list[str]:
+    w = results.get("extras", {}).get("workers")
+    if not w:
+        return []
+    if "na" in w:
+        return [f"workers: n/a ({w['na']})"]
+    return [f"workers: pgbench -S simple through pgfront passthrough: {w['workers_1']['tps']:,.0f} TPS with "
+            f"1 worker, {w['workers_2']['tps']:,.0f} TPS with 2 ({w['ratio']:.2f}x)"]
 
 
 def _unavailable_lines(results: dict) -> list[str]:
@@ -173,7 +188,7 @@ def print_table(results: dict, console: Console | None = None) -> None:
         style = {True: "green", False: "red", None: "yellow"}[g["pass"]]
         goals_table.add_row(g["goal"], g["want"], g["shown"], f"[{style}]{_goal_mark(g)}[/]", g["why"])
     console.print(goals_table)
-    for line in _unavailable_lines(results) + _idle_lines(results) + _cpu_lines(results):
+    for line in _unavailable_lines(results) + _idle_lines(results) + _workers_lines(results) + _cpu_lines(results):
         console.print(" - " + line, markup=False)
     for note in results.get("notes", []):
         console.print(f"[dim]note: {note}[/]")
@@ -188,7 +203,7 @@ def markdown(results: dict) -> str:
     for g in goals(results):
         out.append(f"| {g['goal']} | {g['want']} | {g['shown']} | {_goal_mark(g)}"
                    + (f" ({g['why']})" if g["why"] and g["pass"] is None else "") + " |")
-    extra = _unavailable_lines(results) + _idle_lines(results) + _cpu_lines(results)
+    extra = _unavailable_lines(results) + _idle_lines(results) + _workers_lines(results) + _cpu_lines(results)
     if extra:
         out += [""] + [f"- {x}" for x in extra]
     out += ["", "Notes:", ""] + [f"- {n}" for n in results.get("notes", [])]

@@ -54,6 +54,10 @@ class Target:
     def start(self, env: Env) -> None:
         raise NotImplementedError
 
+    def explain(self, error: str) -> str:
+        """A pgbench failure as shown in the table; targets add what is known about it."""
+        return error
+
     def stop(self) -> None:
         if self.service:
             self.service.stop()
@@ -100,6 +104,12 @@ class Forwarder(Target):
 
 class PgBouncer(Target):
     exe = "/usr/sbin/pgbouncer"
+
+    def explain(self, error: str) -> str:
+        if "prepared statement" in error:
+            return (f"{error} (PgBouncer before 1.21 cannot carry protocol-level prepared statements "
+                    "across server connections in transaction mode)")
+        return error
 
     def start(self, env: Env) -> None:
         exe = shutil.which("pgbouncer") or (self.exe if Path(self.exe).exists() else None)

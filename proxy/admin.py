@@ -108,6 +108,13 @@ def show_servers(app: App, _args: list[str]) -> bytes:
 
 
 def show_pools(app: App, _args: list[str]) -> bytes:
+    if app.pools is not None:
+        rows = app.pools.describe()
+        for r in rows:
+            r["cl_active"] = sum(1 for s in app.sessions if s.pool is not None and s.pool.database == r["database"]
+                                 and s.pool.user == r["user"])
+        return _dict_rows(rows, ["database", "user", "pool_mode", "cl_active", "cl_waiting", "sv_active",
+                                 "sv_idle", "sv_opening", "acquired", "avg_wait_ms", "max_wait_ms"])
     pools: dict[tuple[str, str], dict[str, Any]] = {}
     for s in app.sessions:
         if s.phase != "ready":

@@ -69,6 +69,8 @@ class App:
         self.publisher: Any = None
         self.metrics_server: Any = None
         self.closed_bytes = [0, 0]  # bytes in/out of sessions that have ended
+        self.pools: Any = None  # pool.PoolManager when pgfront logs in to servers itself
+        self.cancel_keys: dict[tuple[int, bytes], Session] = {}
 
     def merged_stats(self) -> Any:
         """Statistics of every worker of this instance (replaced by components.attach)."""
@@ -82,6 +84,64 @@ class App:
         self.sessions.add(session)
         self.stats_inc("client_connections_opened")
         return True
+
+    # -- cancel keys of pooled sessions ------------------------------------------------------------
+    # The key a pooled client holds is pgfront's own: the worker number sits in the top bits of the
+    # pid, so whichever worker receives a CancelRequest can pass it to the worker holding the client.
+    def new_cancel_key(self, session: Session) -> tuple[int, bytes]:
+        import os
+
+        self._key_counter = (getattr(self, "_key_counter", 0) + 1) & 0x3FFFFF
+        pid = ((self.worker_id + 1) << 22) | self._key_counter
+        secret = os.urandom(4)
+        self.cancel_keys[(pid, secret)] = session
+        return pid, secret
+
+    def drop_cancel_key(self, session: Session) -> None:
+        self.cancel_keys.pop((session.backend_pid, session.backend_secret), None)
+
+    def route_cancel(self, pid: int, secret: bytes) -> None:
+        import asyncio
+
+        worker = (pid >> 22) - 1
+        if worker == self.worker_id:
+            self.cancel_local(pid, secret)
+        elif 0 <= worker < self.cfg.server.workers:
+            asyncio.ensure_future(self._forward_cancel(worker, pid, secret))
+
+    async def _forward_cancel(self, worker: int, pid: int, secret: bytes) -> None:
+        import asyncio
+        import os
+        import struct
+
+        path = os.path.join(self.run_dir, f"cancel-{worker}.sock")
+        try:
+            _, writer = await asyncio.open_unix_connection(path)
+            writer.write(struct.pack("!i", pid) + secret)
+            await writer.drain()
+            writer.close()
+        except OSError as e:
+            log.info("cancel forwarding failed", extra={"worker": worker, "reason": str(e)})
+
+    def cancel_local(self, pid: int, secret: bytes) -> None:
+        """Cancel what this client is running now, on the server it holds; never anyone else's query."""
+        import asyncio
+
+        from proxy.upstream import send_cancel
+
+        session = self.cancel_keys.get((pid, secret))
+        link = session.server if session is not None else None
+        if link is None or not session.expect or not link.pid:
+            return  # nothing running: a late cancel must not land on the next query
+        link.cancels += 1
+
+        async def deliver() -> None:
+            try:
+                await send_cancel(self.upstream, link.pid, link.secret)
+            finally:
+                link.cancels -= 1
+
+        asyncio.ensure_future(deliver())
 
     def over_limit(self, session: Session) -> str | None:
         """Why this client (user and database now known) may not connect, or None."""

@@ -68,15 +68,24 @@ class Secret:
         return cls("plain", text)
 
     def scram(self) -> Secret:
-        """A SCRAM verifier for this secret (computed from a plaintext password when needed)."""
+        """A SCRAM verifier for this secret (computed once from a plaintext password)."""
         if self.kind == "scram":
             return self
         if self.kind != "plain":
             raise ValueError("an md5 hash cannot be turned into a SCRAM verifier")
+        cached = _verifiers.get(self.value)
+        if cached is None:
+            cached = _verifiers[self.value] = self._derive()
+        return cached
+
+    def _derive(self) -> Secret:
         salt = os.urandom(16)
         salted = hashlib.pbkdf2_hmac("sha256", self.value.encode(), salt, ITERATIONS)
         client_key = _hmac(salted, b"Client Key")
         return Secret("scram", self.value, ITERATIONS, salt, _h(client_key), _hmac(salted, b"Server Key"))
+
+
+_verifiers: dict[str, Secret] = {}  # plaintext password -> derived verifier (PBKDF2 is slow on purpose)
 
 
 def md5_hash(password: str, user: str) -> str:

@@ -20,6 +20,17 @@ async def attach(app: App) -> list[asyncio.Task]:
     app.merged_stats = lambda: _merged(app)
     tasks = [asyncio.ensure_future(publisher.run(cfg.stats.flush_interval)),
              asyncio.ensure_future(_housekeeping(app))]
+    if cfg.auth.mode != "passthrough":
+        import os
+
+        from proxy.pool import PoolManager
+
+        app.pools = PoolManager(app)
+        # other workers pass cancel requests for our clients through this socket
+        path = os.path.join(app.run_dir, f"cancel-{app.worker_id}.sock")
+        if os.path.exists(path):
+            os.unlink(path)
+        app.cancel_server = await asyncio.start_unix_server(lambda r, w: _cancel_from_peer(app, r, w), path)
     if cfg.slowlog.threshold_ms > 0:
         from proxy.slowlog import SlowLog
 
@@ -86,12 +97,26 @@ def _health(app: App) -> dict:
             "clients": len(app.sessions), "uptime_s": round(time.time() - app.started_at, 1)}
 
 
+async def _cancel_from_peer(app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        data = await asyncio.wait_for(reader.readexactly(8), 5)
+        import struct
+
+        app.cancel_local(struct.unpack_from("!i", data)[0], data[4:8])
+    except (asyncio.IncompleteReadError, TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
 async def _housekeeping(app: App) -> None:
     """Once a second: gauges, and dropping clients idle longer than client_idle_timeout."""
     idle_limit = app.cfg.server.client_idle_timeout
     while True:
         await asyncio.sleep(1.0)
         _gauges(app)
+        if app.pools is not None:
+            app.pools.maintain()
         if idle_limit > 0:
             now = time.perf_counter()
             for s in list(app.sessions):
@@ -101,6 +126,8 @@ async def _housekeeping(app: App) -> None:
 
 
 async def detach(app: App) -> None:
+    if app.pools is not None:
+        app.pools.close_all()
     if app.slowlog is not None:
         await app.slowlog.close()
     watcher = getattr(app, "rule_watcher", None)
@@ -116,7 +143,13 @@ async def detach(app: App) -> None:
 
 
 async def reload(app: App) -> tuple[bool, str]:
-    """SIGHUP and the admin console's RELOAD: re-read the rule files; a bad file keeps the old rules."""
+    """SIGHUP and the admin console's RELOAD: re-read the userlist and the rule files; a bad file keeps
+    what was running."""
+    if app.credentials is not None:
+        try:
+            app.credentials.reload()
+        except (OSError, ValueError) as e:
+            log.error("userlist not reloaded, keeping the running one", extra={"reason": str(e)})
     if app.rules is None:
         return True, "no rule files configured"
     ok, message = app.rules.reload()

@@ -85,6 +85,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      "for mode = query: returns (name, password verifier) of a role"),
         "query_dsn": Key("str", "", "login used to run the auth query; empty = the upstream URL as postgres"),
     },
+    "pool": {
+        "mode": Key("str", "session", "session (a server connection per client session) or transaction (lent per "
+                                      "transaction); pooling reuses connections only with [auth] mode userlist/query"),
+        "databases": Key("map", {}, "pool mode per database, e.g. { app = \"transaction\" }"),
+        "users": Key("map", {}, "pool mode per user (wins over databases)"),
+        "default_pool_size": Key("int", 20, "server connections per (database, user) pool"),
+        "min_pool_size": Key("int", 0, "server connections kept open per pool even when idle"),
+        "reserve_pool_size": Key("int", 0, "extra connections for clients that waited reserve_pool_timeout"),
+        "reserve_pool_timeout": Key("duration", "5s", "wait after which the reserve pool may be used"),
+        "max_db_connections": Key("int", 0, "server connections per database across users; 0 = no limit"),
+        "server_idle_timeout": Key("duration", "600s", "close pooled server connections idle this long"),
+        "server_lifetime": Key("duration", "3600s", "close pooled server connections older than this"),
+        "query_wait_timeout": Key("duration", "120s", "a client waiting longer for a server connection gets an error"),
+        "server_reset_query": Key("str", "DISCARD ALL", "run on a server connection before another client gets it "
+                                                        "(session mode); empty = none"),
+        "session_state": Key("str", "pin", "transaction mode, on SET/LISTEN/advisory locks/WITH HOLD/temp tables/"
+                                           "PREPARE: pin (keep the server for the session) or refuse"),
+    },
     "admin": {
         "users": Key("list", ["postgres"], "roles allowed on the admin console (dbname=pgfront)"),
     },
@@ -171,6 +189,10 @@ def _coerce(kind: str, value: Any) -> Any:
         return parse_hostport(value)
     if kind == "optional_hostport":
         return parse_hostport(value) if value else None
+    if kind == "map":
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"expected a table of strings, got {value!r}")
+        return dict(value)
     if kind == "list":
         if isinstance(value, str):
             return [v for v in (x.strip() for x in value.split(",")) if v]
@@ -208,6 +230,15 @@ class Config:
             raise ConfigError(f"{source}: [server] workers: must be at least 1")
         if self.server.log_format not in ("json", "text"):
             raise ConfigError(f"{source}: [server] log_format: expected json or text")
+        for mode in [self.pool.mode, *self.pool.databases.values(), *self.pool.users.values()]:
+            if mode not in ("session", "transaction"):
+                raise ConfigError(f"{source}: [pool] mode: expected session or transaction, got {mode!r}")
+        if self.pool.session_state not in ("pin", "refuse"):
+            raise ConfigError(f"{source}: [pool] session_state: expected pin or refuse")
+        uses_tx = "transaction" in (self.pool.mode, *self.pool.databases.values(), *self.pool.users.values())
+        if uses_tx and self.auth.mode == "passthrough":
+            raise ConfigError(f"{source}: [pool] mode: transaction pooling needs [auth] mode = userlist or query "
+                              "(pgfront must log in to server connections without the client)")
         if self.auth.mode not in ("passthrough", "userlist", "query"):
             raise ConfigError(f"{source}: [auth] mode: expected passthrough, userlist or query")
         if self.auth.mode == "userlist" and not self.auth.file:
@@ -218,6 +249,7 @@ class Config:
     # typed views used everywhere
     server: Section
     auth: Section
+    pool: Section
     admin: Section
     metrics: Section
     stats: Section
@@ -270,6 +302,8 @@ def render_defaults() -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }" if v else "{}"
         return json.dumps(v)
 
     out = ["# pgfront configuration. Every key is shown with its default and what it does.",

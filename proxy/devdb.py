@@ -42,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_pids(parent: int) -> list[int]:
+def child_pids(parent: int) -> list[int]:
     """Pids whose parent is `parent` (from /proc)."""
     pids = []
     for stat in glob.glob("/proc/[0-9]*/stat"):
@@ -185,7 +185,7 @@ class TempPostgres:
         so they are found by parent pid, with the postmaster frozen so that it forks no new one meanwhile."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
-        children = _child_pids(self.proc.pid)
+        children = child_pids(self.proc.pid)
         self.proc.kill()
         self.proc.wait()
         for pid in children:

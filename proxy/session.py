@@ -14,8 +14,10 @@ so a client that stops reading a huge result back-pressures the server instead o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
+import re
 import ssl
 import struct
 import time
@@ -23,6 +25,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from proxy.log import log
+from proxy.serverconn import ServerLink
 from proxy.upstream import open_connection, send_cancel
 from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError, Framer, read_startup
@@ -38,6 +41,7 @@ _d, _c, _f = b"dcf"
 _Z, _T, _n, _t, _I, _s, _G, _W, _N, _A, _K, _R, _V = b"ZTntIsGWNAKRV"
 _CMD_C = b"C"[0]
 _ERR = b"E"[0]
+_FATAL = ("FATAL", "PANIC")  # severities after which the server closes the connection
 _PARSE_OK, _BIND_OK, _CLOSE_OK = b"123"
 _LOCAL = 0  # Pending kind for replies pgfront produces itself
 
@@ -61,7 +65,7 @@ _RESTORE_TIMEOUT = pq.query("SELECT set_config('statement_timeout', "
 class Stmt:
     """A prepared statement (named or unnamed) as the client knows it."""
 
-    __slots__ = ("name", "sql", "info", "notices", "sent_sql", "decision", "oids")
+    __slots__ = ("name", "sql", "info", "notices", "sent_sql", "decision", "oids", "server_name")
 
     def __init__(self, name: str, sql: str, info: StatementInfo | None, sent_sql: str,
                  notices: tuple[bytes, ...] = ()) -> None:
@@ -72,13 +76,14 @@ class Stmt:
         self.notices = notices
         self.decision: Decision | None = None
         self.oids: list[int] = []
+        self.server_name = name
 
 
 class Pending:
     """One expected reply (or a reply of our own, kind _LOCAL) in client order."""
 
     __slots__ = ("kind", "forward", "info", "t0", "rows", "sqlstate", "error", "local", "notices",
-                 "copy_ends", "stmt", "bind")
+                 "copy_ends", "stmt", "bind", "prep", "show_errors")
 
     def __init__(self, kind: int, info: StatementInfo | None = None, t0: float = 0.0) -> None:
         self.kind = kind
@@ -93,6 +98,8 @@ class Pending:
         self.copy_ends = 0
         self.stmt: Stmt | None = None
         self.bind: tuple | None = None  # (stmt, start, end, data) of the Bind that made the portal
+        self.prep: str | None = None  # server-side statement name this Parse creates (transaction pooling)
+        self.show_errors = False  # a swallowed entry whose errors the client must still see
 
 
 # replies that need no per-message state share one entry each (saves an allocation per message)
@@ -105,28 +112,75 @@ _Z_KINDS = (_S, _Q, _F)
 _SKIP_KINDS = (_P, _B, _D, _E, _C)
 
 
-class ServerLink(asyncio.Protocol):
-    """The upstream side of a session: hands bytes to the session, relays flow control."""
+# settings a client may give at startup that a pooled server connection must be given for it
+_POOLED_SETTINGS = ("application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
+                    "extra_float_digits", "search_path", "standard_conforming_strings", "bytea_output")
+_REPORTED = {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
+             "standard_conforming_strings"}
+_CANONICAL = {"datestyle": "DateStyle", "timezone": "TimeZone", "intervalstyle": "IntervalStyle"}
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=_HIGH_WATER)  # type: ignore[attr-defined]
+def wanted_settings(params: dict[str, str]) -> dict[str, str]:
+    """Startup parameters and `options=-c k=v` that a pooled server connection must carry."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        if k.lower() in _POOLED_SETTINGS:
+            out[_CANONICAL.get(k.lower(), k.lower())] = v
+    opts = params.get("options", "").replace("--", "-c ").split()
+    for i, word in enumerate(opts):
+        if word == "-c" and i + 1 < len(opts) and "=" in opts[i + 1]:
+            k, _, v = opts[i + 1].partition("=")
+            k = k.replace("-", "_").lower()
+            if k in _POOLED_SETTINGS:
+                out[_CANONICAL.get(k, k)] = v
+    return out
 
-    def data_received(self, data: bytes) -> None:
-        self.session.server_data(data)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.server_lost(exc)
+_SESSION_LOCKS = frozenset({"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+                            "pg_try_advisory_lock_shared"})
+_SESSION_UTILITY = re.compile(r"\s*(?:(LISTEN)\b|(PREPARE)\b|DECLARE\b.*\b(WITH\s+HOLD)\b)", re.I | re.S)
+_features: dict[str, str] = {}
 
-    def pause_writing(self) -> None:
-        self.session.pause_client_reading("server-write")
 
-    def resume_writing(self) -> None:
-        self.session.resume_client_reading("server-write")
+def session_feature(info: StatementInfo) -> str:
+    """The session state a statement creates ("" for none): what transaction pooling cannot lend."""
+    text = info.text
+    found = _features.get(text)
+    if found is not None:
+        return found
+    found = ""
+    if info.kind == "set" and not info.set_local and info.set_name != "transaction":
+        found = "SET" if info.set_name != "all" else "RESET ALL"
+    elif info.functions & _SESSION_LOCKS:
+        found = "a session advisory lock"
+    elif info.temp_objects and info.kind == "ddl":
+        found = "a temporary table"
+    elif info.kind == "utility":
+        m = _SESSION_UTILITY.match(text)
+        if m:
+            found = (m.group(1) or m.group(2) or "DECLARE ... " + m.group(3)).upper()
+    if len(_features) > 10_000:
+        _features.clear()
+    _features[text] = found
+    return found
+
+
+def _server_name(sql: str, oids: list[int]) -> str:
+    """Server-side name of a client's named statement in transaction pooling: by its content, so
+    every client preparing the same statement shares one server-side statement per connection."""
+    key = (sql + "\0" + ",".join(map(str, oids))).encode(pq.ENC, pq.ERRORS)
+    return "pgf_" + hashlib.blake2b(key, digest_size=10).hexdigest()
+
+
+def _rename_bind(body: bytes, portal: str, statement: str) -> bytes:
+    """The client's Bind with its statement name replaced."""
+    pos = body.index(0) + 1
+    pos = body.index(0, pos) + 1
+    return pq.msg(b"B", pq.cstr(portal) + pq.cstr(statement) + body[pos:])
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 class Session(asyncio.Protocol):
@@ -147,7 +201,6 @@ class Session(asyncio.Protocol):
         self.connected_at = time.time()
         cfg = app.cfg
         self.cframer = Framer(cfg.server.max_message_size, stream_types=b"d")
-        self.sframer = Framer(1 << 62, stream_types=b"Dd")
         self.expect: deque[Pending] = deque()
         self.tx_status = pq.IDLE
         self.statements: dict[str, Stmt] = {}
@@ -161,6 +214,12 @@ class Session(asyncio.Protocol):
         self.last_bind: tuple | None = None
         self.admin = False
         self.tls = False
+        self.pool = None  # pool.Pool when server connections are pooled
+        self.pooled_tx = False  # transaction pooling: the server is lent per transaction
+        self.pinned = False  # session state seen in transaction mode: keep the server
+        self.held = b""  # client bytes waiting for a server connection (transaction mode)
+        self.acquiring = False
+        self.wanted: dict[str, str] = {}  # settings a pooled server connection must have for this client
         self.upstream_params: dict[str, str] = {}
         self.upstream_login = None  # an auth.UpstreamLogin when pgfront logs in for the client
         self.scram = None
@@ -176,6 +235,7 @@ class Session(asyncio.Protocol):
         self.copy_ends_sent = 0
         self.copy_failed = False
         self.server_in_copy = False
+        self.server_fatal = False  # the server sent a FATAL: it is closing the connection
         self.paused: set[str] = set()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -208,6 +268,11 @@ class Session(asyncio.Protocol):
         self.app.forget(self)
         if self.startup_timer:
             self.startup_timer.cancel()
+        self.app.drop_cancel_key(self)
+        if self.pool is not None:
+            if self.server is not None:
+                self._leave_pool()
+            return
         if self.server and self.server.transport:
             st = self.server.transport
             if busy and self.backend_pid:
@@ -251,6 +316,9 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         phase = self.phase
+        if phase == "ready" and self.server is None and self.pool is not None:
+            self._without_server(data)  # transaction pooling, nothing lent right now
+            return
         if phase == "ready" or phase == "admin" or phase == "auth" or phase == "local_auth":
             try:
                 frames = self.cframer.feed(data)
@@ -351,8 +419,11 @@ class Session(asyncio.Protocol):
         (pid,) = struct.unpack_from("!i", body, 4)
         secret = bytes(body[8:])
         self.app.stats_inc("cancel_requests")
-        # in session mode the client holds the upstream backend's own key: any worker can deliver it
-        asyncio.ensure_future(send_cancel(self.app.upstream, pid, secret))
+        if self.app.pools is not None:
+            self.app.route_cancel(pid, secret)  # our own key: find the client, then its server
+        else:
+            # pass-through: the client holds the upstream backend's own key; any worker can deliver it
+            asyncio.ensure_future(send_cancel(self.app.upstream, pid, secret))
         self.close()
 
     def _begin(self, code: int, params: dict[str, str]) -> None:
@@ -448,9 +519,166 @@ class Session(asyncio.Protocol):
         from proxy.auth import UpstreamLogin
 
         self.transport.write(pq.AUTH_OK)
-        self.upstream_login = UpstreamLogin(self.user, self.secret, client_key)
         self.phase = "connecting"
+        if self.app.pools is not None and not self.admin:
+            if client_key is not None:
+                self.app.pools.client_keys[self.user] = client_key
+            asyncio.ensure_future(self._pooled_start())
+            return
+        self.upstream_login = UpstreamLogin(self.user, self.secret, client_key)
         asyncio.ensure_future(self._connect(self.upstream_params))
+
+    # -- pooled server connections -------------------------------------------------------------------
+    async def _pooled_start(self) -> None:
+        """Finish the client's startup with a pooled server connection's parameters and our own key."""
+        from proxy.pool import PoolTimeout
+
+        pools = self.app.pools
+        self.pool = pools.pool(self.database, self.user)
+        self.pooled_tx = self.pool.mode == "transaction"
+        self.wanted = wanted_settings(self.params)
+        if not self.pool.params or not self.pooled_tx:
+            # the first client of a pool (or any, in session mode) waits for a server connection;
+            # later clients in transaction mode start with the parameters the pool already knows
+            try:
+                link = await self.pool.acquire()
+            except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
+                self.fatal("08006" if not isinstance(e, PoolTimeout) else "53300", f"pgfront: {e}")
+                return
+            if self.phase == "closed":
+                self.pool.release(link)
+                return
+            self._attach(link)
+        out = [pq.parameter_status(k, v) for k, v in {**self.pool.params, **self._reported()}.items()]
+        self.backend_pid, self.backend_secret = self.app.new_cancel_key(self)
+        out.append(pq.backend_key_data(self.backend_pid, struct.unpack("!i", self.backend_secret)[0]))
+        out.append(pq.ready_for_query(pq.IDLE))
+        self.transport.write(b"".join(out))
+        if self.startup_timer:
+            self.startup_timer.cancel()
+            self.startup_timer = None
+        self.phase = "ready"
+        if self.server is not None:
+            self._maybe_release()
+        if self.startup_buf:
+            data, self.startup_buf = self.startup_buf, b""
+            self.data_received(data)
+
+    def _reported(self) -> dict[str, str]:
+        """ParameterStatus values this client should see for the settings it asked for at startup."""
+        return {k: v for k, v in self.wanted.items() if k.lower() in _REPORTED}
+
+    def _attach(self, link: ServerLink) -> None:
+        link.session = self
+        self.server = link
+        self.tx_status = link.tx_status
+        pending = {k: v for k, v in self.wanted.items() if link.applied.get(k, link.params.get(k)) != v}
+        if pending:
+            # a swallowed set_config() per setting the client asked for at startup
+            sql = "SELECT " + ", ".join(f"set_config({_literal(k)}, {_literal(v)}, false)" for k, v in pending.items())
+            link.write(self._swallowed_query(sql))
+            link.applied.update(pending)
+
+    def _maybe_release(self) -> None:
+        """Transaction mode: hand the server back once nothing is open on it."""
+        if (self.pooled_tx and not self.pinned and not self.expect and self.tx_status == pq.IDLE
+                and not self.in_batch and not self.skip_until_sync and not self.server_in_copy and not self.held):
+            link, self.server = self.server, None
+            link.session = None
+            self.pool.release(link)
+
+    def _without_server(self, data: bytes) -> None:
+        """Transaction pooling with no server lent: answer what needs none, hold the rest for a server.
+
+        Preparing a statement this pool has prepared before needs no server: the client gets its
+        ParseComplete (and ReadyForQuery at Sync) at once, and the statement is prepared on whichever
+        server runs it. This matters: libpq's PQprepare blocks, so a client that prepares while every
+        server is lent to its own thread's open transactions would otherwise never get one.
+        """
+        if self.held or self.acquiring:
+            self._wait_for_server(data)
+            return
+        try:
+            frames = self.cframer.feed(data)
+        except FrameError as e:
+            self.fatal(e.code, str(e))
+            return
+        buf = self.cframer.data
+        replies = []
+        answered = 0
+        for t, a, b in frames:
+            if t == _P:
+                name, sql, oids = pq.parse_parse(buf[a + 5:b])
+                if not name or _server_name(sql, oids) not in self.pool.known:
+                    break
+                info = self.app.shapes.get(sql)
+                if self.app.rules is not None and self.app.rules.decide_for(self, sql, info) is not None:
+                    break  # rules may rewrite or block it: take the normal path
+                stmt = Stmt(name, sql, info, sql)
+                stmt.oids = oids
+                stmt.server_name = _server_name(sql, oids)
+                self.statements[name] = stmt
+                replies.append(pq.PARSE_COMPLETE)
+            elif t == _S:
+                replies.append(pq.ready_for_query(pq.IDLE))
+            elif t == _H:
+                pass
+            else:
+                break
+            answered += 1
+        if replies:
+            self.transport.write(b"".join(replies))
+        if answered < len(frames):
+            # hold the rest, from the first message that needs a server, with any partial message
+            rest = buf[frames[answered][1]:] if isinstance(buf, bytes) else bytes(buf[frames[answered][1]:])
+            self._wait_for_server(rest + self.cframer.take_partial())
+
+    def _wait_for_server(self, data: bytes) -> None:
+        """Transaction mode, no server lent: hold the client's bytes until one is."""
+        if not self.held and data[:1] == b"X":
+            self.close()  # a Terminate needs no server
+            return
+        self.held += data
+        if not self.acquiring:
+            self.acquiring = True
+            self.pause_client_reading("pool-wait")
+            asyncio.ensure_future(self._acquire_for_held())
+
+    async def _acquire_for_held(self) -> None:
+        from proxy.pool import PoolTimeout
+
+        try:
+            link = await self.pool.acquire()
+        except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
+            self.acquiring = False
+            self.fatal("53300" if isinstance(e, PoolTimeout) else "08006", f"pgfront: {e}")
+            return
+        self.acquiring = False
+        if self.phase == "closed":
+            self.pool.release(link)
+            return
+        self._attach(link)
+        data, self.held = self.held, b""
+        self.resume_client_reading("pool-wait")
+        self.data_received(data)
+
+    def _leave_pool(self) -> None:
+        """The client is gone: give its server connection back clean, or close it."""
+        link, self.server = self.server, None
+        busy = bool(self.expect) or link.tx_status != pq.IDLE or self.server_in_copy or self.in_batch
+        if busy or link.closed:
+            if busy and link.pid:
+                asyncio.ensure_future(send_cancel(self.app.upstream, link.pid, link.secret))
+            link.session = None
+            self.pool.discard(link)
+            link.close()
+        elif self.pooled_tx and not self.pinned:
+            link.session = None
+            self.pool.release(link)
+        else:
+            self.pool.busy.add(link)
+            link.pool = self.pool
+            link.reset(self.app.cfg.pool.server_reset_query)
 
     def _upstream_login(self, raw: bytes) -> bytes | None:
         """Answer the upstream's authentication request for our client; None once it says OK."""
@@ -491,15 +719,28 @@ class Session(asyncio.Protocol):
     # -- server bytes ----------------------------------------------------------------------------
     def server_data(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        frames = self.sframer.feed(data)
+        framer = self.server.framer
+        frames = framer.feed(data)
         if self.phase == "ready":
-            out = self.server_frames(frames, self.sframer.data)
+            out = self.server_frames(frames, framer.data)
         elif self.phase == "auth":
-            out = self.auth_frames(frames, self.sframer.data)
+            out = self.auth_frames(frames, framer.data)
         else:
             return
         if out and self.transport and not self.transport.is_closing():
             self.transport.write(out)
+        if self.server_fatal:
+            # the server closes after a FATAL: close the client with it, as Postgres would (and without
+            # adding an error of our own), so that the error and the end of the connection arrive together
+            self.close()
+            return
+        if not self.app.accepting and not self.expect and self.tx_status == pq.IDLE and self.phase == "ready":
+            # shutting down, and this client's transaction is over: end the session now (the drain loop
+            # polls, and never catches idle a client that starts its next transaction at once)
+            self.fatal("57P01", "terminating connection due to pgfront shutdown")
+            return
+        if self.pool is not None and self.server is not None:
+            self._maybe_release()
 
     def server_lost(self, exc: Exception | None) -> None:
         if self.phase == "closed":
@@ -517,6 +758,7 @@ class Session(asyncio.Protocol):
             if t == _K:
                 (self.backend_pid,) = struct.unpack_from("!i", raw, 5)
                 self.backend_secret = raw[9:]
+                self.server.pid, self.server.secret = self.backend_pid, self.backend_secret
             elif t == 83:  # ParameterStatus
                 name, value = pq.parse_parameter_status(raw[5:])
                 self.server_params[name] = value
@@ -592,9 +834,11 @@ class Session(asyncio.Protocol):
                     portal, name = pq.bind_names(data[a + 5:b])
                     stmt = self.statements.get(name)
                 self.portals[portal] = stmt  # type: ignore[assignment]
+                if self.pooled_tx and name and stmt is not None:
+                    sent = self._on_server(stmt) + _rename_bind(data[a + 5:b], portal, stmt.server_name)
                 d = stmt.decision if stmt is not None else None
                 if d is not None and d.timeout and not self.in_batch:
-                    sent = self._timeout_prefix(d) + data[a:b]
+                    sent = self._timeout_prefix(d) + (sent or data[a:b])
                 if d is not None and d.offset_check is not None:
                     checked = self._check_offset(d, data[a + 5:b])
                     if checked is not None:
@@ -627,7 +871,7 @@ class Session(asyncio.Protocol):
                 self.in_batch = False
                 if self.server_in_copy and self.copy_ends_sent < self.copies_started:
                     pass  # the server is in COPY IN mode and ignores this Sync
-                elif self.copies_started:
+                elif self.copies_started or self.copy_ends_sent:
                     p = Pending(_S)
                     p.copy_ends = self.copy_ends_sent
                     expect.append(p)
@@ -641,6 +885,10 @@ class Session(asyncio.Protocol):
             elif t == _P:
                 sent = self._parse(data[a + 5:b])
             elif t == _D:
+                if self.pooled_tx and data[a + 5] == 83 and data[a + 6] != 0:  # Describe of a named statement
+                    stmt = self.statements.get(pq.parse_describe_close(data[a + 5:b])[1])
+                    if stmt is not None:
+                        sent = self._on_server(stmt) + pq.msg(b"D", b"S" + pq.cstr(stmt.server_name))
                 expect.append(_PLAIN_D)
                 self.in_batch = True
             elif t == _C:
@@ -649,14 +897,20 @@ class Session(asyncio.Protocol):
                     self.statements.pop(name, None)
                 else:
                     self.portals.pop(name, None)
-                expect.append(_PLAIN_C)
+                if self.pooled_tx and kind == b"S" and name:
+                    # the server-side statement is shared by name and content: keep it, answer here
+                    self._local(pq.CLOSE_COMPLETE)
+                    sent = b""
+                else:
+                    expect.append(_PLAIN_C)
             elif t == _H:
                 pass
             elif t == _F:
                 expect.append(Pending(_F, None, now))
             elif t == _X:
                 self.to_server(data[:a] if out is None else b"".join(out))
-                self.to_server(pq.TERMINATE)
+                if self.pool is None:
+                    self.to_server(pq.TERMINATE)  # a pooled server connection outlives its client
                 self.close()
                 return
             else:
@@ -674,6 +928,31 @@ class Session(asyncio.Protocol):
             self.to_server(b"".join(out))
         elif last:
             self.to_server(data if last == len(data) else data[:last])
+        if expect and expect[0].kind == _LOCAL:
+            replies: list = []
+            self._flush_local(replies)
+            self.transport.write(b"".join(replies))
+
+    def _local(self, reply: bytes) -> None:
+        """A reply pgfront gives itself, queued behind whatever the server still owes the client."""
+        p = Pending(_LOCAL)
+        p.local = reply
+        self.special += 1
+        self.expect.append(p)
+
+    def _on_server(self, stmt: Stmt) -> bytes:
+        """Transaction pooling: make sure the lent server has this statement prepared (swallowed Parse)."""
+        link = self.server
+        if stmt.server_name in link.prepared:
+            return b""
+        link.prepared.add(stmt.server_name)
+        p = Pending(_P)
+        p.forward = False
+        p.show_errors = True  # if it no longer parses, the client must hear why
+        p.prep = stmt.server_name
+        self.special += 1
+        self.expect.append(p)
+        return pq.parse_message(stmt.server_name, stmt.sent_sql, stmt.oids)
 
     def _query(self, sql_bytes: bytes, now: float) -> bytes | None:
         """A simple Query: track it, apply rules. Returns a replacement message or None."""
@@ -681,6 +960,15 @@ class Session(asyncio.Protocol):
         info = self.app.shapes.get(sql)
         p = Pending(_Q, info, now)
         self.queries += 1
+        if self.pooled_tx:
+            feature = session_feature(info)
+            if feature:
+                refusal = self._session_feature(feature)
+                if refusal is not None:
+                    p.error = refusal
+                    self.special += 1
+                    self.expect.append(p)
+                    return pq.query(_BLOCKED_SQL)
         rules = self.app.rules
         sent = None
         if rules is not None:
@@ -705,6 +993,17 @@ class Session(asyncio.Protocol):
                         return before + (sent or pq.query(sql)) + after
         self.expect.append(p)
         return sent
+
+    def _session_feature(self, feature: str) -> bytes | None:
+        """Transaction mode met session state: pin the server to this client, or refuse (an error)."""
+        if self.app.cfg.pool.session_state == "refuse":
+            return pq.error_response("0A000", f"{feature} is not supported in transaction pooling mode "
+                                              "(pgfront [pool] session_state = refuse)")
+        if not self.pinned:
+            self.pinned = True
+            self.app.stats_inc("pinned_sessions")
+            log.info("session pinned to its server connection", extra={"client": self.id, "reason": feature})
+        return None
 
     def _swallowed_query(self, sql: str | None) -> bytes:
         """A Query of pgfront's own whose whole reply the client never sees (None: restore timeout)."""
@@ -747,8 +1046,28 @@ class Session(asyncio.Protocol):
                     prefix = self._timeout_prefix(decision)
                     sent = prefix + (sent or pq.parse_message(name, sql, oids))
         self.statements[name] = stmt
-        self.expect.append(p)
         self.in_batch = True
+        if self.pooled_tx:
+            feature = session_feature(info)
+            if feature:
+                refusal = self._session_feature(feature)
+                if refusal is not None:
+                    p = Pending(_P, info)
+                    p.error = refusal
+                    self.special += 1
+                    self.expect.append(p)
+                    return pq.parse_message(name, _BLOCKED_SQL, oids)
+            if name and (sent is None or not sent.startswith(b"P")):
+                stmt.server_name = _server_name(stmt.sent_sql, oids)
+                if stmt.server_name in self.server.prepared:
+                    self._local(pq.PARSE_COMPLETE)
+                    return b""
+                self.server.prepared.add(stmt.server_name)
+                p = Pending(_P)
+                p.prep = stmt.server_name
+                self.expect.append(p)
+                return pq.parse_message(stmt.server_name, stmt.sent_sql, oids)
+        self.expect.append(p)
         return sent
 
     def _check_offset(self, decision: Decision, body: bytes) -> bytes | None:
@@ -805,6 +1124,8 @@ class Session(asyncio.Protocol):
                     out.append(data[a:b])
                 continue
             if not expect:
+                if t == _ERR and pq.parse_fields(data[a + 5:b]).get("V") in _FATAL:
+                    self.server_fatal = True
                 if not plain:
                     out.append(data[a:b])  # unsolicited, e.g. a FATAL before shutdown
                 continue
@@ -820,6 +1141,8 @@ class Session(asyncio.Protocol):
                     p = self._pop()
                     if p.kind != _S:
                         self._done(p)
+                    elif p.copy_ends > self.copies_started:
+                        self._forget_stray_copy_ends(p.copy_ends - self.copies_started)
                     if not plain and p.forward:
                         if p.notices and p.kind == _Q and p.sqlstate is None:
                             out.extend(p.notices)
@@ -845,13 +1168,17 @@ class Session(asyncio.Protocol):
             elif t == _ERR:
                 fields = pq.parse_fields(data[a + 5:b])
                 p.sqlstate = fields.get("C", "XX000")
+                if fields.get("V") in _FATAL:
+                    self.server_fatal = True
                 if self.server_in_copy:
                     self.server_in_copy = False
                     if self.copy_ends_sent < self.copies_started:
                         self.copy_failed = True
                         self.copy_ends_sent = self.copies_started
-                if not plain and p.forward:
+                if not plain and (p.forward or p.show_errors):
                     out.append(p.error if p.error is not None else data[a:b])
+                if p.prep is not None and self.server is not None:
+                    self.server.prepared.discard(p.prep)
                 if kind in _SKIP_KINDS:
                     self._pop()
                     if kind == _E:
@@ -866,6 +1193,8 @@ class Session(asyncio.Protocol):
                 continue
             elif t == _PARSE_OK or t == _BIND_OK or t == _CLOSE_OK:
                 self._pop()
+                if p.prep is not None and self.pool is not None:
+                    self.pool.known.add(p.prep)
             elif t == _T or t == _n:
                 if kind == _D:
                     self._pop()
@@ -888,6 +1217,15 @@ class Session(asyncio.Protocol):
         if plain:
             return data if last == len(data) else data[:last]
         return b"".join(out)
+
+    def _forget_stray_copy_ends(self, strays: int) -> None:
+        """CopyDone/CopyFail sent outside COPY, which the server ignored (all the client's ends before
+        this Sync are read, and more than the COPYs started): they must not count as the end of a later
+        COPY, or the Syncs sent during it would be expected to get a reply."""
+        self.copy_ends_sent -= strays
+        for e in self.expect:
+            if e.kind == _S and e.copy_ends:  # never the shared _PLAIN_S, whose count is 0
+                e.copy_ends -= strays
 
     def _flush_local(self, out: list) -> None:
         expect = self.expect

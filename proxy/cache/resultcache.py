@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.cache.capture import ResultCapture
@@ -64,7 +63,6 @@ class Fill:
     fields: tuple[str, ...]
     capture: ResultCapture
     leader: bool
-    started: float = field(default_factory=time.monotonic)
     event = "miss"
 
     def feed(self, data: bytes | bytearray | memoryview) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -49,11 +50,25 @@ async def eventually(check: Callable[[], Awaitable[Any] | Any], timeout: float =
         await asyncio.sleep(step)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class TempRedisCluster:
     """Three redis-server processes joined into a cluster (no replicas) on free loopback ports."""
 
     def __init__(self, nodes: int = 3) -> None:
-        self.nodes = [TempRedis(port=free_port(), extra=[
+        self.nodes = [TempRedis(port=_cluster_port(), extra=[
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
         ]) for _ in range(nodes)]
 
@@ -62,6 +77,13 @@ class TempRedisCluster:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
     def start(self) -> TempRedisCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self) -> TempRedisCluster:
         for n in self.nodes:
             n.start()
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]

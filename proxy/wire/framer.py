@@ -48,6 +48,13 @@ class Framer:
         """Bytes of an incomplete message held back for the next call."""
         return len(self._buf)
 
+    def take_partial(self) -> bytes:
+        """Hand back the bytes of an incomplete message (the caller will feed them again later)."""
+        if self._skip:
+            raise FrameError("cannot rewind in the middle of a streamed message")
+        buf, self._buf = self._buf, b""
+        return buf
+
     def feed(self, data: bytes) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
         pos = 0

@@ -1,0 +1,233 @@
+"""Server connection pools, one per (database, user), PgBouncer-style.
+
+`session` mode gives a client one server connection for its whole session (reset with
+`server_reset_query` when it leaves); `transaction` mode lends one only while a transaction (or
+an extended-protocol batch) is open. Pools open connections on demand up to `default_pool_size`
+(plus `reserve_pool_size` for clients that waited `reserve_pool_timeout`), never more than
+`max_db_connections` for a database, keep `min_pool_size` open, and close connections idle longer
+than `server_idle_timeout` or older than `server_lifetime`. A client that waits longer than
+`query_wait_timeout` gets an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from proxy.log import log
+from proxy.serverconn import ServerLink
+from proxy.upstream import open_connection
+
+if TYPE_CHECKING:
+    from proxy.app import App
+
+
+class PoolTimeout(Exception):
+    """No server connection became free within query_wait_timeout."""
+
+
+class Pool:
+    def __init__(self, manager: PoolManager, database: str, user: str, mode: str) -> None:
+        self.manager = manager
+        self.database = database
+        self.user = user
+        self.mode = mode
+        self.idle: deque[ServerLink] = deque()
+        self.busy: set[ServerLink] = set()
+        self.opening = 0
+        self.waiters: deque[asyncio.Future] = deque()
+        self.params: dict[str, str] = {}  # the server's ParameterStatus values, for new clients
+        self.known: set[str] = set()  # server-side statement names that prepared fine here before
+        self.max_wait = 0.0
+        self.total_wait = 0.0
+        self.acquired = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.busy) + self.opening
+
+    async def acquire(self) -> ServerLink:
+        """A server connection for one client, opening or waiting as the limits allow."""
+        cfg = self.manager.cfg
+        t0 = time.monotonic()
+        while True:
+            while self.idle:
+                link = self.idle.pop()  # most recently used first: its caches are warm
+                if link.closed or link.transport is None or link.transport.is_closing():
+                    continue
+                return self._lend(link, t0)
+            waited = time.monotonic() - t0
+            limit = cfg.default_pool_size + (cfg.reserve_pool_size if waited >= cfg.reserve_pool_timeout else 0)
+            if self.size < limit and self.manager.db_room(self.database):
+                self.opening += 1
+                try:
+                    link = await self.manager.open(self)
+                finally:
+                    self.opening -= 1
+                return self._lend(link, t0)
+            remaining = cfg.query_wait_timeout - waited
+            if remaining <= 0:
+                raise PoolTimeout(f"no server connection for {self.user}@{self.database} became free within "
+                                  f"query_wait_timeout ({cfg.query_wait_timeout:g}s)")
+            fut = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
+            # wake up for the reserve pool too, not only when a connection comes back
+            wait = min(remaining, max(cfg.reserve_pool_timeout - waited, 0.05)) if cfg.reserve_pool_size else remaining
+            try:
+                link = await asyncio.wait_for(fut, wait)
+            except TimeoutError:
+                continue
+            finally:
+                if fut in self.waiters:
+                    self.waiters.remove(fut)
+            if link is not None:  # None: woken to try opening again (room freed up in the database)
+                return self._lend(link, t0)
+
+    def _lend(self, link: ServerLink, t0: float) -> ServerLink:
+        waited = time.monotonic() - t0
+        self.total_wait += waited
+        self.max_wait = max(self.max_wait, waited)
+        self.acquired += 1
+        self.busy.add(link)
+        link.last_used = time.monotonic()
+        return link
+
+    def release(self, link: ServerLink) -> None:
+        """A clean, idle server connection comes back."""
+        link.session = None
+        if link.closed:
+            self.busy.discard(link)
+            return
+        if link.cancels or time.monotonic() - link.created > self.manager.cfg.server_lifetime:
+            if link.cancels:
+                # a cancel is on its way to this backend: let it land before anyone else uses it
+                asyncio.get_running_loop().call_later(0.5, self.release, link)
+                return
+            self.busy.discard(link)
+            link.close()
+            return
+        link.last_used = time.monotonic()
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(link)  # stays counted as busy on its way to the waiter
+                return
+        self.busy.discard(link)
+        self.idle.append(link)
+        self.manager.wake_db(self.database)
+
+    def discard(self, link: ServerLink) -> None:
+        self.busy.discard(link)
+        try:
+            self.idle.remove(link)
+        except ValueError:
+            pass
+
+    def maintain(self, now: float) -> None:
+        cfg = self.manager.cfg
+        keep = []
+        for link in self.idle:
+            too_old = now - link.created > cfg.server_lifetime
+            too_idle = now - link.last_used > cfg.server_idle_timeout
+            if (too_old or too_idle) and len(keep) + len(self.busy) >= cfg.min_pool_size:
+                link.close()
+            else:
+                keep.append(link)
+        self.idle = deque(keep)
+        missing = cfg.min_pool_size - self.size
+        if missing > 0 and self.manager.can_open_unattended(self):
+            for _ in range(missing):
+                asyncio.ensure_future(self._prefill())
+
+    async def _prefill(self) -> None:
+        self.opening += 1
+        try:
+            link = await self.manager.open(self)
+        except Exception as e:  # noqa: BLE001 - a failed prefill is retried at the next maintenance
+            log.info("pool prefill failed", extra={"database": self.database, "user": self.user, "reason": str(e)})
+            return
+        finally:
+            self.opening -= 1
+        self.release(link)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "database": self.database, "user": self.user, "pool_mode": self.mode,
+            "cl_waiting": len(self.waiters), "sv_active": len(self.busy), "sv_idle": len(self.idle),
+            "sv_opening": self.opening, "acquired": self.acquired,
+            "avg_wait_ms": round(self.total_wait / self.acquired * 1000, 3) if self.acquired else 0.0,
+            "max_wait_ms": round(self.max_wait * 1000, 3),
+        }
+
+
+class PoolManager:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.cfg = app.cfg.pool
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.client_keys: dict[str, bytes] = {}  # SCRAM ClientKeys learnt from clients, by role
+
+    def mode_for(self, database: str, user: str) -> str:
+        return self.cfg.users.get(user) or self.cfg.databases.get(database) or self.cfg.mode
+
+    def pool(self, database: str, user: str) -> Pool:
+        key = (database, user)
+        p = self.pools.get(key)
+        if p is None:
+            p = self.pools[key] = Pool(self, database, user, self.mode_for(database, user))
+        return p
+
+    def db_room(self, database: str) -> bool:
+        limit = self.cfg.max_db_connections
+        return not limit or sum(p.size for p in self.pools.values() if p.database == database) < limit
+
+    def wake_db(self, database: str) -> None:
+        """A connection came back: with max_db_connections, another user's waiter may now open one."""
+        if not self.cfg.max_db_connections:
+            return
+        for p in self.pools.values():
+            if p.database == database and p.waiters and not p.idle:
+                for fut in p.waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+                        break
+
+    def can_open_unattended(self, pool: Pool) -> bool:
+        return self.db_room(pool.database)
+
+    async def open(self, pool: Pool) -> ServerLink:
+        """A new, logged-in server connection for the pool's role."""
+        from proxy.auth import UpstreamLogin
+
+        app = self.app
+        secret = await app.credentials.lookup(pool.user)
+        if secret is None:
+            raise ConnectionError(f"no credentials for role {pool.user!r}")
+        login = UpstreamLogin(pool.user, secret, self.client_keys.get(pool.user))
+        _, link = await open_connection(app.upstream, lambda: ServerLink(None, pool),
+                                        app.cfg.server.connect_timeout, app.upstream_sslmode, app.tls_upstream)
+        params = {"user": pool.user, "database": pool.database, "application_name": "pgfront"}
+        try:
+            await asyncio.wait_for(link.start_login(params, login), app.cfg.server.connect_timeout)
+        except BaseException:
+            link.close()
+            raise
+        if not pool.params:
+            pool.params = dict(link.params)
+        app.stats_inc("server_connections_opened")
+        return link
+
+    def maintain(self) -> None:
+        now = time.monotonic()
+        for p in list(self.pools.values()):
+            p.maintain(now)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [p.describe() for p in self.pools.values()]
+
+    def close_all(self) -> None:
+        for p in self.pools.values():
+            for link in list(p.idle) + list(p.busy):
+                link.close()
