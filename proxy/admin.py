@@ -145,7 +145,7 @@ def show_rules(app: App, _args: list[str]) -> bytes:
 def show_cache(app: App, _args: list[str]) -> bytes:
     if app.cache is None:
         return table(["name", "value"], [("enabled", False)])
-    return table(["name", "value"], sorted(app.cache.describe().items()))
+    return table(["name", "value"], sorted((k, v) for k, v in app.cache.counters().items()))
 
 
 def show_help(_app: App, _args: list[str]) -> bytes:
@@ -175,14 +175,14 @@ async def cache_purge(app: App, args: list[str]) -> bytes:
         raise AdminError("55000", "the cache is not enabled")
     what = args[0] if args else "all"
     if what == "all":
-        n = await app.cache.purge_all()
+        await app.cache.purge_all()
     elif what == "table" and len(args) == 2:
-        n = await app.cache.purge_table(args[1])
+        await app.cache.purge_table(args[1])
     elif what == "fingerprint" and len(args) == 2:
-        n = await app.cache.purge_fingerprint(args[1])
+        await app.cache.purge_fingerprint(args[1])
     else:
         raise AdminError("42601", "usage: CACHE PURGE [ALL | TABLE name | FINGERPRINT fp]")
-    return pq.notice_response(f"purged {n}") + pq.command_complete("PURGE")
+    return pq.notice_response(f"purged: {' '.join(args) or 'all'}") + pq.command_complete("PURGE")
 
 
 _SHOW = {"queries": show_queries, "stats": show_stats, "clients": show_clients, "servers": show_servers,

@@ -168,6 +168,8 @@ class App:
             self.closed_bytes[1] += session.bytes_out
 
     def session_ready(self, session: Session) -> None:
+        if self.cache is not None:
+            session.cstate = self.cache.session(session.database, session.user, session.params)
         log.debug("client ready", extra={"client": session.id, "user": session.user, "database": session.database})
 
     # -- counters and per-statement hooks ------------------------------------------------------

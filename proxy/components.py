@@ -31,6 +31,11 @@ async def attach(app: App) -> list[asyncio.Task]:
         if os.path.exists(path):
             os.unlink(path)
         app.cancel_server = await asyncio.start_unix_server(lambda r, w: _cancel_from_peer(app, r, w), path)
+    if cfg.cache.enabled:
+        from proxy.cache import ResultCache
+
+        app.cache = ResultCache(cfg, app.upstream.dsn(user="postgres", database="postgres"))
+        await app.cache.start()
     if cfg.slowlog.threshold_ms > 0:
         from proxy.slowlog import SlowLog
 
@@ -126,6 +131,8 @@ async def _housekeeping(app: App) -> None:
 
 
 async def detach(app: App) -> None:
+    if app.cache is not None:
+        await app.cache.close()
     if app.pools is not None:
         app.pools.close_all()
     if app.slowlog is not None:

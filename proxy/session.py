@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from proxy.log import log
 from proxy.serverconn import ServerLink
+from proxy.sql import analyze
 from proxy.upstream import open_connection, send_cancel
 from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError, Framer, read_startup
@@ -52,6 +53,7 @@ _ids = itertools.count(1)
 # server*, so that transaction and pipeline state (failed block, skip-to-Sync, implicit rollback)
 # are exactly Postgres's own; the server's syntax error is then replaced by the rule's error.
 _BLOCKED_SQL = "pgfront blocked statement"
+_SUSPEND = b"suspend for a cache look-up"  # compared by identity
 
 # A rule's timeout runs the statement under that statement_timeout, then puts the client's own back.
 # Both are swallowed Query messages placed at a Sync boundary, so they never split an implicit
@@ -83,7 +85,7 @@ class Pending:
     """One expected reply (or a reply of our own, kind _LOCAL) in client order."""
 
     __slots__ = ("kind", "forward", "info", "t0", "rows", "sqlstate", "error", "local", "notices",
-                 "copy_ends", "stmt", "bind", "prep", "show_errors")
+                 "copy_ends", "stmt", "bind", "prep", "show_errors", "fill", "ttl", "part", "whole")
 
     def __init__(self, kind: int, info: StatementInfo | None = None, t0: float = 0.0) -> None:
         self.kind = kind
@@ -100,6 +102,15 @@ class Pending:
         self.bind: tuple | None = None  # (stmt, start, end, data) of the Bind that made the portal
         self.prep: str | None = None  # server-side statement name this Parse creates (transaction pooling)
         self.show_errors = False  # a swallowed entry whose errors the client must still see
+        self.fill = None  # cache.Fill: this reply is being captured for the cache
+        self.ttl: float | None = None
+        self.part = 0  # statements of a multi-statement Query completed so far
+        self.whole = False  # a local reply to a simple Query: ReadyForQuery follows it
+
+
+def _special(p: Pending) -> bool:
+    """Replies that are not relayed verbatim: they keep the relay in its per-message mode."""
+    return p.kind == _LOCAL or p.error is not None or bool(p.notices) or not p.forward or p.ttl is not None
 
 
 # replies that need no per-message state share one entry each (saves an allocation per message)
@@ -214,6 +225,13 @@ class Session(asyncio.Protocol):
         self.last_bind: tuple | None = None
         self.admin = False
         self.tls = False
+        self.cstate = None  # cache.SessionCacheState when the read cache is on
+        self.server_suspend: tuple | None = None
+        self.server_paused = False
+        self.server_backlog = b""
+        self.client_suspended = False
+        self.client_backlog = b""
+        self.lookup_job: tuple | None = None
         self.pool = None  # pool.Pool when server connections are pooled
         self.pooled_tx = False  # transaction pooling: the server is lent per transaction
         self.pinned = False  # session state seen in transaction mode: keep the server
@@ -269,6 +287,10 @@ class Session(asyncio.Protocol):
         if self.startup_timer:
             self.startup_timer.cancel()
         self.app.drop_cancel_key(self)
+        for p in self.expect:
+            if p.fill is not None:
+                self.app.cache.abandon(p.fill)
+                p.fill = None
         if self.pool is not None:
             if self.server is not None:
                 self._leave_pool()
@@ -316,6 +338,9 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         phase = self.phase
+        if self.client_suspended:
+            self.client_backlog += data  # a cache look-up is under way: keep the order
+            return
         if phase == "ready" and self.server is None and self.pool is not None:
             self._without_server(data)  # transaction pooling, nothing lent right now
             return
@@ -558,6 +583,7 @@ class Session(asyncio.Protocol):
             self.startup_timer.cancel()
             self.startup_timer = None
         self.phase = "ready"
+        self.app.session_ready(self)
         if self.server is not None:
             self._maybe_release()
         if self.startup_buf:
@@ -718,6 +744,9 @@ class Session(asyncio.Protocol):
 
     # -- server bytes ----------------------------------------------------------------------------
     def server_data(self, data: bytes) -> None:
+        if self.server_paused:
+            self.server_backlog += data  # waiting for a cache invalidation: keep the order
+            return
         self.bytes_out += len(data)
         framer = self.server.framer
         frames = framer.feed(data)
@@ -729,6 +758,9 @@ class Session(asyncio.Protocol):
             return
         if out and self.transport and not self.transport.is_closing():
             self.transport.write(out)
+        if self.server_suspend is not None:
+            self._suspend_server()  # a commit point: invalidate the cache before the client hears of it
+            return
         if self.server_fatal:
             # the server closes after a FATAL: close the client with it, as Postgres would (and without
             # adding an error of our own), so that the error and the end of the connection arrive together
@@ -802,13 +834,16 @@ class Session(asyncio.Protocol):
         return b"".join(out)
 
     # -- the relay: client -> server ---------------------------------------------------------------
-    def client_frames(self, frames: list, data: bytes) -> None:
+    def client_frames(self, frames: list, data: bytes, start: int = 0) -> None:
         """Track each client message; forward the chunk untouched unless a message was changed."""
+        if start >= len(frames):
+            return
         out: list | None = None  # becomes a list of pieces once something differs from the input
         expect = self.expect
         now = self.last_active = time.perf_counter()
-        last = 0
-        for t, a, b in frames:
+        first = last = frames[start][1]
+        for i in range(start, len(frames)):
+            t, a, b = frames[i]
             if t < 0:  # a piece of a large CopyData
                 if out is not None:
                     out.append(data[a:b])
@@ -847,20 +882,33 @@ class Session(asyncio.Protocol):
                     expect.append(_PLAIN_B)
                 self.in_batch = True
             elif t == _E:
-                portal, _max_rows = pq.parse_execute(data[a + 5:b])
+                portal, max_rows = pq.parse_execute(data[a + 5:b])
                 stmt = self.portals.get(portal)
                 if stmt is not None:
                     p = Pending(_E, stmt.info, now)
                     p.stmt = stmt
-                    if stmt.decision is not None:
-                        self.app.rules.executed(self, stmt.decision, stmt.info)
+                    d = stmt.decision
+                    if d is not None:
+                        self.app.rules.executed(self, d, stmt.info)
                     if stmt.notices:
                         p.notices = stmt.notices
                         self.special += 1
                     lb = self.last_bind
                     if lb is not None and lb[0] is stmt and portal == "":
                         p.bind = lb
-                    expect.append(p)
+                    if self.cstate is None:
+                        expect.append(p)
+                    elif (d is not None and d.cache_ttl is not None and not d.timeout and p.bind is not None
+                          and not self.skip_until_sync):
+                        info = stmt.info if stmt.sent_sql == stmt.sql else analyze(stmt.sent_sql)
+                        # a row limit (asyncpg's fetchval sends 1) is part of the key: only replies that
+                        # complete within it are stored (a PortalSuspended abandons the fill)
+                        keyed = stmt.sent_sql if not max_rows else f"{stmt.sent_sql}\0max_rows={max_rows}"
+                        self.lookup_job = (_E, p, keyed, info, d, data[a:b])
+                        sent = _SUSPEND
+                    else:
+                        expect.append(p)
+                        self.cstate.sent(stmt.info)
                 else:
                     expect.append(Pending(_E, None, now))
                 self.queries += 1
@@ -908,26 +956,30 @@ class Session(asyncio.Protocol):
             elif t == _F:
                 expect.append(Pending(_F, None, now))
             elif t == _X:
-                self.to_server(data[:a] if out is None else b"".join(out))
+                self.to_server(data[first:a] if out is None else b"".join(out))
                 if self.pool is None:
                     self.to_server(pq.TERMINATE)  # a pooled server connection outlives its client
                 self.close()
                 return
             else:
-                self.to_server(data[:a] if out is None else b"".join(out))
+                self.to_server(data[first:a] if out is None else b"".join(out))
                 self.fatal("08P01", f"invalid frontend message type {t}")
                 return
             if sent is not None:
+                if sent is _SUSPEND:  # a cache look-up first: forward what came before, then wait
+                    self.to_server(data[first:a] if out is None else b"".join(out))
+                    self._suspend_client(frames, data, i)
+                    return
                 if out is None:
-                    out = [data[:a]]
+                    out = [data[first:a]]
                 out.append(sent)
             elif out is not None:
                 out.append(data[a:b])
             last = b
         if out is not None:
             self.to_server(b"".join(out))
-        elif last:
-            self.to_server(data if last == len(data) else data[:last])
+        elif last > first:
+            self.to_server(data if first == 0 and last == len(data) else data[first:last])
         if expect and expect[0].kind == _LOCAL:
             replies: list = []
             self._flush_local(replies)
@@ -990,7 +1042,15 @@ class Session(asyncio.Protocol):
                         before = self._swallowed_query(_SAVE_AND_SET_TIMEOUT.format(ms=int(decision.timeout * 1000)))
                         self.expect.append(p)
                         after = self._swallowed_query(None)
+                        if self.cstate is not None:
+                            self.cstate.sent(info)
                         return before + (sent or pq.query(sql)) + after
+                    if decision.cache_ttl is not None and self.cstate is not None:
+                        sent_sql = decision.sql if decision.sql is not None else sql
+                        self.lookup_job = (_Q, p, sent_sql, analyze(sent_sql), decision, sent or pq.query(sql))
+                        return _SUSPEND
+        if self.cstate is not None and p.error is None:
+            self.cstate.sent(info)
         self.expect.append(p)
         return sent
 
@@ -1096,23 +1156,43 @@ class Session(asyncio.Protocol):
     # -- the relay: server -> client ---------------------------------------------------------------
     def _pop(self) -> Pending:
         p = self.expect.popleft()
-        if p.kind == _LOCAL or p.error is not None or p.notices or not p.forward:
+        if _special(p):
             self.special -= 1
         return p
 
-    def server_frames(self, frames: list, data: bytes) -> bytes:
+    def server_frames(self, frames: list, data: bytes, start: int = 0, hooked: bool = False) -> bytes:
         """Track each server message. While no pending reply needs changing (no swallowed replies,
-        replaced errors, notices or local replies queued), the chunk is forwarded as it came."""
+        replaced errors, notices or local replies queued), the chunk is forwarded as it came.
+
+        With the cache on, a commit point that made writes stops the loop before its CommandComplete
+        or ReadyForQuery (`self.server_suspend`), so the invalidation lands before the client hears of
+        the commit; the loop then resumes at that message with `hooked` set."""
+        if start >= len(frames):
+            return b""
         plain = self.special == 0
         out: list = []
         expect = self.expect
-        last = 0
-        for t, a, b in frames:
-            last = b
+        cstate = self.cstate
+        first = last = frames[start][1]
+        for i in range(start, len(frames)):
+            t, a, b = frames[i]
             if t == 68 or t < 0:  # DataRow (or a piece of a large one / of CopyData)
-                if not plain and (not expect or expect[0].forward):
+                last = b
+                if not plain and expect:
+                    head = expect[0]
+                    if head.fill is not None:
+                        self._feed(head, data[a:b], t < 0)
+                    if head.forward:
+                        out.append(data[a:b])
+                elif not plain:
                     out.append(data[a:b])
                 continue
+            if cstate is not None and (t == _Z or t == _CMD_C) and not (hooked and i == start) and expect:
+                effect = self._commit_point(t, data[a + 5:b])
+                if effect:
+                    self.server_suspend = (frames, data, i, effect)
+                    return data[first:a] if plain else b"".join(out)
+            last = b
             if t == _N or t == _A or t == 100:  # notices, notifications, CopyData
                 if not plain:
                     out.append(data[a:b])
@@ -1120,6 +1200,8 @@ class Session(asyncio.Protocol):
             if t == 83:  # ParameterStatus (SET of a reported setting)
                 name, value = pq.parse_parameter_status(data[a + 5:b])
                 self.server_params[name] = value
+                if cstate is not None:
+                    cstate.server_parameter(name, value)
                 if not plain:
                     out.append(data[a:b])
                 continue
@@ -1154,7 +1236,13 @@ class Session(asyncio.Protocol):
                 continue
             if t == _CMD_C:
                 p.rows += pq.rows_from_tag(data[a + 5:b - 1])
+                p.part += 1
                 self.server_in_copy = False
+                if p.fill is not None:
+                    self._feed(p, data[a:b], False)
+                    if p.fill is not None:
+                        asyncio.ensure_future(self.app.cache.fill(p.fill, p.ttl))
+                        p.fill = None
                 if kind == _E:
                     self._pop()
                     self._done(p)
@@ -1168,6 +1256,11 @@ class Session(asyncio.Protocol):
             elif t == _ERR:
                 fields = pq.parse_fields(data[a + 5:b])
                 p.sqlstate = fields.get("C", "XX000")
+                if cstate is not None:
+                    cstate.error()
+                if p.fill is not None:
+                    self.app.cache.abandon(p.fill)
+                    p.fill = None
                 if fields.get("V") in _FATAL:
                     self.server_fatal = True
                 if self.server_in_copy:
@@ -1198,7 +1291,12 @@ class Session(asyncio.Protocol):
             elif t == _T or t == _n:
                 if kind == _D:
                     self._pop()
+                elif p.fill is not None:
+                    self._feed(p, data[a:b], False)
             elif t == _I or t == _s:
+                if p.fill is not None:
+                    self.app.cache.abandon(p.fill)  # a suspended portal is not a whole result
+                    p.fill = None
                 if kind == _E:
                     self._pop()
                     self._done(p)
@@ -1215,8 +1313,119 @@ class Session(asyncio.Protocol):
                     out.append(data[a:b])
                 self._flush_local(out)
         if plain:
-            return data if last == len(data) else data[:last]
+            return data if first == 0 and last == len(data) else data[first:last]
         return b"".join(out)
+
+    # -- the read cache ---------------------------------------------------------------------------
+    def _feed(self, p: Pending, raw: bytes, partial: bool) -> None:
+        """Capture one message of a reply being filled into the cache (a streamed piece: give up)."""
+        if partial or not p.fill.feed(raw):
+            self.app.cache.abandon(p.fill)
+            p.fill = None
+
+    def _commit_point(self, t: int, body: bytes):
+        """Cache bookkeeping at a CommandComplete or ReadyForQuery: the writes to invalidate now, if any."""
+        cstate = self.cstate
+        if t == _Z:
+            return cstate.ready(body)
+        p = self.expect[0]
+        info = p.info
+        if info is None:
+            return None
+        if p.kind == _Q and info.statements:
+            if p.part >= len(info.statements):
+                return None
+            info = info.statements[p.part]
+        return cstate.done(info)
+
+    def _suspend_server(self) -> None:
+        frames, data, i, effect = self.server_suspend
+        self.server_suspend = None
+        self.server_paused = True
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+        asyncio.ensure_future(self._invalidate_then_resume(frames, data, i, effect))
+
+    async def _invalidate_then_resume(self, frames: list, data: bytes, i: int, effect) -> None:
+        try:
+            await self.app.cache.invalidate(self.cstate, effect)
+        except Exception as e:  # noqa: BLE001 - the cache must never fail a client's write
+            log.warning("cache invalidation failed", extra={"client": self.id, "reason": str(e)})
+        if self.phase != "ready":
+            return
+        out = self.server_frames(frames, data, i, hooked=True)
+        if out and self.transport and not self.transport.is_closing():
+            self.transport.write(out)
+        if self.server_suspend is not None:
+            self._suspend_server()
+            return
+        self.server_paused = False
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+        backlog, self.server_backlog = self.server_backlog, b""
+        if backlog:
+            self.server_data(backlog)
+        elif self.pool is not None and self.server is not None:
+            self._maybe_release()
+
+    def _suspend_client(self, frames: list, data: bytes, i: int) -> None:
+        self.client_suspended = True
+        self.pause_client_reading("cache")
+        asyncio.ensure_future(self._lookup_then_resume(frames, data, i))
+
+    async def _lookup_then_resume(self, frames: list, data: bytes, i: int) -> None:
+        kind, p, sql, info, decision, raw = self.lookup_job
+        self.lookup_job = None
+        cache = self.app.cache
+        t0 = time.perf_counter()
+        try:
+            if kind == _Q:
+                key = cache.key(self.cstate, sql)
+            else:
+                _stmt, ba, bb, bdata = p.bind
+                _, _, pformats, values, rformats = pq.parse_bind(bdata[ba + 5:bb])
+                key = cache.key(self.cstate, sql, values, pformats, rformats, p.stmt.oids, extended=True)
+            res = await cache.lookup(key, info, self.cstate, allow_rls=decision.cache_allow_rls,
+                                     allow_catalog=decision.cache_allow_catalog)
+        except Exception as e:  # noqa: BLE001 - a cache problem means: ask the server
+            log.warning("cache lookup failed", extra={"client": self.id, "reason": str(e)})
+            res = None
+        if self.phase != "ready":
+            if res is not None and res.event == "miss":
+                cache.abandon(res)
+            return
+        event = res.event if res is not None else "bypass"
+        if self.app.stats is not None:
+            self.app.stats.cache_event(info.fingerprint, event)
+        self.app.stats_inc(f"cache_{event}")
+        if event == "hit":
+            if not _special(p):
+                self.special += 1
+            p.kind = _LOCAL
+            p.local = b"".join(p.notices) + res.reply
+            p.whole = kind == _Q
+            self.expect.append(p)
+            self.app.record(self, p, info, time.perf_counter() - t0)
+        else:
+            if event == "miss":
+                if not _special(p):
+                    self.special += 1
+                p.fill = res
+                p.ttl = decision.cache_ttl
+            self.expect.append(p)
+            self.cstate.sent(info)
+            self.to_server(raw)
+        self.client_suspended = False
+        self.client_frames(frames, data, i + 1)
+        if not self.client_suspended:
+            if self.expect and self.expect[0].kind == _LOCAL:
+                replies: list = []
+                self._flush_local(replies)
+                self.transport.write(b"".join(replies))
+            self.resume_client_reading("cache")
+            backlog, self.client_backlog = self.client_backlog, b""
+            if backlog:
+                self.data_received(backlog)
 
     def _forget_stray_copy_ends(self, strays: int) -> None:
         """CopyDone/CopyFail sent outside COPY, which the server ignored (all the client's ends before
@@ -1232,7 +1441,7 @@ class Session(asyncio.Protocol):
         while expect and expect[0].kind == _LOCAL:
             p = self._pop()
             out.append(p.local)
-            if p.rows < 0:  # a whole simple-query reply: it ends with ReadyForQuery
+            if p.whole:  # a whole simple-query reply: it ends with ReadyForQuery
                 out.append(pq.ready_for_query(self.tx_status))
 
     def _done(self, p: Pending) -> None:

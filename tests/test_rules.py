@@ -131,7 +131,7 @@ def test_unknown_keys_everywhere(tmp_path):
         "3: rule 'r': unknown key 'matc' (did you mean 'match'?)",
         "4: rule 'r': unknown match key 'tabels' (did you mean 'tables'?)",
         "5: rule 'r': unknown key 'max_ofset' in limit (did you mean 'max_offset'?) (known: max_rows, max_offset)",
-        "6: rule 'r': unknown key 'swr' in cache (known: ttl, stale_while_revalidate)",
+        "6: rule 'r': unknown key 'swr' in cache (known: ttl, stale_while_revalidate, allow_rls, allow_catalog)",
     ]
 
 

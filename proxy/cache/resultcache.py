@@ -22,7 +22,7 @@ from proxy.cache.capture import ResultCapture
 from proxy.cache.catalog import Catalog
 from proxy.cache.flight import Flights
 from proxy.cache.keys import make_key, redis_key
-from proxy.cache.policy import CachePolicy
+from proxy.cache.policy import PENDING, CachePolicy
 from proxy.cache.replication import ReplicationListener
 from proxy.cache.sessionstate import SessionCacheState
 from proxy.cache.store import L1Store, decode_entry, encode_entry
@@ -77,6 +77,7 @@ class ResultCache:
         self.max_result_size = c.max_result_size
         self.default_ttl = c.default_ttl
         self.flight_timeout = flight_timeout
+        self.facts_wait = 0.5  # seconds a first look-up may wait for catalog facts before bypassing
         self.l1 = L1Store(c.l1_size)
         self.catalog = Catalog(upstream_dsn, ttl=catalog_ttl)
         self.policy = CachePolicy(self.catalog)
@@ -124,6 +125,14 @@ class ResultCache:
         if not self.enabled:
             return self._bypass("cache disabled")
         decision = self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog)
+        if not decision.ok and decision.reason == PENDING:
+            # first sight of these relations: wait briefly for their facts rather than bypass
+            try:
+                await asyncio.wait_for(self.catalog.relations_now(state.database, [relname(t) for t in info.tables_read]),
+                                       self.facts_wait)
+            except (TimeoutError, OSError, Exception):  # noqa: BLE001 - fall back to the bypass below
+                pass
+            decision = self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog)
         if not decision.ok:
             return self._bypass(decision.reason)
         db = state.database

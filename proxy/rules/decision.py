@@ -29,6 +29,8 @@ class Decision:
     notices: tuple[str, ...] = ()  # send each as a NoticeResponse (severity NOTICE, code 00000)
     cache_ttl: float | None = None  # seconds; None = do not serve from / store in the cache
     stale_while_revalidate: float | None = None
+    cache_allow_rls: bool = False
+    cache_allow_catalog: bool = False
     timeout: float | None = None  # seconds: run under this statement_timeout
     log: bool = False  # log this execution
     matched: tuple[tuple[str, str, bool], ...] = ()  # (rule name, action, observed)

@@ -218,6 +218,8 @@ class RuleSet:
             notices=() if block else notices,
             cache_ttl=cache.ttl if cache else None,
             stale_while_revalidate=cache.stale_while_revalidate if cache else None,
+            cache_allow_rls=bool(cache and cache.allow_rls),
+            cache_allow_catalog=bool(cache and cache.allow_catalog),
             timeout=None if block else next((p.timeout for p in plans if p.timeout is not None), None),
             log=any(p.log for p in plans),
             matched=tuple(dict.fromkeys(m for p in plans for m in p.matched)),

@@ -25,7 +25,7 @@ ACTIONS = ("block", "limit", "cache", "rewrite", "timeout", "log")
 ACTION_KEYS = {
     "block": ("message", "sqlstate"),
     "limit": ("max_rows", "max_offset"),
-    "cache": ("ttl", "stale_while_revalidate"),
+    "cache": ("ttl", "stale_while_revalidate", "allow_rls", "allow_catalog"),
     "rewrite": ("from", "to", "rename_table"),
 }
 MODES = ("enforce", "observe")
@@ -71,6 +71,8 @@ class Limit:
 class Cache:
     ttl: float
     stale_while_revalidate: float | None
+    allow_rls: bool = False  # cache tables with row-level security (keys are per role anyway)
+    allow_catalog: bool = False  # cache reads of system catalogs
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +302,14 @@ class _Checker:
         if "stale_while_revalidate" in value:
             swr = self._duration(value["stale_while_revalidate"], "cache.stale_while_revalidate",
                                  "cache", "stale_while_revalidate", zero_ok=True)
-        return Cache(ttl or self.default_ttl, swr)
+        flags = {}
+        for flag in ("allow_rls", "allow_catalog"):
+            if flag in value:
+                if not isinstance(value[flag], bool):
+                    self.problem(f"cache.{flag} must be true or false, not {value[flag]!r}", "cache", flag)
+                else:
+                    flags[flag] = value[flag]
+        return Cache(ttl or self.default_ttl, swr, **flags)
 
     def _timeout(self, value: Any) -> float | None:
         return self._duration(value, "timeout", "timeout")
