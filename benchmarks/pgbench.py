@@ -104,15 +104,16 @@ def run(port: int, load: Load, seconds: float, *, dbname: str = "postgres", user
         args.append(dbname)
         # no TLS or GSSAPI negotiation round trips: the same plain startup for every target
         env = {**os.environ, "PGCONNECT_TIMEOUT": "10", "PGSSLMODE": "disable", "PGGSSENCMODE": "disable"}
-        limit = timeout or seconds * 2 + 30  # -T ends the run; past this the target is stuck
+        limit = timeout or seconds + 20  # -T ends the run; past this the target is stuck
         try:
             proc = subprocess.run(args, capture_output=True, text=True, cwd=work, env=env, timeout=limit)
         except subprocess.TimeoutExpired:
-            return Result(error=f"pgbench did not finish within {limit:.0f}s")
+            return Result(error=f"pgbench did not finish within {limit:.0f}s", extra={"stuck": 1})
         tps = _TPS.search(proc.stdout)
         txns = _TXNS.search(proc.stdout)
         if proc.returncode != 0 or not tps or not txns or int(txns.group(1)) == 0:
-            return Result(error=_failure_reason(proc.stdout, proc.stderr, proc.returncode))
+            reason = _failure_reason(proc.stdout, proc.stderr, proc.returncode)
+            return Result(error=reason, extra={"stuck": 1} if "timeout expired" in reason else {})
         lat = read_latencies_us(str(work / "txn"))
         return Result(tps=float(tps.group(1)), transactions=int(txns.group(1)),
                       p50_ms=percentile(lat, 0.50) / 1000, p99_ms=percentile(lat, 0.99) / 1000)

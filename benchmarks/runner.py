@@ -97,6 +97,7 @@ class Bench:
             targets = [t for t in targets if t.key in self.opts.targets]
         self.targets: list[Target] = targets
         self.unavailable: dict[str, str] = {}
+        self.hangs: dict[str, int] = {}  # target key -> pgbench runs that did not finish
         self.work = Path(tempfile.mkdtemp(prefix="pgfront-benchmarks-"))
         self.work.chmod(0o755)  # PgBouncer and Pgpool-II run as postgres and read their configs here
         self.pg: TempPostgres | None = None
@@ -168,11 +169,28 @@ class Bench:
                 cell["mem_bytes"] = procstat.tree_pss_bytes(pid)
         if not res.ok:
             dead = self._dead(t)
+            if res.extra.get("stuck"):
+                self._after_hang(t)
             return na(t.explain(f"pgbench failed: {res.error}") + (f" ({dead})" if dead else ""))
         cell.update(tps=res.tps, p50_ms=res.p50_ms, p99_ms=res.p99_ms, transactions=total)
         if pid and total:
             cell["cpu_us_per_txn"] = (cpu1 - cpu0) / total * 1e6
         return cell
+
+    def _after_hang(self, t: Target) -> None:
+        """A target that stopped answering is restarted once; if it hangs again, its remaining cells
+        are skipped, so one stuck target cannot stretch the run by a timeout per cell."""
+        self.hangs[t.key] = self.hangs.get(t.key, 0) + 1
+        if self.hangs[t.key] >= 2 or not t.is_proxy:
+            self.unavailable[t.key] = "stopped measuring: pgbench hung twice on this target"
+            return
+        log(f"{t.label} stopped answering: restarting it")
+        t.stop()
+        try:
+            assert self.env
+            t.start(self.env)
+        except Unavailable as e:
+            self.unavailable[t.key] = f"did not restart after hanging: {e}"
 
     def _best_of_rounds(self, port: int, load: pgbench.Load, rounds: int) -> tuple[pgbench.Result, int]:
         """The highest-TPS of `rounds` pgbench runs, and the transactions of all of them."""
@@ -302,16 +320,15 @@ class Bench:
             assert self.pg
             results["machine"] = machine.info(self.pg.bin)
             results["machine"]["loadavg_at_start"] = round(load_before, 2)
-            for t in self.targets:
-                results_t = next(x for x in results["targets"] if x["key"] == t.key)
-                results_t["available"] = t.key not in self.unavailable
-                if t.key in self.unavailable:
-                    results_t["reason"] = self.unavailable[t.key]
             pgbench.run(self.pg.port, pgbench.Load(), 1)  # warm the buffer cache
             self._run_matrix(results["cells"])
             self._run_extras(results["extras"])
         finally:
             self.teardown()
+        for entry in results["targets"]:  # after the run: a target may have been given up on midway
+            entry["available"] = entry["key"] not in self.unavailable
+            if not entry["available"]:
+                entry["reason"] = self.unavailable[entry["key"]]
         if "machine" in results:
             results["machine"]["loadavg_at_end"] = round(os.getloadavg()[0], 2)
             self._note_other_load(results, started, busy0, own0)

@@ -101,6 +101,7 @@ class Service:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
         except ProcessLookupError:
             return
         try:
