@@ -246,7 +246,7 @@ def test_postmaster_killed_and_restarted(cluster, front):
         cluster.start()
         load.wait_progress(timeout=30)
     codes = {c for errs in load.errors.values() for c in errs}
-    assert codes & {"08006", "57P01", "57P02"}, codes  # pgfront's or the server's own ErrorResponse
+    assert codes & {"08006", "57P01", "57P02", "57P03"}, codes  # pgfront's or the server's own ErrorResponse
     load.verify(cluster)
     with psycopg.connect(front.conninfo(), connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
