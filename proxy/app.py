@@ -179,12 +179,10 @@ class App:
             self.stats.inc(name, n)
 
     def record(self, session: Session, p: Pending, info: StatementInfo, seconds: float) -> None:
-        stats = self.stats
-        if stats is not None:
-            stats.record(info.fingerprint, info.normalized, session.database, session.user, seconds, p.rows,
-                         p.sqlstate)
-        if self.slow_threshold is not None and seconds >= self.slow_threshold and self.slowlog is not None:
-            self.slowlog_capture(session, p, info, seconds)
+        """Statistics for one statement answered without the relay's own bookkeeping (a cache hit)."""
+        if self.stats is not None:
+            self.stats.record(info.fingerprint, info.normalized, session.database, session.user, seconds, p.rows,
+                              p.sqlstate)
 
     def slowlog_capture(self, session: Session, p: Pending, info: StatementInfo, seconds: float) -> None:
         params = None

@@ -246,6 +246,7 @@ class Session(asyncio.Protocol):
         self.secret_known = False
         self.md5_salt = b""
         self.in_batch = False  # extended-protocol messages sent since the last Sync
+        self.last_parse: tuple | None = None  # (body, stmt) of the last Parse forwarded unchanged
         self.restore_at_sync = False
         self.admin_queue: deque = deque()
         self.admin_busy = False
@@ -1081,6 +1082,15 @@ class Session(asyncio.Protocol):
         return self._swallowed_query(_SAVE_AND_SET_TIMEOUT.format(ms=int(decision.timeout * 1000)))
 
     def _parse(self, body: bytes) -> bytes | None:
+        last = self.last_parse
+        rules = self.app.rules
+        if (last is not None and last[0] == body and self.statements.get(last[1].name) is last[1]
+                and last[2] is (rules.holder.current if rules is not None else None)):
+            # the same Parse again (drivers re-parse the unnamed statement every execution): nothing
+            # about it can have changed, and it was forwarded unchanged last time
+            self.expect.append(_PLAIN_P)
+            self.in_batch = True
+            return None
         name, sql, oids = pq.parse_parse(body)
         info = self.app.shapes.get(sql)
         stmt = Stmt(name, sql, info, sql)
@@ -1128,6 +1138,10 @@ class Session(asyncio.Protocol):
                 self.expect.append(p)
                 return pq.parse_message(stmt.server_name, stmt.sent_sql, oids)
         self.expect.append(p)
+        if sent is None and p is _PLAIN_P and not self.pooled_tx:
+            self.last_parse = (body, stmt, rules.holder.current if rules is not None else None)
+        else:
+            self.last_parse = None
         return sent
 
     def _check_offset(self, decision: Decision, body: bytes) -> bytes | None:
@@ -1156,7 +1170,7 @@ class Session(asyncio.Protocol):
     # -- the relay: server -> client ---------------------------------------------------------------
     def _pop(self) -> Pending:
         p = self.expect.popleft()
-        if _special(p):
+        if self.special and _special(p):  # with none queued (the common case) there is nothing to check
             self.special -= 1
         return p
 
@@ -1449,7 +1463,13 @@ class Session(asyncio.Protocol):
         info = p.info
         if info is None:
             return
-        self.app.record(self, p, info, time.perf_counter() - p.t0)
+        seconds = time.perf_counter() - p.t0
+        app = self.app
+        stats = app.stats
+        if stats is not None:
+            stats.record(info.fingerprint, info.normalized, self.database, self.user, seconds, p.rows, p.sqlstate)
+        if app.slow_threshold is not None and seconds >= app.slow_threshold and app.slowlog is not None:
+            app.slowlog_capture(self, p, info, seconds)
 
     # -- admin console -------------------------------------------------------------------------------
     def admin_frames(self, frames: list, data: bytes) -> None:
