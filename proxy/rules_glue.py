@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from proxy.sql import StatementInfo
 
 
+def _depends_on_literals(d: Decision) -> bool:
+    """Whether what the matched rules do depends on the statement's own values: an enforced LIMIT
+    (the client's LIMIT/OFFSET numbers) or rewrite (literals carried into a template). Blocks,
+    cache, timeouts, logging and observe-mode matches are the same for every text of a shape."""
+    return any(not observed and action in ("limit", "rewrite") for _rule, action, observed in d.matched)
+
+
 class RulesAdapter:
     def __init__(self, holder: RuleHolder, app: App) -> None:
         self.holder = holder
@@ -31,7 +38,7 @@ class RulesAdapter:
         d = rs.decide(shape, session)
         if d is PASS:
             return None
-        if shape.text != sql:
+        if shape.text != sql and _depends_on_literals(d):
             d = rs.decide(analyze(sql), session)
             if d is PASS:
                 return None

@@ -1047,8 +1047,10 @@ class Session(asyncio.Protocol):
                             self.cstate.sent(info)
                         return before + (sent or pq.query(sql)) + after
                     if decision.cache_ttl is not None and self.cstate is not None:
-                        sent_sql = decision.sql if decision.sql is not None else sql
-                        self.lookup_job = (_Q, p, sent_sql, analyze(sent_sql), decision, sent or pq.query(sql))
+                        if decision.sql is None:  # the shape's facts serve the cache policy
+                            self.lookup_job = (_Q, p, sql, info, decision, sent or pq.query(sql))
+                        else:
+                            self.lookup_job = (_Q, p, decision.sql, analyze(decision.sql), decision, sent)
                         return _SUSPEND
         if self.cstate is not None and p.error is None:
             self.cstate.sent(info)
