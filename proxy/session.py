@@ -341,6 +341,8 @@ class Session(asyncio.Protocol):
         phase = self.phase
         if self.client_suspended:
             self.client_backlog += data  # a cache look-up is under way: keep the order
+            if len(self.client_backlog) > _HIGH_WATER:
+                self.pause_client_reading("cache")  # a pipelining client: stop reading meanwhile
             return
         if phase == "ready" and self.server is None and self.pool is not None:
             self._without_server(data)  # transaction pooling, nothing lent right now
@@ -1385,8 +1387,7 @@ class Session(asyncio.Protocol):
             self._maybe_release()
 
     def _suspend_client(self, frames: list, data: bytes, i: int) -> None:
-        self.client_suspended = True
-        self.pause_client_reading("cache")
+        self.client_suspended = True  # later bytes wait in client_backlog (reading pauses if it grows)
         asyncio.ensure_future(self._lookup_then_resume(frames, data, i))
 
     async def _lookup_then_resume(self, frames: list, data: bytes, i: int) -> None:
@@ -1438,7 +1439,8 @@ class Session(asyncio.Protocol):
                 replies: list = []
                 self._flush_local(replies)
                 self.transport.write(b"".join(replies))
-            self.resume_client_reading("cache")
+            if "cache" in self.paused:
+                self.resume_client_reading("cache")
             backlog, self.client_backlog = self.client_backlog, b""
             if backlog:
                 self.data_received(backlog)

@@ -104,6 +104,7 @@ class Versions:
         self.epoch_changes = 0
         self._probe: asyncio.Task | None = None
         self._listener: asyncio.Task | None = None
+        self._batch: list = []  # (fields, future) of version checks waiting for the next HMGET
         self._closed = False
 
     # -- life cycle --------------------------------------------------------------------------------------
@@ -141,10 +142,10 @@ class Versions:
         """Current values of `fields` and, when entry_key is given, the stored entry: one round trip."""
         if not self.available:
             raise RedisDown("breaker open")
+        if entry_key is None:
+            return await self._read_batched(fields), None
         try:
             async with asyncio.timeout(self.timeout):
-                if entry_key is None:
-                    return await self.client.hmget(VERSIONS_KEY, fields), None
                 pipe = self.client.pipeline(transaction=False)
                 pipe.hmget(VERSIONS_KEY, fields)
                 pipe.get(entry_key)
@@ -152,6 +153,37 @@ class Versions:
                 return values, entry
         except Exception as e:
             raise self._down(e) from None
+
+    async def _read_batched(self, fields: list[str]) -> list[bytes | None]:
+        """Version checks of L1 hits, coalesced: every check asked for in one turn of the event loop
+        shares one HMGET. Each check still sees Redis as it was after the check was asked for, so
+        freshness is unchanged; concurrent clients just stop paying a round trip each."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._batch.append((fields, fut))
+        if len(self._batch) == 1:
+            loop.call_soon(self._start_batch)
+        return await fut
+
+    def _start_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        asyncio.ensure_future(self._flush_batch(batch))
+
+    async def _flush_batch(self, batch: list) -> None:
+        union = sorted({f for fields, _ in batch for f in fields})
+        try:
+            async with asyncio.timeout(self.timeout):
+                values = await self.client.hmget(VERSIONS_KEY, union)
+        except Exception as e:
+            err = self._down(e)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        got = dict(zip(union, values, strict=True))
+        for fields, fut in batch:
+            if not fut.done():
+                fut.set_result([got[f] for f in fields])
 
     async def get(self, key: str) -> bytes | None:
         try:
