@@ -1070,6 +1070,14 @@ class Session(asyncio.Protocol):
             log.info("session pinned to its server connection", extra={"client": self.id, "reason": feature})
         return None
 
+    def _swallowed(self, kind: int) -> bytes:
+        """Expect a reply of pgfront's own (e.g. a BindComplete) that the client must not see."""
+        p = Pending(kind)
+        p.forward = False
+        self.special += 1
+        self.expect.append(p)
+        return b""
+
     def _swallowed_query(self, sql: str | None) -> bytes:
         """A Query of pgfront's own whose whole reply the client never sees (None: restore timeout)."""
         p = Pending(_Q)
@@ -1429,6 +1437,17 @@ class Session(asyncio.Protocol):
                     self.special += 1
                 p.fill = res
                 p.ttl = decision.cache_ttl
+                if kind == _E:
+                    # The client's Bind reached the server before the versions were read, and a portal
+                    # takes its snapshot at Bind: a write committed in between would be stored under
+                    # the new versions. Bind the portal again now (its BindComplete swallowed), so the
+                    # rows stored are at least as new as the versions they are stored under.
+                    _stmt, ba, bb, bdata = p.bind
+                    if self.pooled_tx and p.stmt.name:
+                        rebind = _rename_bind(bdata[ba + 5:bb], "", p.stmt.server_name)
+                    else:
+                        rebind = bdata[ba:bb]
+                    raw = self._swallowed(_B) + rebind + raw
             self.expect.append(p)
             self.cstate.sent(info)
             self.to_server(raw)
