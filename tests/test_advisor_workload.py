@@ -26,9 +26,9 @@ import asyncpg
 import pytest
 
 from proxy.advisor.candidates import normalize_key
-from proxy.advisor.cli import main as advisor_main
 from proxy.advisor.collect import fingerprint_of
 from proxy.advisor.report import Options, build_report
+from proxy.cli import main as advisor_main
 from proxy.config import load
 from proxy.devdb import TempPostgres
 from proxy.slowlog import SlowLog

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cli import main as cli_main
 from proxy.rules import (
     PASS,
     MatchContext,
@@ -19,7 +20,6 @@ from proxy.rules import (
     RuleWatcher,
     load_rules,
 )
-from proxy.rules.cli import main as cli_main
 from proxy.sql import analyze
 from proxy.sql.info import StatementInfo
 
@@ -635,7 +635,7 @@ def test_cli_explain(tmp_path, capsys):
 
 def test_cli_as_a_subprocess(tmp_path):
     bad = write(tmp_path, "bad.toml", '[[rule]]\nname = "x"\nmatch = {}\nblock = { sqlstate = 5 }\n')
-    res = subprocess.run([sys.executable, "-m", "proxy.rules.cli", "rules", "check", str(bad)],
+    res = subprocess.run([sys.executable, "-m", "proxy", "rules", "check", str(bad)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 1
     assert res.stdout.splitlines()[0] == (

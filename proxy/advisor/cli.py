@@ -119,15 +119,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", dest="advisor_config", metavar="FILE", help="config.toml for targets and paths")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_report)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (until the lead wires `register` into proxy/cli.py)."""
-    parser = argparse.ArgumentParser(prog="pgfront")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -152,15 +152,3 @@ class _Printer:
 
     def __call__(self, label: str, value: str) -> None:
         print(f"{label + ':':<13}{value}", file=self.out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m proxy.rules.cli rules check ...`) until the main CLI wires register()."""
-    parser = argparse.ArgumentParser(prog="pgfront")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
