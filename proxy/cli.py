@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.slowlog is not None:
         overrides.setdefault("slowlog", {})["path"] = args.slowlog
     cfg = config_mod.load(args.config, overrides)
+    cfg.reload_from = (args.config, overrides)  # SIGHUP re-reads the file with the same flags on top
     log_mod.setup(cfg.server.log_level, cfg.server.log_format)
     _check_rules(cfg)
     local = None

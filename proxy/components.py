@@ -116,9 +116,9 @@ async def _cancel_from_peer(app: App, reader: asyncio.StreamReader, writer: asyn
 
 async def _housekeeping(app: App) -> None:
     """Once a second: gauges, and dropping clients idle longer than client_idle_timeout."""
-    idle_limit = app.cfg.server.client_idle_timeout
     while True:
         await asyncio.sleep(1.0)
+        idle_limit = app.cfg.server.client_idle_timeout  # read each time: a reload may change it
         _gauges(app)
         if app.pools is not None:
             app.pools.maintain()
@@ -149,17 +149,56 @@ async def detach(app: App) -> None:
             publisher.flush()
 
 
+# settings that only take effect on a restart: a reload reports them instead of half-applying them
+_RESTART_ONLY = {("server", "listen"), ("server", "workers"), ("server", "upstream"), ("server", "run_dir"),
+                 ("metrics", "listen"), ("auth", "mode"), ("cache", "enabled"), ("cache", "redis_url"),
+                 ("cache", "replication_listener"), ("cache", "replication_slot"), ("tls", "cert_file"),
+                 ("tls", "key_file"), ("tls", "upstream_sslmode"), ("tls", "upstream_ca_file"), ("rules", "watch"),
+                 ("server", "log_format"), ("slowlog", "path"), ("slowlog", "dsn")}
+
+
+def reload_config(app: App) -> str:
+    """Re-read config.toml: apply what can change live, name what needs a restart; keep the running
+    configuration when the file is invalid."""
+    from proxy import config as config_mod
+
+    source = getattr(app.cfg, "reload_from", None)
+    if not source or source[0] is None:
+        return "no config file to reload"
+    try:
+        new = config_mod.load(*source)
+    except config_mod.ConfigError as e:
+        log.error("config not reloaded, keeping the running one", extra={"reason": str(e)})
+        return f"config not reloaded: {e}"
+    new.reload_from = source
+    old = app.cfg.as_dict()
+    fresh = new.as_dict()
+    changed = [(sec, key) for sec in fresh for key in fresh[sec] if fresh[sec][key] != old[sec].get(key)]
+    pending = [f"{s}.{k}" for s, k in changed if (s, k) in _RESTART_ONLY]
+    app.cfg = new
+    app.slow_threshold = new.slowlog.threshold_ms / 1000.0 if new.slowlog.threshold_ms > 0 else None
+    if app.pools is not None:
+        app.pools.cfg = new.pool
+    note = f"config reloaded ({len(changed)} changed)"
+    if pending:
+        note += f"; needs a restart to take effect: {', '.join(pending)}"
+    log.info(note, extra={"worker": app.worker_id, "changed": [f"{s}.{k}" for s, k in changed]})
+    return note
+
+
 async def reload(app: App) -> tuple[bool, str]:
-    """SIGHUP and the admin console's RELOAD: re-read the userlist and the rule files; a bad file keeps
-    what was running."""
+    """SIGHUP and the admin console's RELOAD: re-read config.toml, the userlist and the rule files; a
+    bad file keeps what was running."""
+    config_note = reload_config(app)
     if app.credentials is not None:
         try:
             app.credentials.reload()
         except (OSError, ValueError) as e:
             log.error("userlist not reloaded, keeping the running one", extra={"reason": str(e)})
     if app.rules is None:
-        return True, "no rule files configured"
+        return True, f"{config_note}; no rule files configured"
     ok, message = app.rules.reload()
+    message = f"{config_note}; {message}"
     log.info("rules reloaded" if ok else "rules reload failed, keeping the running rules",
              extra={"worker": app.worker_id, "detail": message})
     return ok, message

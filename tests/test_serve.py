@@ -182,3 +182,26 @@ def test_client_idle_timeout(pgfront_factory):
     time.sleep(2.5)
     with pytest.raises(psycopg.OperationalError):
         conn.execute("SELECT 1")
+
+
+def test_sighup_reloads_config_and_keeps_it_when_invalid(pgfront_factory):
+    p = pgfront_factory(config="[admin]\nusers = ['postgres']\n")
+    from tests.conftest import psql
+
+    assert psql(p.port, "SHOW STATS", user="trustuser", dbname="pgfront", check=False).returncode != 0
+    p.config_path.write_text("[admin]\nusers = ['postgres', 'trustuser']\n[rules]\nfiles = []\n"
+                             "[server]\nworkers = 1\nlisten = '127.0.0.1:1'\n")
+    p.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while psql(p.port, "SHOW STATS", user="trustuser", dbname="pgfront", check=False).returncode != 0:
+        assert time.monotonic() < deadline, p.log()
+        time.sleep(0.2)
+    # the listen flag given on the command line still wins over the file; RELOAD names what needs a restart
+    res = psql(p.port, "RELOAD", dbname="pgfront", check=False)
+    assert res.returncode == 0
+    # a broken file: the running configuration stays
+    p.config_path.write_text("[admin]\nusers = 'nobody\n")
+    p.proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert psql(p.port, "SHOW STATS", user="trustuser", dbname="pgfront", check=False).returncode == 0
+    assert "config not reloaded" in p.log()
