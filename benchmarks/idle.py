@@ -3,7 +3,7 @@
 Runs as its own process so the benchmark harness needs no extra file descriptors:
 `python3 -m benchmarks.idle --port P --count N` prints one JSON line
 (`{"open": K, "failed": F, "error": "..."}`) once every connection has been tried, then holds the
-connections until stdin closes or it receives SIGTERM. Only trust authentication is spoken.
+connections until stdin closes or it receives SIGTERM. Trust, or the password in $PGPASSWORD.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import select
 import signal
@@ -35,8 +36,12 @@ def _error_text(body: bytes) -> str:
 
 
 async def open_one(host: str, port: int, user: str, dbname: str) -> asyncio.StreamWriter:
+    from proxy.auth import Secret, UpstreamLogin
+
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(startup_message(user, dbname))
+    # trust, or the password in $PGPASSWORD (pgfront's pooling target authenticates clients itself)
+    login = UpstreamLogin(user, Secret("plain", os.environ.get("PGPASSWORD", "")))
     while True:
         head = await reader.readexactly(5)
         kind, length = head[:1], struct.unpack("!i", head[1:])[0]
@@ -44,9 +49,10 @@ async def open_one(host: str, port: int, user: str, dbname: str) -> asyncio.Stre
         if kind == b"E":
             writer.close()
             raise ConnectionError(_error_text(body))
-        if kind == b"R" and struct.unpack("!i", body[:4])[0] != 0:
-            writer.close()
-            raise ConnectionError("server asked for a password (only trust auth is supported here)")
+        if kind == b"R":
+            reply = login.answer(body)
+            if reply:
+                writer.write(reply)
         if kind == b"Z":
             return writer
 

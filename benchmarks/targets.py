@@ -7,6 +7,7 @@ that reason instead of a number).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,11 @@ from .services import Service, give_to_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+# every client sends it; the trust-auth targets ignore it, pgfront's pooling target checks it
+BENCH_PASSWORD = "pgfront-bench"
+os.environ.setdefault("PGPASSWORD", BENCH_PASSWORD)
 
 
 @dataclass
@@ -199,7 +205,7 @@ class Pgfront(Target):
     def __init__(self, key: str, label: str, flavour: str, workers: int = 1,
                  skip: dict[str, str] | None = None, python_args: list[str] | None = None) -> None:
         super().__init__(key, label, skip or {})
-        self.flavour = flavour  # passthrough | rules | cache
+        self.flavour = flavour  # passthrough | rules | cache | pool
         self.workers = workers
         self.python_args = python_args or []  # e.g. ["-m", "cProfile", "-o", FILE] to profile it
 
@@ -210,6 +216,14 @@ class Pgfront(Target):
             return common + "[rules]\nfiles = []\nwatch = false\n"
         if self.flavour == "rules":
             return common + f"[rules]\nfiles = [\"{ROOT / 'rules'}/*.toml\"]\nwatch = false\n"
+        if self.flavour == "pool":
+            # transaction pooling, sized like the PgBouncer target; pgfront checks the client's password
+            # itself (the benchmark password every client sends), the upstream trusts it
+            users = env.work / "pgfront-userlist.txt"
+            users.write_text(f'"postgres" "{BENCH_PASSWORD}"\n')
+            return (common + "[rules]\nfiles = []\nwatch = false\n"
+                    f"[auth]\nmode = \"userlist\"\nfile = \"{users}\"\n"
+                    "[pool]\nmode = \"transaction\"\ndefault_pool_size = 20\nmax_db_connections = 40\n")
         # cache: a template with {redis_url}, {root}, {configs} and {work} placeholders
         if env.redis is None:
             raise Unavailable("redis-server not available for the cache")
@@ -242,4 +256,5 @@ def all_targets() -> list[Target]:
         Pgfront("pgfront", "pgfront passthrough", "passthrough"),
         Pgfront("pgfront-rules", "pgfront + default rules", "rules"),
         Pgfront("pgfront-cache", "pgfront + cache", "cache"),
+        Pgfront("pgfront-pool", "pgfront transaction pooling", "pool"),
     ]
