@@ -217,12 +217,11 @@ class Pgfront(Target):
         if self.flavour == "rules":
             return common + f"[rules]\nfiles = [\"{ROOT / 'rules'}/*.toml\"]\nwatch = false\n"
         if self.flavour == "pool":
-            # transaction pooling, sized like the PgBouncer target; pgfront checks the client's password
-            # itself (the benchmark password every client sends), the upstream trusts it
+            # transaction pooling, sized and authenticated like the PgBouncer target (trust for listed roles)
             users = env.work / "pgfront-userlist.txt"
             users.write_text(f'"postgres" "{BENCH_PASSWORD}"\n')
             return (common + "[rules]\nfiles = []\nwatch = false\n"
-                    f"[auth]\nmode = \"userlist\"\nfile = \"{users}\"\n"
+                    f"[auth]\nmode = \"userlist\"\nfile = \"{users}\"\nmethod = \"trust\"\n"
                     "[pool]\nmode = \"transaction\"\ndefault_pool_size = 20\nmax_db_connections = 40\n")
         # cache: a template with {redis_url}, {root}, {configs} and {work} placeholders
         if env.redis is None:

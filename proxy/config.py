@@ -84,6 +84,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "query": Key("str", "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1 AND rolcanlogin",
                      "for mode = query: returns (name, password verifier) of a role"),
         "query_dsn": Key("str", "", "login used to run the auth query; empty = the upstream URL as postgres"),
+        "method": Key("str", "password", "password (SCRAM-SHA-256, or md5 for md5-hashed secrets) or trust (a listed "
+                                         "role gets in without a password: for trusted networks only)"),
     },
     "pool": {
         "mode": Key("str", "session", "session (a server connection per client session) or transaction (lent per "
@@ -239,6 +241,8 @@ class Config:
         if uses_tx and self.auth.mode == "passthrough":
             raise ConfigError(f"{source}: [pool] mode: transaction pooling needs [auth] mode = userlist or query "
                               "(pgfront must log in to server connections without the client)")
+        if self.auth.method not in ("password", "trust"):
+            raise ConfigError(f"{source}: [auth] method: expected password or trust")
         if self.auth.mode not in ("passthrough", "userlist", "query"):
             raise ConfigError(f"{source}: [auth] mode: expected passthrough, userlist or query")
         if self.auth.mode == "userlist" and not self.auth.file:

@@ -68,3 +68,11 @@ def test_bad_userlist_config(tmp_path):
         config.load(None, {"auth": {"mode": "userlist"}})
     with pytest.raises(config.ConfigError, match=r"\[auth\] mode"):
         config.load(None, {"auth": {"mode": "ldap"}})
+
+
+def test_trust_method_admits_listed_roles_only(pgfront_factory, userlist):
+    p = pgfront_factory(config=f"[auth]\nmode = 'userlist'\nfile = '{userlist}'\nmethod = 'trust'\n")
+    with psycopg.connect(p.conninfo(user="app")) as conn:  # no password asked
+        assert conn.execute("SELECT current_user").fetchone()[0] == "app"
+    with pytest.raises(psycopg.OperationalError, match="not in the pgfront userlist"):
+        psycopg.connect(p.conninfo(user="trustuser"))
