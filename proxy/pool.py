@@ -85,6 +85,17 @@ class Pool:
             if link is not None:  # None: woken to try opening again (room freed up in the database)
                 return self._lend(link, t0)
 
+    def lend_idle(self) -> ServerLink | None:
+        """An idle connection right now, without waiting (the common case in transaction mode)."""
+        while self.idle:
+            link = self.idle.pop()
+            if not (link.closed or link.transport is None or link.transport.is_closing()):
+                self.acquired += 1
+                self.busy.add(link)
+                link.last_used = time.monotonic()
+                return link
+        return None
+
     def _lend(self, link: ServerLink, t0: float) -> ServerLink:
         waited = time.monotonic() - t0
         self.total_wait += waited

@@ -674,6 +674,12 @@ class Session(asyncio.Protocol):
         if not self.held and data[:1] == b"X":
             self.close()  # a Terminate needs no server
             return
+        if not self.held and not self.acquiring:
+            link = self.pool.lend_idle()
+            if link is not None:  # no wait: carry straight on with this chunk
+                self._attach(link)
+                self.data_received(data)
+                return
         self.held += data
         if not self.acquiring:
             self.acquiring = True
