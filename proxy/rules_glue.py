@@ -44,7 +44,7 @@ class RulesAdapter:
                 return None
         return d
 
-    def executed(self, session: Session, d: Decision, info: StatementInfo) -> None:
+    def executed(self, session: Session, d: Decision, info: StatementInfo, text: str | None = None) -> None:
         """Count one execution under decision d (rule hits, statistics, the log action)."""
         self.holder.current.count(d)
         stats = self.app.stats
@@ -52,9 +52,11 @@ class RulesAdapter:
             for rule, action, observed in d.matched:
                 stats.rule_event(info.fingerprint, rule, action, observed)
         if d.log:
-            log.info("statement", extra={"rules": [m[0] for m in d.matched], "fingerprint": info.fingerprint,
-                                         "user": session.user, "database": session.database,
-                                         "query": info.normalized})
+            extra = {"rules": [m[0] for m in d.matched], "fingerprint": info.fingerprint, "user": session.user,
+                     "database": session.database, "query": info.normalized}
+            if self.app.cfg.server.log_parameters:
+                extra["text"] = text or info.text  # the statement with its literal values: only when asked for
+            log.info("statement", extra=extra)
 
     def describe(self) -> list[dict]:
         return self.holder.current.describe()

@@ -1042,7 +1042,7 @@ class Session(asyncio.Protocol):
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
-                rules.executed(self, decision, info)
+                rules.executed(self, decision, info, sql)
                 if decision.block:
                     code, message = decision.block
                     p.error = pq.error_response(code, message)
