@@ -265,3 +265,25 @@ def test_admin_cache_commands(cached):
     assert "hits" in psql(cached.port, "SHOW CACHE", dbname="pgfront").stdout
     for cmd in ("CACHE PURGE TABLE cached_t", "CACHE PURGE ALL"):
         assert psql(cached.port, cmd, dbname="pgfront").returncode == 0
+
+
+def test_redis_cluster_through_pgfront(pg, tables, tmp_path_factory):
+    """The same cache through pgfront on a 3-node Redis Cluster started here: hits, and a write that
+    invalidates before its commit is acknowledged."""
+    from proxy.cache.testing import TempRedisCluster
+
+    cluster = TempRedisCluster().start()
+    p = cached_proxy(pg, tmp_path_factory, cluster.url)
+    try:
+        with psycopg.connect(p.conninfo(), autocommit=True) as conn:
+            read = [pq.query("SELECT name FROM cached_t WHERE id = 11")]
+            warm_up(p, read)
+            before = hits(p)
+            assert conn.execute("SELECT name FROM cached_t WHERE id = 11").fetchone()[0] == "n11"
+            assert hits(p) == before + 1
+            conn.execute("UPDATE cached_t SET name = 'clustered' WHERE id = 11")
+            assert conn.execute("SELECT name FROM cached_t WHERE id = 11").fetchone()[0] == "clustered"
+            conn.execute("UPDATE cached_t SET name = 'n11' WHERE id = 11")
+    finally:
+        p.stop()
+        cluster.cleanup()
