@@ -47,7 +47,7 @@ def parse_hostport(value: Any) -> tuple[str, int]:
     m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", str(value).strip())
     if not m or not (0 < int(m.group(2)) < 65536):
         raise ValueError(f"not HOST:PORT: {value!r}")
-    return m.group(1) or "0.0.0.0", int(m.group(2))
+    return m.group(1) or "127.0.0.1", int(m.group(2))  # ":PORT" means loopback; say 0.0.0.0 to expose it
 
 
 @dataclass(frozen=True)
