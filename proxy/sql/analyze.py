@@ -88,8 +88,10 @@ def _analyze_uncached(text: str) -> StatementInfo:
         if len(stmts) > 1:
             return _analyze_many(text, stmts)
         facts = statement_facts(stmts[0]["stmt"])
-        return StatementInfo(text=text, fingerprint=parser.fingerprint(text),
-                             normalized=normalize(text, facts["max_param"]), parsed=True, **facts)
+        # like pg_stat_statements, label the statement without its trailing semicolon
+        label = normalize(text, facts["max_param"]).rstrip().rstrip(";").rstrip()
+        return StatementInfo(text=text, fingerprint=parser.fingerprint(text), normalized=label, parsed=True,
+                             **facts)
     except Exception as e:  # a parse error, or a tree shape we do not know: never fail the query
         return _unparsed(text, str(e) or type(e).__name__)
 
