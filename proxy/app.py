@@ -45,7 +45,6 @@ class App:
         self.started_at = time.time()
         self.shapes = ShapeCache()
         self.sessions: set[Session] = set()
-        self.counters: dict[str, int] = {}
         self.stats: Any = None  # proxy.stats.Stats when loaded
         self.rules: Any = None  # RulesAdapter when rule files are loaded
         self.cache: Any = None
@@ -174,15 +173,8 @@ class App:
 
     # -- counters and per-statement hooks ------------------------------------------------------
     def stats_inc(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
         if self.stats is not None:
             self.stats.inc(name, n)
-
-    def record(self, session: Session, p: Pending, info: StatementInfo, seconds: float) -> None:
-        """Statistics for one statement answered without the relay's own bookkeeping (a cache hit)."""
-        if self.stats is not None:
-            self.stats.record(info.fingerprint, info.normalized, session.database, session.user, seconds, p.rows,
-                              p.sqlstate)
 
     def slowlog_capture(self, session: Session, p: Pending, info: StatementInfo, seconds: float) -> None:
         params = None

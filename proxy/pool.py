@@ -53,10 +53,8 @@ class Pool:
         cfg = self.manager.cfg
         t0 = time.monotonic()
         while True:
-            while self.idle:
-                link = self.idle.pop()  # most recently used first: its caches are warm
-                if link.closed or link.transport is None or link.transport.is_closing():
-                    continue
+            link = self._take_idle()
+            if link is not None:
                 return self._lend(link, t0)
             waited = time.monotonic() - t0
             limit = cfg.default_pool_size + (cfg.reserve_pool_size if waited >= cfg.reserve_pool_timeout else 0)
@@ -87,12 +85,14 @@ class Pool:
 
     def lend_idle(self) -> ServerLink | None:
         """An idle connection right now, without waiting (the common case in transaction mode)."""
+        link = self._take_idle()
+        return self._lend(link, time.monotonic()) if link is not None else None
+
+    def _take_idle(self) -> ServerLink | None:
+        """The most recently used idle connection that is still open (its caches are warm)."""
         while self.idle:
             link = self.idle.pop()
             if not (link.closed or link.transport is None or link.transport.is_closing()):
-                self.acquired += 1
-                self.busy.add(link)
-                link.last_used = time.monotonic()
                 return link
         return None
 

@@ -1083,20 +1083,16 @@ class Session(asyncio.Protocol):
             log.info("session pinned to its server connection", extra={"client": self.id, "reason": feature})
         return None
 
-    def _swallowed(self, kind: int) -> bytes:
-        """Expect a reply of pgfront's own (e.g. a BindComplete) that the client must not see."""
+    def _swallowed(self, kind: int) -> None:
+        """Expect a reply to a message of pgfront's own (e.g. a BindComplete) that the client must not see."""
         p = Pending(kind)
         p.forward = False
         self.special += 1
         self.expect.append(p)
-        return b""
 
     def _swallowed_query(self, sql: str | None) -> bytes:
         """A Query of pgfront's own whose whole reply the client never sees (None: restore timeout)."""
-        p = Pending(_Q)
-        p.forward = False
-        self.special += 1
-        self.expect.append(p)
+        self._swallowed(_Q)
         return pq.query(sql) if sql is not None else _RESTORE_TIMEOUT
 
     def _timeout_prefix(self, decision: Decision | None) -> bytes:
@@ -1415,7 +1411,6 @@ class Session(asyncio.Protocol):
         kind, p, sql, info, decision, raw = self.lookup_job
         self.lookup_job = None
         cache = self.app.cache
-        t0 = time.perf_counter()
         try:
             if kind == _Q:
                 key = cache.key(self.cstate, sql)
@@ -1443,7 +1438,7 @@ class Session(asyncio.Protocol):
             p.local = b"".join(p.notices) + res.reply
             p.whole = kind == _Q
             self.expect.append(p)
-            self.app.record(self, p, info, time.perf_counter() - t0)
+            self._done(p)  # statistics for the hit, timed from the message's arrival
         else:
             if event == "miss":
                 if not _special(p):
@@ -1460,7 +1455,8 @@ class Session(asyncio.Protocol):
                         rebind = _rename_bind(bdata[ba + 5:bb], "", p.stmt.server_name)
                     else:
                         rebind = bdata[ba:bb]
-                    raw = self._swallowed(_B) + rebind + raw
+                    self._swallowed(_B)
+                    raw = rebind + raw
             self.expect.append(p)
             self.cstate.sent(info)
             self.to_server(raw)
