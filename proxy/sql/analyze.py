@@ -146,7 +146,7 @@ def split_statements(text: str) -> list[str]:
         return list(_statement_texts(text, _json_loads(parser.parse_sql_json(text)).get("stmts", [])))
     try:  # unparsable: the scanner still knows which ';' are outside quotes and comments
         tokens = parser.scan(text)
-    except parser.Error:
+    except (parser.Error, UnicodeError):  # surrogates: bytes that were not UTF-8
         return [text.strip()] if text.strip() else []
     pieces: list[str] = []
     start = 0

@@ -66,7 +66,7 @@ def replaced_spans(text: str, normalized: str) -> list[Span] | None:
     """
     try:
         tokens = parser.scan(text)  # offsets in characters, end inclusive
-    except parser.Error:
+    except (parser.Error, UnicodeError):
         return None
     token_index = {tok.start: i for i, tok in enumerate(tokens)}
     spans: list[Span] = []

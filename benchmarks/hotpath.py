@@ -1,0 +1,132 @@
+"""`python3 -m benchmarks hotpath`: the relay's own Python cost per query, without sockets.
+
+One Session and its ServerLink are wired to in-memory transports; a loop feeds the client's
+messages of a pgbench -S transaction (simple, extended or prepared protocol) and then the server's
+reply, as they arrive from a real PostgreSQL, and times it. The number is what pgfront adds to each
+query in user-space CPU on this machine, with none of the kernel's or the event loop's cost, so it
+moves only when the relay's code does: the figure to watch while optimising the hot path.
+`--profile` prints cProfile's ranking for the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import gc
+import pstats
+import time
+
+from proxy.app import App
+from proxy.config import load as load_config
+from proxy.serverconn import ServerLink
+from proxy.session import Session
+from proxy.upstream import parse_upstream
+from proxy.wire import protocol as pq
+
+_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
+_PREP_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+
+
+class _Transport:
+    """Enough of asyncio.Transport for the relay: records nothing, costs nothing."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _reply(extended: bool) -> bytes:
+    rows = (pq.row_description([("abalance", 23)]) + pq.data_row([0]) + pq.command_complete("SELECT 1")
+            + pq.ready_for_query(pq.IDLE))
+    return (pq.PARSE_COMPLETE if extended else b"") + (pq.BIND_COMPLETE if extended else b"") + rows
+
+
+def _bind(stmt: str, value: int) -> bytes:
+    return pq.build_bind("", stmt, [0], [str(value).encode()], [0])
+
+
+def _client_messages(mode: str, i: int) -> bytes:
+    aid = 1 + (i * 7919) % 1_000_000
+    if mode == "simple":
+        return pq.query(_SQL.format(aid))
+    describe_execute = pq.msg(b"E", b"\0" + b"\0\0\0\0") + pq.SYNC
+    if mode == "extended":
+        return pq.parse_message("", _PREP_SQL, [23]) + _bind("", aid) + describe_execute
+    return _bind("P_0", aid) + describe_execute
+
+
+def _session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
+    cfg = load_config(config, {"rules": {"files": [], "watch": False}} if config is None else {})
+    app = App(cfg, parse_upstream("postgresql://postgres@127.0.0.1:5432/postgres"))
+    from proxy import stats as st
+
+    app.stats = st.Stats(cfg.stats.max_fingerprints)
+    s = Session(app)
+    s.transport = _Transport()  # type: ignore[assignment]
+    link = ServerLink()
+    link.connection_made(_Transport())
+    link.session = s
+    s.server = link
+    s.user = s.database = "postgres"
+    s.phase = "ready"
+    return s
+
+
+def run(mode: str, n: int, profile: bool, config: str | None) -> float:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    s = _session(config, loop)
+    link = s.server
+    if mode == "prepared":  # prepare P_0 once, as pgbench -M prepared does
+        link.data_received(b"")
+        s.data_received(pq.parse_message("P_0", _PREP_SQL, [23]) + pq.SYNC)
+        link.data_received(pq.PARSE_COMPLETE + pq.ready_for_query(pq.IDLE))
+    msgs = [_client_messages(mode, i) for i in range(1000)]
+    reply = _reply(mode == "extended")
+    if mode == "prepared":
+        reply = pq.BIND_COMPLETE + _reply(False)
+
+    def loop_body(count: int) -> None:
+        client, server = s.data_received, link.data_received
+        for i in range(count):
+            client(msgs[i % 1000])
+            server(reply)
+
+    loop_body(2000)  # warm the shape cache and the statistics entry
+    gc.collect()
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        loop_body(n)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    t0 = time.perf_counter()
+    loop_body(n)
+    per_query = (time.perf_counter() - t0) / n * 1e6
+    assert not s.expect, "the relay is still waiting for replies: the harness is out of step"
+    loop.close()
+    return per_query
+
+
+def main(modes: list[str], n: int, profile: bool, config: str | None) -> int:
+    for mode in modes:
+        best = min(run(mode, n, profile and i == 0, config) for i in range(3))
+        print(f"{mode:9s} {best:6.2f} us of relay Python per query (best of 3 x {n:,})")
+    return 0
