@@ -43,7 +43,13 @@ def goals(results: dict) -> list[dict]:
                     "pgfront-rules", "pgbouncer", 0.90),
         _ratio_goal(results, "pgfront + rules vs PgBouncer, pgbench -S extended", "select-extended",
                     "pgfront-rules", "pgbouncer", 0.90),
-        _ratio_goal(results, "pgfront cache hits vs Pgpool-II query cache, aggregate", "aggregate",
+        _ratio_goal(results, "pgfront passthrough vs uvloop forwarder, pgbench -S simple", "select-simple",
+                    "pgfront", "forwarder", 0.90),
+        _ratio_goal(results, "pgfront passthrough vs uvloop forwarder, pgbench -S extended", "select-extended",
+                    "pgfront", "forwarder", 0.90),
+        _ratio_goal(results, "pgfront cache hits (2 workers) vs Pgpool-II query cache, aggregate", "aggregate",
+                    "pgfront-cache-2w", "pgpool", 1.0),
+        _ratio_goal(results, "pgfront cache hits (1 worker) vs Pgpool-II query cache, aggregate", "aggregate",
                     "pgfront-cache", "pgpool", 1.0),
     ]
     idle = results.get("extras", {}).get("idle_memory", {}).get("pgfront", {})

@@ -272,8 +272,10 @@ class Bench:
         for sc in self.scenarios:
             row = cells.setdefault(sc.key, {})
             for t in self.targets:
+                if t.only is not None and sc.key not in t.only:
+                    continue
                 row[t.key] = cell = self.measure(sc, t)
-                if sc.cache and t.key == "pgfront-cache":
+                if sc.cache and t.key.startswith("pgfront-cache"):
                     _flag_missing_cache_hits(cell, row.get("direct", {}))
                 log(f"{sc.key:16} {t.key:14} " + (f"{cell['tps']:>10,.0f} tps" if "tps" in cell
                                                    else f"n/a: {cell['na']}"))

@@ -46,6 +46,7 @@ class Target:
     key: str
     label: str
     skip: dict[str, str] = field(default_factory=dict)  # scenario key -> why it is not measured
+    only: frozenset[str] | None = None  # scenario keys it is measured in (None: all), others get no row
     port: int = 0
     service: Service | None = None
 
@@ -203,8 +204,9 @@ class Pgfront(Target):
     """`python -m proxy serve` with one of three configurations."""
 
     def __init__(self, key: str, label: str, flavour: str, workers: int = 1,
-                 skip: dict[str, str] | None = None, python_args: list[str] | None = None) -> None:
-        super().__init__(key, label, skip or {})
+                 skip: dict[str, str] | None = None, python_args: list[str] | None = None,
+                 only: frozenset[str] | None = None) -> None:
+        super().__init__(key, label, skip or {}, only)
         self.flavour = flavour  # passthrough | rules | cache | pool
         self.workers = workers
         self.python_args = python_args or []  # e.g. ["-m", "cProfile", "-o", FILE] to profile it
@@ -255,5 +257,7 @@ def all_targets() -> list[Target]:
         Pgfront("pgfront", "pgfront passthrough", "passthrough"),
         Pgfront("pgfront-rules", "pgfront + default rules", "rules"),
         Pgfront("pgfront-cache", "pgfront + cache", "cache"),
+        # one worker per core, as deployed; Pgpool-II itself runs num_init_children = 32 processes
+        Pgfront("pgfront-cache-2w", "pgfront + cache, 2 workers", "cache", workers=2, only=frozenset({"aggregate"})),
         Pgfront("pgfront-pool", "pgfront transaction pooling", "pool"),
     ]

@@ -126,6 +126,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_result_size": Key("size", "1MiB", "larger results are streamed through and not cached"),
         "l1_size": Key("size", "64MiB", "in-process cache in front of Redis, per worker"),
         "redis_timeout": Key("duration", "50ms", "a Redis call slower than this bypasses the cache"),
+        "local_validity": Key("duration", "20ms", "an L1 hit checked against Redis this recently is served with "
+                                                   "no round trip; a commit invalidating it waits out the rest of "
+                                                   "that window first; 0 = check every hit; same value on every "
+                                                   "instance sharing a Redis"),
         "default_ttl": Key("duration", "60s", "TTL for cache rules that give none"),
         "replication_listener": Key("bool", False, "follow the upstream's logical replication stream to catch writes that bypass pgfront"),
         "replication_slot": Key("str", "pgfront_invalidation", "slot used by the replication listener"),

@@ -8,7 +8,7 @@ the rule then does (a LIMIT to splice, literals to carry into a template) depend
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.log import log
 from proxy.rules import PASS, Decision, RuleHolder
@@ -44,13 +44,15 @@ class RulesAdapter:
                 return None
         return d
 
-    def executed(self, session: Session, d: Decision, info: StatementInfo, text: str | None = None) -> None:
-        """Count one execution under decision d (rule hits, statistics, the log action)."""
+    def executed(self, session: Session, d: Decision, info: StatementInfo, text: str | None = None,
+                 q: Any = None) -> None:
+        """Count one execution under decision d (rule hits, statistics, the log action); q: the
+        fingerprint's statistics entry when the caller has it at hand."""
         self.holder.current.count(d)
         stats = self.app.stats
         if stats is not None:
             for rule, action, observed in d.matched:
-                stats.rule_event(info.fingerprint, rule, action, observed)
+                stats.rule_event(info.fingerprint, rule, action, observed, q)
         if d.log:
             extra = {"rules": [m[0] for m in d.matched], "fingerprint": info.fingerprint, "user": session.user,
                      "database": session.database, "query": info.normalized}

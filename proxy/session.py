@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from proxy.app import App
     from proxy.rules import Decision
     from proxy.sql import StatementInfo
+    from proxy.stats import QueryStats
 
 # message type bytes as ints (frames carry ints)
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = b"QPBDECSHFX"
@@ -122,6 +123,8 @@ _PLAIN_S = Pending(_S)
 _Z_KINDS = (_S, _Q, _F)
 _SKIP_KINDS = (_P, _B, _D, _E, _C)
 
+
+_HOT_QUERIES = 64  # per session: Query messages remembered for _hot_hit
 
 # settings a client may give at startup that a pooled server connection must be given for it
 _POOLED_SETTINGS = ("application_name", "client_encoding", "datestyle", "timezone", "intervalstyle",
@@ -247,6 +250,7 @@ class Session(asyncio.Protocol):
         self.md5_salt = b""
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.last_parse: tuple | None = None  # (body, stmt) of the last Parse forwarded unchanged
+        self.hot_queries: dict[bytes, tuple] = {}  # Query message -> what _hot_hit needs to answer it again
         self.restore_at_sync = False
         self.admin_queue: deque = deque()
         self.admin_busy = False
@@ -344,6 +348,10 @@ class Session(asyncio.Protocol):
             if len(self.client_backlog) > _HIGH_WATER:
                 self.pause_client_reading("cache")  # a pipelining client: stop reading meanwhile
             return
+        if self.hot_queries:
+            memo = self.hot_queries.get(data)
+            if memo is not None and self._hot_hit(memo):
+                return
         if phase == "ready" and self.server is None and self.pool is not None:
             self._without_server(data)  # transaction pooling, nothing lent right now
             return
@@ -1063,6 +1071,15 @@ class Session(asyncio.Protocol):
                         return before + (sent or pq.query(sql)) + after
                     if decision.cache_ttl is not None and self.cstate is not None:
                         if decision.sql is None:  # the shape's facts serve the cache policy
+                            cache = self.app.cache
+                            reply = cache.hit_now(cache.query_key(self.cstate, sql), info, self.cstate,
+                                                  allow_rls=decision.cache_allow_rls,
+                                                  allow_catalog=decision.cache_allow_catalog)
+                            if reply is not None:  # fresh in L1: answered without suspending the client
+                                self._serve_hit(p, _Q, reply)
+                                if not decision.notices and not decision.log:
+                                    self._remember_hot(sql, info, decision)
+                                return b""
                             self.lookup_job = (_Q, p, sql, info, decision, sent or pq.query(sql))
                         else:
                             self.lookup_job = (_Q, p, decision.sql, analyze(decision.sql), decision, sent)
@@ -1413,7 +1430,7 @@ class Session(asyncio.Protocol):
         cache = self.app.cache
         try:
             if kind == _Q:
-                key = cache.key(self.cstate, sql)
+                key = cache.query_key(self.cstate, sql)
             else:
                 _stmt, ba, bb, bdata = p.bind
                 _, _, pformats, values, rformats = pq.parse_bind(bdata[ba + 5:bb])
@@ -1428,18 +1445,10 @@ class Session(asyncio.Protocol):
                 cache.abandon(res)
             return
         event = res.event if res is not None else "bypass"
-        if self.app.stats is not None:
-            self.app.stats.cache_event(info.fingerprint, event)
-        self.app.stats_inc(f"cache_{event}")
         if event == "hit":
-            if not _special(p):
-                self.special += 1
-            p.kind = _LOCAL
-            p.local = b"".join(p.notices) + res.reply
-            p.whole = kind == _Q
-            self.expect.append(p)
-            self._done(p)  # statistics for the hit, timed from the message's arrival
+            self._serve_hit(p, kind, res.reply)
         else:
+            self._cache_event(info, event)
             if event == "miss":
                 if not _special(p):
                     self.special += 1
@@ -1473,6 +1482,54 @@ class Session(asyncio.Protocol):
             if backlog:
                 self.data_received(backlog)
 
+    def _remember_hot(self, sql: str, info: StatementInfo, decision: Decision) -> None:
+        """Keep what answering this Query from the cache took, keyed by its exact message bytes."""
+        hot = self.hot_queries
+        if len(hot) >= _HOT_QUERIES:
+            hot.clear()
+        rules = self.app.rules.holder.current
+        hot[pq.query(sql)] = (rules, rules.context_key(self), self.cstate.prefix, info, decision,
+                              self.app.cache.query_key(self.cstate, sql))
+
+    def _hot_hit(self, memo: tuple) -> bool:
+        """A repeat of a Query answered from the cache before, alone in its chunk, with nothing else in
+        flight: answer it without framing, parsing or deciding again. False: take the general path.
+
+        Valid only while nothing the memo stands for changed: the rules (a reload makes a new rule set),
+        the context they match on (user, database, application_name, in a transaction), and the session
+        settings in the key (a new prefix object when one changes); the cache policy is asked again."""
+        t0 = time.perf_counter()
+        ruleset, context, prefix, info, decision, key = memo
+        cstate = self.cstate
+        if (self.phase != "ready" or self.expect or self.skip_until_sync or self.in_batch or not self.cframer.idle
+                or cstate is None or cstate.prefix is not prefix or self.app.rules is None
+                or self.app.rules.holder.current is not ruleset or ruleset.context_key(self) != context):
+            return False
+        reply = self.app.cache.hit_now(key, info, cstate, allow_rls=decision.cache_allow_rls,
+                                       allow_catalog=decision.cache_allow_catalog)
+        if reply is None:
+            return False
+        self.transport.write(reply + pq.ready_for_query(self.tx_status))
+        self.queries += 1
+        q = self._record(info, t0)
+        self.app.rules.executed(self, decision, info, q=q)
+        self._cache_event(info, "hit", q)
+        return True
+
+    def _cache_event(self, info: StatementInfo, event: str, q: QueryStats | None = None) -> None:
+        if self.app.stats is not None:
+            self.app.stats.cache_event(info.fingerprint, event, q)
+
+    def _serve_hit(self, p: Pending, kind: int, reply: bytes) -> None:
+        """Answer `p` from the cache: its reply is queued as a local one, in client order."""
+        if not _special(p):
+            self.special += 1
+        p.kind = _LOCAL
+        p.local = b"".join(p.notices) + reply
+        p.whole = kind == _Q
+        self.expect.append(p)
+        self._cache_event(p.info, "hit", self._done(p))  # statistics timed from the message's arrival
+
     def _forget_stray_copy_ends(self, strays: int) -> None:
         """CopyDone/CopyFail sent outside COPY, which the server ignored (all the client's ends before
         this Sync are read, and more than the COPYs started): they must not count as the end of a later
@@ -1490,18 +1547,24 @@ class Session(asyncio.Protocol):
             if p.whole:  # a whole simple-query reply: it ends with ReadyForQuery
                 out.append(pq.ready_for_query(self.tx_status))
 
-    def _done(self, p: Pending) -> None:
-        """A statement finished: statistics, slow log."""
+    def _done(self, p: Pending) -> QueryStats | None:
+        """A statement finished: statistics, slow log. Returns its statistics entry, if any."""
         info = p.info
         if info is None:
-            return
-        seconds = time.perf_counter() - p.t0
+            return None
+        return self._record(info, p.t0, p.rows, p.sqlstate, p)
+
+    def _record(self, info: StatementInfo, t0: float, rows: int = 0, sqlstate: str | None = None,
+                p: Pending | None = None) -> QueryStats | None:
+        seconds = time.perf_counter() - t0
         app = self.app
         stats = app.stats
+        q = None
         if stats is not None:
-            stats.record(info.fingerprint, info.normalized, self.database, self.user, seconds, p.rows, p.sqlstate)
-        if app.slow_threshold is not None and seconds >= app.slow_threshold and app.slowlog is not None:
+            q = stats.record(info.fingerprint, info.normalized, self.database, self.user, seconds, rows, sqlstate)
+        if p is not None and app.slow_threshold is not None and seconds >= app.slow_threshold and app.slowlog is not None:
             app.slowlog_capture(self, p, info, seconds)
+        return q
 
     # -- admin console -------------------------------------------------------------------------------
     def admin_frames(self, frames: list, data: bytes) -> None:

@@ -59,6 +59,8 @@ BYTES_RECEIVED = "bytes_received"  # counter: from clients
 BYTES_SENT = "bytes_sent"  # counter: to clients
 SLOW_QUERIES = "slow_queries"  # counter
 
+_CACHE_COUNTERS = {e: f"cache_{e}" for e in ("hit", "miss", "bypass", "invalidation")}
+
 # -- the latency histogram --------------------------------------------------------------------------
 _PER_DECADE = 48
 GROWTH = 10 ** (1 / _PER_DECADE)
@@ -251,11 +253,12 @@ class Stats:
         self.folded += len(ranked) - len(self.queries)
 
     def record(self, fingerprint: str, normalized: str, database: str, user: str, seconds: float, rows: int,
-               sqlstate: str | None = None) -> None:
+               sqlstate: str | None = None) -> QueryStats:
         """One statement answered (upstream or from the cache); seconds = time to answer it.
 
         sqlstate: None or "00000" for success, else the error's SQLSTATE. The first normalized text seen
-        for a fingerprint is kept; database and user are the last seen.
+        for a fingerprint is kept; database and user are the last seen. Returns the entry, so that a
+        cache hit can count its event on it without a second look-up.
         """
         q = self.queries.get(fingerprint) or self._entry(fingerprint)
         q.calls += 1
@@ -280,18 +283,26 @@ class Stats:
         q.last_seen = _now()
         q.encoded = None
         self.changes += 1
+        return q
 
-    def cache_event(self, fingerprint: str, event: str) -> None:
-        """event: hit | miss | bypass | invalidation."""
-        q = self._entry(fingerprint)
-        q.cache[event] = q.cache.get(event, 0) + 1
+    def cache_event(self, fingerprint: str, event: str, q: QueryStats | None = None) -> None:
+        """event: hit | miss | bypass | invalidation (q: the fingerprint's entry, when at hand)."""
+        if q is None:
+            q = self._entry(fingerprint)
+        cache = q.cache
+        cache[event] = cache.get(event, 0) + 1
         q.encoded = None
+        counters = self.counters
+        name = _CACHE_COUNTERS[event]
+        counters[name] = counters.get(name, 0) + 1
         self.changes += 1
 
-    def rule_event(self, fingerprint: str, rule_name: str, action: str, observed: bool = False) -> None:
+    def rule_event(self, fingerprint: str, rule_name: str, action: str, observed: bool = False,
+                   q: QueryStats | None = None) -> None:
         """A rule matched; observed=True when it only observed (dry-run mode) instead of acting."""
         key = (rule_name, action, "observe" if observed else "enforce")
-        q = self._entry(fingerprint)
+        if q is None:
+            q = self._entry(fingerprint)
         q.rules[key] = q.rules.get(key, 0) + 1
         q.encoded = None
         self.changes += 1

@@ -287,3 +287,32 @@ def test_redis_cluster_through_pgfront(pg, tables, tmp_path_factory):
     finally:
         p.stop()
         cluster.cleanup()
+
+
+def test_a_repeated_query_follows_the_sessions_settings_and_writes(pg, tables, redis_server, tmp_path_factory):
+    """A Query repeated inside a long freshness window is answered from the session's memo of it: a SET
+    that changes the output, or the session's own uncommitted write, must still show, exactly as
+    Postgres answers the same conversation."""
+    read = pq.query("SELECT id, name, at FROM cached_t WHERE id <= 3 ORDER BY id")
+    script = [read, read, read, pq.query("SET DateStyle = 'German'"), read, read,
+              pq.query("BEGIN"), pq.query("UPDATE cached_t SET name = 'mine' WHERE id = 2"), read,
+              pq.query("ROLLBACK"), read, pq.query("RESET DateStyle"), read, read]
+
+    def conversation(port: int) -> list[list[tuple[bytes, bytes]]]:
+        c = RawConn(port)
+        c.startup()
+        out = []
+        for m in script:
+            c.send(m)
+            out.append(c.read_until(b"Z"))
+        c.close()
+        return out
+
+    p = cached_proxy(pg, tmp_path_factory, redis_server.url, extra="local_validity = '10s'\n")
+    try:
+        warm_up(p, [read])
+        before = hits(p)
+        assert conversation(p.port) == conversation(pg.port)
+        assert hits(p) - before >= 6  # the repeats outside the write transaction were hits
+    finally:
+        p.stop()

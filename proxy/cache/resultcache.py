@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from proxy.cache.writes import WriteEffect, relname
 
 log = logging.getLogger("pgfront.cache")
 
+_QUERY_KEYS = 10_000  # simple-Query keys remembered
+
 
 @dataclass(slots=True)
 class Hit:
@@ -63,6 +66,7 @@ class Fill:
     fields: tuple[str, ...]
     capture: ResultCapture
     leader: bool
+    checked: float  # when the versions it is stamped with were asked for (monotonic)
     event = "miss"
 
     def feed(self, data: bytes | bytearray | memoryview) -> bool:
@@ -81,7 +85,9 @@ class ResultCache:
         self.l1 = L1Store(c.l1_size)
         self.catalog = Catalog(upstream_dsn, ttl=catalog_ttl)
         self.policy = CachePolicy(self.catalog)
-        self.versions = Versions(c.redis_url, c.redis_timeout, retry_after, on_invalidate=self._invalidated)
+        self.window = c.local_validity
+        self.versions = Versions(c.redis_url, c.redis_timeout, retry_after, on_invalidate=self._invalidated,
+                                 window=self.window)
         self.flights = Flights()
         self.replication = (ReplicationListener(upstream_dsn, c.replication_slot, self._replicated_writes)
                             if c.replication_listener else None)
@@ -89,6 +95,8 @@ class ResultCache:
         self.bypass_reasons: Counter[str] = Counter()
         self._databases: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._query_keys: dict[tuple[bytes, str], bytes] = {}
+        self._refreshing: set[bytes] = set()  # keys whose window is being renewed
 
     # -- life cycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,6 +120,17 @@ class ResultCache:
         return SessionCacheState(database, role, startup_params, self.catalog.function)
 
     # -- reads ---------------------------------------------------------------------------------------------
+    def query_key(self, state: SessionCacheState, sql: str) -> bytes:
+        """The key of a simple Query, remembered per (session prefix, text): a hot statement is hashed once."""
+        memo = self._query_keys
+        k = (state.prefix, sql)
+        key = memo.get(k)
+        if key is None:
+            if len(memo) >= _QUERY_KEYS:
+                memo.clear()  # texts with inlined literals churn it; a rebuild costs one digest each
+            key = memo[k] = make_key(state.prefix, sql)
+        return key
+
     @staticmethod
     def key(state: SessionCacheState, sql: str, params: Sequence[bytes | None] = (),
             param_formats: Sequence[int] = (), result_formats: Sequence[int] = (),
@@ -135,10 +154,13 @@ class ResultCache:
             decision = self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog)
         if not decision.ok:
             return self._bypass(decision.reason)
+        local = self.l1.get(key)
+        checked = time.monotonic()
+        if local is not None and checked < local.fresh_until and self.versions.available:
+            return self._hit(local.reply, "l1")
         db = state.database
         fields = (EPOCH, db_field(db), fingerprint_field(info.fingerprint),
                   *(table_field(db, t) for t in decision.tags))
-        local = self.l1.get(key)
         try:
             values, entry = await self.versions.read(list(fields), None if local else redis_key(key))
         except RedisDown:
@@ -149,6 +171,7 @@ class ResultCache:
         stamp = stamp_of(values)
         if local is not None:
             if local.stamp == stamp:
+                local.fresh_until = checked + self.window
                 return self._hit(local.reply, "l1")
             self.l1.discard(key)  # stale here; another process may have filled Redis under the new stamp
             try:
@@ -157,14 +180,47 @@ class ResultCache:
                 return self._bypass("redis unavailable")
         found = decode_entry(entry, stamp)
         if found is not None:
-            self.l1.put(key, stamp, found[0], found[1], fields)
+            self.l1.put(key, stamp, found[0], found[1], fields, checked + self.window)
             return self._hit(found[0], "l2")
         if self.flights.lead(key, stamp):
-            return self._miss(key, stamp, fields, leader=True)
+            return self._miss(key, stamp, fields, True, checked)
         reply = await self.flights.wait(key, stamp, self.flight_timeout)
         if reply is not None:
             return self._hit(reply, "flight")
-        return self._miss(key, stamp, fields, leader=False)
+        return self._miss(key, stamp, fields, False, checked)
+
+    def hit_now(self, key: bytes, info: Any, state: SessionCacheState, *, allow_rls: bool = False,
+                allow_catalog: bool = False) -> bytes | None:
+        """The reply, when L1 holds it inside its freshness window and the policy allows it: a hit served
+        within the client's own turn of the event loop, with no Redis round trip. None: use lookup()."""
+        local = self.l1.get(key)
+        if local is None or not self.versions.available:
+            return None
+        left = local.fresh_until - time.monotonic()
+        if left <= 0:
+            return None
+        if not self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog).ok:
+            return None
+        if left < self.window / 2 and key not in self._refreshing:
+            # refresh ahead: a hot entry's window is renewed before it closes, so its readers never
+            # stall on a version check
+            self._refreshing.add(key)
+            self._background(self._refresh(key, local))
+        self._count_hit(local.reply, "hits_l1")
+        return local.reply
+
+    async def _refresh(self, key: bytes, local: Any) -> None:
+        checked = time.monotonic()
+        try:
+            values, _ = await self.versions.read(list(local.fields), None)
+            if values[0] is not None and stamp_of(values) == local.stamp:
+                local.fresh_until = checked + self.window
+            else:
+                self.l1.discard(key)
+        except RedisDown:
+            pass
+        finally:
+            self._refreshing.discard(key)
 
     async def fill(self, ticket: Fill, ttl: float | None = None) -> bool:
         """Store the captured reply (call after its CommandComplete); False when it was not storable."""
@@ -173,7 +229,7 @@ class ResultCache:
             self.abandon(ticket)
             return False
         ttl = self.default_ttl if ttl is None else ttl
-        self.l1.put(ticket.key, ticket.stamp, reply, ttl, ticket.fields)
+        self.l1.put(ticket.key, ticket.stamp, reply, ttl, ticket.fields, ticket.checked + self.window)
         if ticket.leader:
             self.flights.land(ticket.key, ticket.stamp, reply)
         await self.versions.store(redis_key(ticket.key), encode_entry(ticket.stamp, reply, ttl), ttl)
@@ -204,8 +260,19 @@ class ResultCache:
             notes.append(f"ddl:{database}:" + ",".join(sorted(relations)))
         self._invalidated(sorted(fields))
         self.stats["invalidations"] += 1
-        if not await self.versions.bump(fields, notes):
+        await self._bump_and_wait(fields, notes)
+
+    async def _bump_and_wait(self, fields: Any, notes: Any = ()) -> None:
+        """Bump, then wait out the freshness windows still open over the fields (a whole window when the
+        bump failed): only then may the write's commit be acknowledged."""
+        wait = await self.versions.bump(fields, notes)
+        if wait is None:
             self.stats["invalidation_failures"] += 1
+            wait = self.window
+        if wait > 0:
+            self.stats["commit_waits"] += 1
+            self.stats["commit_wait_ms"] += round(wait * 1000)
+            await asyncio.sleep(wait)
 
     async def _fields_to_bump(self, database: str, effect: WriteEffect) -> set[str]:
         if effect.flush_all:
@@ -229,7 +296,7 @@ class ResultCache:
     async def purge_all(self) -> None:
         self.stats["purges"] += 1
         self._invalidated([FLUSH_ALL])
-        await self.versions.bump([FLUSH_ALL])
+        await self._bump_and_wait([FLUSH_ALL])
 
     async def purge_table(self, name: str, database: str | None = None) -> None:
         rel = relname(name)
@@ -237,13 +304,13 @@ class ResultCache:
         fields = [table_field(db, rel) for db in dbs]
         self.stats["purges"] += 1
         self._invalidated(fields)
-        await self.versions.bump(fields)
+        await self._bump_and_wait(fields)
 
     async def purge_fingerprint(self, fingerprint: str) -> None:
         fields = [fingerprint_field(fingerprint)]
         self.stats["purges"] += 1
         self._invalidated(fields)
-        await self.versions.bump(fields)
+        await self._bump_and_wait(fields)
 
     # -- numbers ------------------------------------------------------------------------------------------
     def counters(self) -> dict[str, Any]:
@@ -258,6 +325,7 @@ class ResultCache:
             "bypasses": sum(self.bypass_reasons.values()), "bypass_reasons": dict(self.bypass_reasons),
             "invalidations": s["invalidations"], "invalidation_failures": s["invalidation_failures"],
             "purges": s["purges"], "replicated_invalidations": s["replicated_invalidations"],
+            "commit_waits": s["commit_waits"], "commit_wait_ms": s["commit_wait_ms"],
             "errors": self.versions.errors + self.catalog.errors, "redis_outages": self.versions.outages,
             "epoch_changes": self.versions.epoch_changes, "l1_entries": len(self.l1), "l1_bytes": self.l1.bytes,
             "catalog_lookups": self.catalog.lookups,
@@ -265,14 +333,18 @@ class ResultCache:
 
     # -- internals ------------------------------------------------------------------------------------------
     def _hit(self, reply: bytes, level: str) -> Hit:
-        self.stats["hits"] += 1
-        self.stats["hits_" + level] += 1
-        self.stats["hit_bytes"] += len(reply)
+        self._count_hit(reply, "hits_" + level)
         return Hit(reply, level)
 
-    def _miss(self, key: bytes, stamp: bytes, fields: tuple[str, ...], leader: bool) -> Fill:
+    def _count_hit(self, reply: bytes, level_counter: str) -> None:
+        stats = self.stats
+        stats["hits"] += 1
+        stats[level_counter] += 1
+        stats["hit_bytes"] += len(reply)
+
+    def _miss(self, key: bytes, stamp: bytes, fields: tuple[str, ...], leader: bool, checked: float) -> Fill:
         self.stats["misses"] += 1
-        return Fill(key, stamp, fields, ResultCapture(self.max_result_size), leader)
+        return Fill(key, stamp, fields, ResultCapture(self.max_result_size), leader, checked)
 
     def _bypass(self, reason: str) -> Bypass:
         self.bypass_reasons[reason] += 1
@@ -295,7 +367,7 @@ class ResultCache:
         fields = [table_field(database, relname(t)) for t in tables]
         self._invalidated(fields)
         self.stats["replicated_invalidations"] += 1
-        return await self.versions.bump(fields)
+        return await self.versions.bump(fields) is not None
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -37,6 +37,7 @@ class L1Entry:
     expires: float
     fields: tuple[str, ...]
     size: int
+    fresh_until: float  # monotonic time until which a hit needs no version check (versions.py: windows)
 
 
 class L1Store:
@@ -61,13 +62,14 @@ class L1Store:
         self._entries.move_to_end(key)
         return e
 
-    def put(self, key: bytes, stamp: bytes, reply: bytes, ttl: float, fields: tuple[str, ...]) -> None:
+    def put(self, key: bytes, stamp: bytes, reply: bytes, ttl: float, fields: tuple[str, ...],
+            fresh_until: float = 0.0) -> None:
         size = len(reply) + len(key) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return
         if key in self._entries:
             self._remove(key)
-        self._entries[key] = L1Entry(stamp, reply, time.monotonic() + ttl, fields, size)
+        self._entries[key] = L1Entry(stamp, reply, time.monotonic() + ttl, fields, size, fresh_until)
         self.bytes += size
         for f in fields:
             self._by_field.setdefault(f, set()).add(key)

@@ -12,6 +12,14 @@ One hash keeps every counter in one Redis Cluster slot, so one HMGET reads them 
 lost hash (restart, eviction) loses the epoch with it, which is detected and makes every old entry
 unreachable. The cost: all version traffic goes to the one node owning that slot.
 
+Freshness windows (`cache.local_validity`, W): a check at local time s that found an entry's stamp
+current lets this process serve that entry from L1 with no round trip until s + W. The check also
+records in the hash, per field, `w:<field>` = (Redis time of the check) + W, and a bump returns how long
+the latest such window of the bumped fields still runs; the writer waits that out before its client
+hears of the commit (a commit wait, as in Spanner). So a read that starts after a commit was
+acknowledged can never be answered from a window opened before the bump: zero round trips for hot
+entries, and writes pay only when a result of their tables was served in the last W.
+
 Breaker: a failed or slow (> timeout) Redis call opens it; while open the cache is bypassed. A
 background probe retries every `retry_after` seconds; on success it replaces the epoch before closing
 the breaker, because a writer may have been unable to bump a version during the outage.
@@ -44,6 +52,51 @@ WARM_CONNECTIONS = 16
 BUMP_ATTEMPTS = 3            # a pooled connection may be dead after a Redis restart: reconnect and retry
 BUMP_MIN_TIMEOUT = 0.2
 FLUSH_ALL = "*"
+
+
+# Reads the fields (the epoch first) and, with a window, marks each field "watched until" Redis time + W
+# (+1 ms for TIME's truncation to ms). KEYS[1]: the hash; ARGV[1]: W in ms; ARGV[2...]: fields.
+_CHECK = """
+local vals = redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
+local win = tonumber(ARGV[1])
+if win > 0 then
+  local t = redis.call('TIME')
+  local untilms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + win + 1
+  for i = 2, #ARGV do
+    local w = 'w:' .. ARGV[i]
+    if tonumber(redis.call('HGET', KEYS[1], w) or '0') < untilms then
+      redis.call('HSET', KEYS[1], w, untilms)
+    end
+  end
+end
+return vals
+"""
+
+# Increments the fields (or replaces the epoch), publishes, and returns the ms the latest window over
+# them still runs. A hash without an epoch (Redis lost it) remembers no windows: wait a whole one.
+# KEYS[1]: the hash; ARGV: channel, message, new epoch or '', fallback wait ms, fields...
+_BUMP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lost = redis.call('HEXISTS', KEYS[1], 'e') == 0
+local latest = 0
+if ARGV[3] ~= '' then
+  latest = tonumber(redis.call('HGET', KEYS[1], 'w:e') or '0')
+  redis.call('HSET', KEYS[1], 'e', ARGV[3])
+else
+  for i = 5, #ARGV do
+    redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+    local w = tonumber(redis.call('HGET', KEYS[1], 'w:' .. ARGV[i]) or '0')
+    if w > latest then latest = w end
+  end
+end
+if ARGV[2] ~= '' then
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+end
+if lost then return tonumber(ARGV[4]) end
+if latest > now then return latest - now end
+return 0
+"""
 
 
 class RedisDown(Exception):
@@ -90,8 +143,10 @@ def connect(url: str, timeout: float) -> Any:
 
 class Versions:
     def __init__(self, url: str, timeout: float = 0.05, retry_after: float = 1.0,
-                 on_invalidate: Callable[[list[str]], None] | None = None) -> None:
+                 on_invalidate: Callable[[list[str]], None] | None = None, window: float = 0.0) -> None:
         self.url = url
+        self.window = window                    # local_validity in seconds (0: check every hit)
+        self._window_ms = str(int(window * 1000))
         self.timeout = timeout
         self.retry_after = retry_after
         self.on_invalidate = on_invalidate      # fields bumped by any process (FLUSH_ALL for everything)
@@ -147,7 +202,7 @@ class Versions:
         try:
             async with asyncio.timeout(self.timeout):
                 pipe = self.client.pipeline(transaction=False)
-                pipe.hmget(VERSIONS_KEY, fields)
+                self._check(pipe, fields)
                 pipe.get(entry_key)
                 values, entry = await pipe.execute()
                 return values, entry
@@ -173,7 +228,7 @@ class Versions:
         union = sorted({f for fields, _ in batch for f in fields})
         try:
             async with asyncio.timeout(self.timeout):
-                values = await self.client.hmget(VERSIONS_KEY, union)
+                values = await self._check(self.client, union)
         except Exception as e:
             err = self._down(e)
             for _, fut in batch:
@@ -184,6 +239,12 @@ class Versions:
         for fields, fut in batch:
             if not fut.done():
                 fut.set_result([got[f] for f in fields])
+
+    def _check(self, client: Any, fields: list[str]) -> Any:
+        """HMGET of `fields`, opening their freshness windows when local_validity is set."""
+        if not self.window:
+            return client.hmget(VERSIONS_KEY, fields)
+        return client.eval(_CHECK, 1, VERSIONS_KEY, self._window_ms, *fields)
 
     async def get(self, key: str) -> bytes | None:
         try:
@@ -218,44 +279,38 @@ class Versions:
         except Exception as e:
             self._down(e)
 
-    async def bump(self, fields: Iterable[str], notes: Iterable[str] = ()) -> bool:
-        """Increment `fields` (FLUSH_ALL: replace the epoch) and tell other processes; False on failure.
+    async def bump(self, fields: Iterable[str], notes: Iterable[str] = ()) -> float | None:
+        """Increment `fields` (FLUSH_ALL: replace the epoch) and tell other processes.
 
-        Tried even while the breaker is open, with a longer timeout and a few attempts than a read gets:
-        a lost bump leaves other processes serving the old result until the epoch is replaced, so it is
-        worth a little latency on the write path. A final failure is remembered and the epoch replaced
-        when Redis answers again. `notes` travel with the pub/sub message only ("ddl:<db>").
+        Returns the seconds the writer must still wait before acknowledging its commit (the rest of the
+        latest freshness window over these fields), or None when the bump failed: then the caller waits a
+        whole window, since nobody can tell which were open. Tried even while the breaker is open, with a
+        longer timeout and a few attempts than a read gets: a lost bump leaves other processes serving the
+        old result until the epoch is replaced, so it is worth a little latency on the write path. A final
+        failure is remembered and the epoch replaced when Redis answers again. `notes` travel with the
+        pub/sub message only ("ddl:<db>").
         """
         fields = sorted(set(fields))
         notes = list(notes)
         if not fields and not notes:
-            return True
+            return 0.0
         if FLUSH_ALL in fields:
             fields = [FLUSH_ALL]
+        flush = fields == [FLUSH_ALL]
+        args = [CHANNEL, "\t".join(fields + notes), os.urandom(8).hex() if flush else "", self._window_ms,
+                *([] if flush else fields)]
         error: BaseException | None = None
         for _ in range(BUMP_ATTEMPTS):
             try:
                 async with asyncio.timeout(max(self.timeout * 4, BUMP_MIN_TIMEOUT)):
-                    pipe = self.client.pipeline(transaction=False)
-                    if fields == [FLUSH_ALL]:
-                        pipe.hset(VERSIONS_KEY, EPOCH, os.urandom(8).hex())
-                    else:
-                        for f in fields:
-                            pipe.hincrby(VERSIONS_KEY, f, 1)
-                    message = "\t".join(fields + notes)
-                    if self.cluster:  # a cluster pipeline refuses PUBLISH: send it after the bumps
-                        await pipe.execute()
-                        await self.client.publish(CHANNEL, message)
-                    else:
-                        pipe.publish(CHANNEL, message)
-                        await pipe.execute()
-                if fields == [FLUSH_ALL]:
+                    wait_ms = await self.client.eval(_BUMP, 1, VERSIONS_KEY, *args)
+                if flush:
                     self.epoch_changes += 1
-                return True
+                return int(wait_ms) / 1000
             except Exception as e:
                 error = e
         self._down(error or RedisDown("bump failed"))
-        return False
+        return None
 
     async def register_database(self, database: str) -> None:
         """Remember that entries of `database` exist (for purges by table name across databases)."""

@@ -136,6 +136,10 @@ class RuleSet:
             del decisions[old]
             self._cached_chars -= len(old if isinstance(old, str) else old[0])
 
+    def context_key(self, ctx: Any) -> Any:
+        """What of the context the rules look at (None when they look at none): equal keys, equal decisions."""
+        return None if self._ctx_key is None else self._ctx_key(ctx)
+
     @staticmethod
     def count(decision: Decision) -> None:
         """Count one execution against the rules behind decision (enforced and observed)."""

@@ -48,6 +48,11 @@ class Framer:
         """Bytes of an incomplete message held back for the next call."""
         return len(self._buf)
 
+    @property
+    def idle(self) -> bool:
+        """No part of a message held back or being streamed: the next chunk starts a message."""
+        return not self._buf and not self._skip
+
     def take_partial(self) -> bytes:
         """Hand back the bytes of an incomplete message (the caller will feed them again later)."""
         if self._skip:

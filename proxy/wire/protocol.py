@@ -44,9 +44,10 @@ def read_cstr(buf: bytes, pos: int) -> tuple[str, int]:
 # --- backend messages we synthesise -----------------------------------------------------------
 
 def ready_for_query(status: bytes) -> bytes:
-    return msg(b"Z", status)
+    return _READY.get(status) or msg(b"Z", status)
 
 
+_READY = {s: msg(b"Z", s) for s in (b"I", b"T", b"E")}
 AUTH_OK = msg(b"R", _I32.pack(0))
 PARSE_COMPLETE = msg(b"1")
 BIND_COMPLETE = msg(b"2")
