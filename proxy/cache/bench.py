@@ -1,7 +1,7 @@
 """Cost of the cache's hot path: `python -m proxy.cache.bench` (starts a throwaway Postgres and Redis).
 
-Prints microseconds per call for the policy check, the key, an L1 hit (one pipelined Redis round trip
-for the version check), an L2 hit, a bare Redis HMGET for comparison, and a miss + fill.
+Prints microseconds per call for the policy check, the key, an L1 hit inside its freshness window (no
+Redis) and outside it (one Redis round trip for the version check), an L2 hit, a bare Redis HMGET for comparison, and a miss + fill.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ async def _timed(label: str, n: int, fn) -> None:
 
 
 async def run(redis_url: str, dsn: str, n: int = 5000) -> None:
-    cache = await started_cache(redis_url, dsn)
+    cache = await started_cache(redis_url, dsn, local_validity="1h")  # windows outlast the run
     state = cache.session("postgres", "postgres")
     info = analyze(SQL)
     await settle(cache, info, state)
@@ -44,7 +44,13 @@ async def run(redis_url: str, dsn: str, n: int = 5000) -> None:
         await cache.fill(ticket, 300)
     await _timed("policy.check", n, lambda i: cache.policy.check(info, state))
     await _timed("key (1 parameter)", n, lambda i: cache.key(state, SQL, params[i]))
-    await _timed("lookup, L1 hit (1 Redis round trip)", n, lambda i: cache.lookup(keys[i], info, state))
+    await _timed("lookup, L1 hit inside its window (no Redis)", n, lambda i: cache.lookup(keys[i], info, state))
+    await _timed("hit_now, L1 hit inside its window (no Redis)", n, lambda i: cache.hit_now(keys[i], info, state))
+    assert all(cache.hit_now(k, info, state) is not None for k in keys[:10])
+    cache.window = 0.0  # every hit checks the versions again
+    for e in cache.l1._entries.values():
+        e.fresh_until = 0.0
+    await _timed("lookup, L1 hit, window closed (1 Redis round trip)", n, lambda i: cache.lookup(keys[i], info, state))
     cache.l1.clear()
     await _timed("lookup, L2 hit (1 Redis round trip)", n, lambda i: cache.lookup(keys[i], info, state))
     fields = ["e", "d:postgres", "f:x", "t:postgres.kv"]
