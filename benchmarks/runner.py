@@ -310,7 +310,8 @@ class Bench:
             "settings": {"quick": o.quick, "seconds": o.seconds, "rounds": o.rounds, "scale": o.scale,
                          "clients": o.clients, "threads": o.threads},
             "scenarios": [{"key": s.key, "label": s.label} for s in self.scenarios],
-            "targets": [{"key": t.key, "label": t.label} for t in self.targets],
+            "targets": [{"key": t.key, "label": t.label, **({"only": sorted(t.only)} if t.only else {})}
+                        for t in self.targets],
             "cells": {},
             "extras": {},
             "notes": list(NOTES),
