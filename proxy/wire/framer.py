@@ -77,30 +77,38 @@ class Framer:
         self.data = data
         n = len(data)
         unpack = _LEN.unpack_from
-        max_size = self.max_size
-        while n - pos >= 5:
-            t = data[pos]
+        append = out.append
+        # A complete message is no longer than the chunk it is in: only in a chunk larger than max_size
+        # (top = -1) must each length be checked against it. Complete messages take the two tests only.
+        top = n if n <= self.max_size else -1
+        stop = n - 4  # a header needs 5 bytes
+        while pos < stop:
             ln = unpack(data, pos + 1)[0]
             end = pos + 1 + ln
-            if end <= n and 4 <= ln <= max_size:
-                out.append((t, pos, end))
-                pos = end
-                continue
-            if ln < 4:
-                raise FrameError(f"invalid message length {ln}")
-            if ln > max_size:
-                raise FrameError(f"message of {ln} bytes exceeds the limit of {max_size} bytes", "54000")
-            if t in self.stream_types:
-                out.append((-t, pos, n))
-                self._skip = end - n
-                self._skip_type = t
-                return out
-            self._buf = bytearray(data[pos:])
-            self._want = end - pos
-            return out
+            if end > top or ln < 4:  # incomplete, invalid, or in a chunk beyond max_size
+                if ln < 4:
+                    raise FrameError(f"invalid message length {ln}")
+                if ln > self.max_size:
+                    raise FrameError(f"message of {ln} bytes exceeds the limit of {self.max_size} bytes", "54000")
+                if end > n:
+                    return self._partial(out, data, pos, end)
+            append((data[pos], pos, end))
+            pos = end
         if pos < n:
             self._buf = bytearray(data[pos:])
             self._want = 5
+        return out
+
+    def _partial(self, out: list[tuple[int, int, int]], data: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
+        """The message at `pos` ends beyond this chunk: stream what has arrived of it, or keep it."""
+        t = data[pos]
+        if t in self.stream_types:
+            out.append((-t, pos, len(data)))
+            self._skip = end - len(data)
+            self._skip_type = t
+        else:
+            self._buf = bytearray(data[pos:])
+            self._want = end - pos
         return out
 
 
