@@ -989,12 +989,9 @@ class Session(asyncio.Protocol):
                 out.append(sent)
             elif out is not None:
                 out.append(data[a:b])
-        if out is not None:
-            self.to_server(b"".join(out))
-        else:
-            last = frames[-1][2]
-            self.to_server(data if first == 0 and last == len(data) else data[first:last])
-        if expect and expect[0].kind == _LOCAL:
+        # the whole chunk is the very same object: slicing all of a bytes object copies nothing
+        self.to_server(data[first:frames[-1][2]] if out is None else b"".join(out))
+        if self.special and expect and expect[0].kind == _LOCAL:  # local replies always count as special
             replies: list = []
             self._flush_local(replies)
             self.transport.write(b"".join(replies))
@@ -1232,7 +1229,7 @@ class Session(asyncio.Protocol):
             elif t >= 0:
                 break
         else:
-            return data[frames[start][1]:frames[-1][2]]  # the whole chunk: the very same object
+            return data[frames[start][1]:frames[-1][2]]  # all of it: the very same object, no copy
         self._server_frames(frames, data, frames.index((t, a, b), start), False)  # relays it verbatim too
         return data[frames[start][1]:frames[-1][2]]
 
@@ -1247,7 +1244,9 @@ class Session(asyncio.Protocol):
             self._pop()
         if not expect:
             return None
-        p = self._pop()
+        p = expect.popleft()
+        if self.special and _special(p):  # _pop, inlined: this runs once per statement
+            self.special -= 1
         if p.kind != _S:
             self._done(p)
         elif p.copy_ends > self.copies_started:

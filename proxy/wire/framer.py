@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 
 _LEN = struct.Struct("!I")
+_HEADER = struct.Struct("!BI")  # type byte, length
 
 MAX_STARTUP = 10_000  # Postgres refuses larger startup packets too
 
@@ -76,14 +77,14 @@ class Framer:
             self._buf = bytearray()
         self.data = data
         n = len(data)
-        unpack = _LEN.unpack_from
+        unpack = _HEADER.unpack_from
         append = out.append
         # A complete message is no longer than the chunk it is in: only in a chunk larger than max_size
         # (top = -1) must each length be checked against it. Complete messages take the two tests only.
         top = n if n <= self.max_size else -1
         stop = n - 4  # a header needs 5 bytes
         while pos < stop:
-            ln = unpack(data, pos + 1)[0]
+            t, ln = unpack(data, pos)
             end = pos + 1 + ln
             if end > top or ln < 4:  # incomplete, invalid, or in a chunk beyond max_size
                 if ln < 4:
@@ -91,17 +92,17 @@ class Framer:
                 if ln > self.max_size:
                     raise FrameError(f"message of {ln} bytes exceeds the limit of {self.max_size} bytes", "54000")
                 if end > n:
-                    return self._partial(out, data, pos, end)
-            append((data[pos], pos, end))
+                    return self._partial(out, data, t, pos, end)
+            append((t, pos, end))
             pos = end
         if pos < n:
             self._buf = bytearray(data[pos:])
             self._want = 5
         return out
 
-    def _partial(self, out: list[tuple[int, int, int]], data: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
+    def _partial(self, out: list[tuple[int, int, int]], data: bytes, t: int, pos: int,
+                 end: int) -> list[tuple[int, int, int]]:
         """The message at `pos` ends beyond this chunk: stream what has arrived of it, or keep it."""
-        t = data[pos]
         if t in self.stream_types:
             out.append((-t, pos, len(data)))
             self._skip = end - len(data)
