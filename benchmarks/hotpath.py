@@ -27,7 +27,7 @@ _SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 _PREP_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
 
 
-class _Transport:
+class NullTransport:
     """Enough of asyncio.Transport for the relay: records nothing, costs nothing."""
 
     def write(self, data: bytes) -> None:
@@ -73,16 +73,17 @@ def _client_messages(mode: str, i: int) -> bytes:
     return pq.parse_message("", _PREP_SQL) + rest if mode == "extended" else rest
 
 
-def _session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
+def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
+    """A Session in the ready phase and its ServerLink, wired to NullTransports (tests use it too)."""
     cfg = load_config(config, {"rules": {"files": [], "watch": False}} if config is None else {})
     app = App(cfg, parse_upstream("postgresql://postgres@127.0.0.1:5432/postgres"))
     from proxy import stats as st
 
     app.stats = st.Stats(cfg.stats.max_fingerprints)
     s = Session(app)
-    s.transport = _Transport()  # type: ignore[assignment]
+    s.transport = NullTransport()  # type: ignore[assignment]
     link = ServerLink()
-    link.connection_made(_Transport())
+    link.connection_made(NullTransport())
     link.session = s
     s.server = link
     s.user = s.database = "postgres"
@@ -93,7 +94,7 @@ def _session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
 def run(mode: str, n: int, profile: bool, config: str | None) -> float:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    s = _session(config, loop)
+    s = offline_session(config, loop)
     link = s.server
     if mode == "prepared":  # prepare P_0 once, as pgbench -M prepared does
         link.data_received(b"")
