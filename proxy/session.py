@@ -349,25 +349,30 @@ class Session(asyncio.Protocol):
             self._without_server(data)  # transaction pooling, nothing lent right now
             return
         if phase == "ready" or phase == "admin" or phase == "auth" or phase == "local_auth":
-            try:
-                frames = self.cframer.feed(data)
-            except FrameError as e:
-                self.fatal(e.code, str(e))
-                return
+            framer = self.cframer
+            if data[:1] == b"Q" and framer.whole(data):  # one whole Query, the most common read: no scan
+                frames = [(_Q, 0, len(data))]
+                framer.data = data
+            else:
+                try:
+                    frames = framer.feed(data)
+                except FrameError as e:
+                    self.fatal(e.code, str(e))
+                    return
             if phase == "ready":
                 try:
-                    self.client_frames(frames, self.cframer.data)
+                    self.client_frames(frames, framer.data)
                 except pq.MALFORMED as e:
                     # a message of valid length whose body does not parse (a Parse without its
                     # terminators, an empty Execute...): a relay cannot follow what it cannot read
                     log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
                     self.fatal("08P01", "invalid message format")
             elif phase == "admin":
-                self.admin_frames(frames, self.cframer.data)
+                self.admin_frames(frames, framer.data)
             elif phase == "local_auth":
-                self.local_auth_frames(frames, self.cframer.data)
+                self.local_auth_frames(frames, framer.data)
             else:
-                self.auth_client_frames(frames, self.cframer.data)
+                self.auth_client_frames(frames, framer.data)
         elif phase == "startup":
             self.startup_buf += data
             self._startup()

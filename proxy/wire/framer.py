@@ -56,6 +56,13 @@ class Framer:
         buf, self._buf = self._buf, b""
         return buf
 
+    def whole(self, data: bytes) -> bool:
+        """Whether `data` is exactly one complete message with nothing held back: its frame is then
+        `(data[0], 0, len(data))` and `feed` is not needed (a client's most common read, one Query)."""
+        n = len(data)
+        return (not self._buf and not self._skip and n >= 5 and _LEN.unpack_from(data, 1)[0] == n - 1
+                and n <= self.max_size)
+
     def feed(self, data: bytes) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
         pos = 0
