@@ -350,10 +350,8 @@ class Session(asyncio.Protocol):
             return
         if phase == "ready" or phase == "admin" or phase == "auth" or phase == "local_auth":
             framer = self.cframer
-            if data[:1] == b"Q" and framer.whole(data):  # one whole Query, the most common read: no scan
-                frames = [(_Q, 0, len(data))]
-                framer.data = data
-            else:
+            frames = framer.single(data) if data[:1] == b"Q" else None  # one whole Query: the most common read
+            if frames is None:
                 try:
                     frames = framer.feed(data)
                 except FrameError as e:

@@ -56,12 +56,14 @@ class Framer:
         buf, self._buf = self._buf, b""
         return buf
 
-    def whole(self, data: bytes) -> bool:
-        """Whether `data` is exactly one complete message with nothing held back: its frame is then
-        `(data[0], 0, len(data))` and `feed` is not needed (a client's most common read, one Query)."""
+    def single(self, data: bytes) -> list[tuple[int, int, int]] | None:
+        """`feed` without the scan for a chunk that is exactly one complete message with nothing held
+        back (a client's most common read, one Query); None for any other chunk, left to `feed`."""
         n = len(data)
-        return (not self._buf and not self._skip and n >= 5 and _LEN.unpack_from(data, 1)[0] == n - 1
-                and n <= self.max_size)
+        if self._buf or self._skip or n < 5 or _LEN.unpack_from(data, 1)[0] != n - 1 or n > self.max_size:
+            return None
+        self.data = data
+        return [(data[0], 0, n)]
 
     def feed(self, data: bytes) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
