@@ -27,7 +27,7 @@ _SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 _PREP_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
 
 
-class _Transport:
+class NullTransport:
     """Enough of asyncio.Transport for the relay: records nothing, costs nothing."""
 
     def write(self, data: bytes) -> None:
@@ -52,36 +52,38 @@ class _Transport:
         pass
 
 
-def _reply(extended: bool) -> bytes:
+def _reply(mode: str) -> bytes:
+    """The server's reply as PostgreSQL sends it, in one read (as it arrives over loopback)."""
     rows = (pq.row_description([("abalance", 23)]) + pq.data_row([0]) + pq.command_complete("SELECT 1")
             + pq.ready_for_query(pq.IDLE))
-    return (pq.PARSE_COMPLETE if extended else b"") + (pq.BIND_COMPLETE if extended else b"") + rows
-
-
-def _bind(stmt: str, value: int) -> bytes:
-    return pq.build_bind("", stmt, [0], [str(value).encode()], [0])
+    if mode == "simple":
+        return rows
+    return (pq.PARSE_COMPLETE if mode == "extended" else b"") + pq.BIND_COMPLETE + rows
 
 
 def _client_messages(mode: str, i: int) -> bytes:
+    """What pgbench -S sends per transaction (libpq's PQsendQueryParams / PQsendQueryPrepared):
+    Parse without parameter types, Bind with text parameters and one text result format,
+    Describe of the unnamed portal, Execute without a row limit, Sync."""
     aid = 1 + (i * 7919) % 1_000_000
     if mode == "simple":
         return pq.query(_SQL.format(aid))
-    describe_execute = pq.msg(b"E", b"\0" + b"\0\0\0\0") + pq.SYNC
-    if mode == "extended":
-        return pq.parse_message("", _PREP_SQL, [23]) + _bind("", aid) + describe_execute
-    return _bind("P_0", aid) + describe_execute
+    bind = pq.build_bind("", "" if mode == "extended" else "P_0", [], [str(aid).encode()], [0])
+    rest = bind + pq.msg(b"D", b"P\0") + pq.msg(b"E", b"\0" + b"\0\0\0\0") + pq.SYNC
+    return pq.parse_message("", _PREP_SQL) + rest if mode == "extended" else rest
 
 
-def _session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
+def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
+    """A Session in the ready phase and its ServerLink, wired to NullTransports (tests use it too)."""
     cfg = load_config(config, {"rules": {"files": [], "watch": False}} if config is None else {})
     app = App(cfg, parse_upstream("postgresql://postgres@127.0.0.1:5432/postgres"))
     from proxy import stats as st
 
     app.stats = st.Stats(cfg.stats.max_fingerprints)
     s = Session(app)
-    s.transport = _Transport()  # type: ignore[assignment]
+    s.transport = NullTransport()  # type: ignore[assignment]
     link = ServerLink()
-    link.connection_made(_Transport())
+    link.connection_made(NullTransport())
     link.session = s
     s.server = link
     s.user = s.database = "postgres"
@@ -92,16 +94,14 @@ def _session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
 def run(mode: str, n: int, profile: bool, config: str | None) -> float:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    s = _session(config, loop)
+    s = offline_session(config, loop)
     link = s.server
     if mode == "prepared":  # prepare P_0 once, as pgbench -M prepared does
         link.data_received(b"")
-        s.data_received(pq.parse_message("P_0", _PREP_SQL, [23]) + pq.SYNC)
+        s.data_received(pq.parse_message("P_0", _PREP_SQL) + pq.SYNC)
         link.data_received(pq.PARSE_COMPLETE + pq.ready_for_query(pq.IDLE))
     msgs = [_client_messages(mode, i) for i in range(1000)]
-    reply = _reply(mode == "extended")
-    if mode == "prepared":
-        reply = pq.BIND_COMPLETE + _reply(False)
+    reply = _reply(mode)
 
     def loop_body(count: int) -> None:
         client, server = s.data_received, link.data_received
@@ -117,9 +117,9 @@ def run(mode: str, n: int, profile: bool, config: str | None) -> float:
         loop_body(n)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, not wall time: other processes on the machine do not count
     loop_body(n)
-    per_query = (time.perf_counter() - t0) / n * 1e6
+    per_query = (time.process_time() - t0) / n * 1e6
     assert not s.expect, "the relay is still waiting for replies: the harness is out of step"
     loop.close()
     return per_query

@@ -22,6 +22,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from proxy.log import log
@@ -356,25 +357,28 @@ class Session(asyncio.Protocol):
             self._without_server(data)  # transaction pooling, nothing lent right now
             return
         if phase == "ready" or phase == "admin" or phase == "auth" or phase == "local_auth":
-            try:
-                frames = self.cframer.feed(data)
-            except FrameError as e:
-                self.fatal(e.code, str(e))
-                return
+            framer = self.cframer
+            frames = framer.single(data) if data[:1] == b"Q" else None  # one whole Query: the most common read
+            if frames is None:
+                try:
+                    frames = framer.feed(data)
+                except FrameError as e:
+                    self.fatal(e.code, str(e))
+                    return
             if phase == "ready":
                 try:
-                    self.client_frames(frames, self.cframer.data)
+                    self.client_frames(frames, framer.data)
                 except pq.MALFORMED as e:
                     # a message of valid length whose body does not parse (a Parse without its
                     # terminators, an empty Execute...): a relay cannot follow what it cannot read
                     log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
                     self.fatal("08P01", "invalid message format")
             elif phase == "admin":
-                self.admin_frames(frames, self.cframer.data)
+                self.admin_frames(frames, framer.data)
             elif phase == "local_auth":
-                self.local_auth_frames(frames, self.cframer.data)
+                self.local_auth_frames(frames, framer.data)
             else:
-                self.auth_client_frames(frames, self.cframer.data)
+                self.auth_client_frames(frames, framer.data)
         elif phase == "startup":
             self.startup_buf += data
             self._startup()
@@ -865,23 +869,17 @@ class Session(asyncio.Protocol):
         out: list | None = None  # becomes a list of pieces once something differs from the input
         expect = self.expect
         now = self.last_active = time.perf_counter()
-        first = last = frames[start][1]
-        for i in range(start, len(frames)):
-            t, a, b = frames[i]
-            if t < 0:  # a piece of a large CopyData
-                if out is not None:
-                    out.append(data[a:b])
-                last = b
-                continue
+        skipping = self.skip_until_sync
+        first = frames[start][1]
+        # the most frequent messages are tested first: Query, then a batch's Parse, Bind, Describe, Execute, Sync
+        for t, a, b in islice(frames, start, None) if start else frames:
             sent: bytes | None = None  # replacement for this message, if any
-            if t == _d or t == _c or t == _f:
-                if t != _d:
-                    if self.copy_failed:
-                        self.copy_failed = False  # the end of a copy the server already failed
-                    else:
-                        self.copy_ends_sent += 1
-            elif self.skip_until_sync and t != _S:
+            if skipping and t != _S and t != _c and t != _f:
                 pass  # the server discards everything up to Sync after an error: so do we
+            elif t == _Q:
+                sent = self._query(data[a + 5:b - 1], now)
+            elif t == _P:
+                sent = self._parse(data[a + 5:b])
             elif t == _B:
                 if data[a + 5] == 0:  # unnamed portal, the common case
                     name = data[a + 6:data.index(0, a + 6, b)].decode(pq.ENC, pq.ERRORS)
@@ -904,6 +902,13 @@ class Session(asyncio.Protocol):
                         sent = (sent[:-(b - a)] if sent else b"") + checked
                 else:
                     expect.append(_PLAIN_B)
+                self.in_batch = True
+            elif t == _D:
+                if self.pooled_tx and data[a + 5] == 83 and data[a + 6] != 0:  # Describe of a named statement
+                    stmt = self.statements.get(pq.parse_describe_close(data[a + 5:b])[1])
+                    if stmt is not None:
+                        sent = self._on_server(stmt) + pq.msg(b"D", b"S" + pq.cstr(stmt.server_name))
+                expect.append(_PLAIN_D)
                 self.in_batch = True
             elif t == _E:
                 portal, max_rows = pq.parse_execute(data[a + 5:b])
@@ -938,7 +943,7 @@ class Session(asyncio.Protocol):
                 self.queries += 1
                 self.in_batch = True
             elif t == _S:
-                self.skip_until_sync = False
+                skipping = self.skip_until_sync = False
                 self.copy_failed = False
                 self.in_batch = False
                 if self.server_in_copy and self.copy_ends_sent < self.copies_started:
@@ -952,17 +957,13 @@ class Session(asyncio.Protocol):
                 if self.restore_at_sync:
                     self.restore_at_sync = False
                     sent = data[a:b] + self._swallowed_query(None)
-            elif t == _Q:
-                sent = self._query(data[a + 5:b - 1], now)
-            elif t == _P:
-                sent = self._parse(data[a + 5:b])
-            elif t == _D:
-                if self.pooled_tx and data[a + 5] == 83 and data[a + 6] != 0:  # Describe of a named statement
-                    stmt = self.statements.get(pq.parse_describe_close(data[a + 5:b])[1])
-                    if stmt is not None:
-                        sent = self._on_server(stmt) + pq.msg(b"D", b"S" + pq.cstr(stmt.server_name))
-                expect.append(_PLAIN_D)
-                self.in_batch = True
+            elif t == _d or t < 0:
+                pass  # CopyData, or a piece of a large one
+            elif t == _c or t == _f:
+                if self.copy_failed:
+                    self.copy_failed = False  # the end of a copy the server already failed
+                else:
+                    self.copy_ends_sent += 1
             elif t == _C:
                 kind, name = pq.parse_describe_close(data[a + 5:b])
                 if kind == b"S":
@@ -992,19 +993,16 @@ class Session(asyncio.Protocol):
             if sent is not None:
                 if sent is _SUSPEND:  # a cache look-up first: forward what came before, then wait
                     self.to_server(data[first:a] if out is None else b"".join(out))
-                    self._suspend_client(frames, data, i)
+                    self._suspend_client(frames, data, frames.index((t, a, b), start))
                     return
                 if out is None:
                     out = [data[first:a]]
                 out.append(sent)
             elif out is not None:
                 out.append(data[a:b])
-            last = b
-        if out is not None:
-            self.to_server(b"".join(out))
-        elif last > first:
-            self.to_server(data if first == 0 and last == len(data) else data[first:last])
-        if expect and expect[0].kind == _LOCAL:
+        # the whole chunk is the very same object: slicing all of a bytes object copies nothing
+        self.to_server(data[first:frames[-1][2]] if out is None else b"".join(out))
+        if self.special and expect and expect[0].kind == _LOCAL:  # local replies always count as special
             replies: list = []
             self._flush_local(replies)
             self.transport.write(b"".join(replies))
@@ -1218,9 +1216,65 @@ class Session(asyncio.Protocol):
 
         With the cache on, a commit point that made writes stops the loop before its CommandComplete
         or ReadyForQuery (`self.server_suspend`), so the invalidation lands before the client hears of
-        the commit; the loop then resumes at that message with `hooked` set."""
+        the commit; the loop then resumes at that message with `hooked` set.
+
+        This is the loop for the common case, every reply relayed verbatim and no cache hooks: it only
+        tracks the messages of successful statements; from any other message on (an error, COPY, a
+        notice...), or in any other case, `_server_frames` does the work."""
         if start >= len(frames):
             return b""
+        if self.special or self.cstate is not None:
+            return self._server_frames(frames, data, start, hooked)
+        expect = self.expect
+        for t, a, b in islice(frames, start, None) if start else frames:
+            if t == 68:  # DataRow
+                continue
+            if not expect:
+                break
+            p = expect[0]
+            if t == _CMD_C:
+                p.rows += pq.rows_from_tag(data[a + 5:b - 1])
+                p.part += 1
+                self.server_in_copy = False
+                if p.kind == _E:
+                    expect.popleft()
+                    self._done(p)
+            elif t == _Z:
+                self._ready_for_query(data[a + 5:b])
+            elif t == _T or t == _n:
+                if p.kind == _D:
+                    expect.popleft()
+            elif (t == _PARSE_OK or t == _BIND_OK or t == _CLOSE_OK) and p.prep is None:
+                expect.popleft()
+            elif t >= 0:
+                break
+        else:
+            return data[frames[start][1]:frames[-1][2]]  # all of it: the very same object, no copy
+        self._server_frames(frames, data, frames.index((t, a, b), start), False)  # relays it verbatim too
+        return data[frames[start][1]:frames[-1][2]]
+
+    def _ready_for_query(self, status: bytes) -> Pending | None:
+        """ReadyForQuery with replies pending: the Sync or Query it answers is over (returned, or None
+        if every entry was skipped by the server)."""
+        self.tx_status = status
+        self.server_in_copy = False
+        expect = self.expect
+        # entries before the Sync/Query that never got a reply were skipped by the server
+        while expect and expect[0].kind not in _Z_KINDS:
+            self._pop()
+        if not expect:
+            return None
+        p = expect.popleft()
+        if self.special and _special(p):  # _pop, inlined: this runs once per statement
+            self.special -= 1
+        if p.kind != _S:
+            self._done(p)
+        elif p.copy_ends > self.copies_started:
+            self._forget_stray_copy_ends(p.copy_ends - self.copies_started)
+        return p
+
+    def _server_frames(self, frames: list, data: bytes, start: int, hooked: bool) -> bytes:
+        """The general loop of server_frames: any message, any queued reply."""
         plain = self.special == 0
         out: list = []
         expect = self.expect
@@ -1266,22 +1320,13 @@ class Session(asyncio.Protocol):
             p = expect[0]
             kind = p.kind
             if t == _Z:
-                self.tx_status = data[a + 5:b]
-                self.server_in_copy = False
-                # entries before the Sync/Query that never got a reply were skipped by the server
-                while expect and expect[0].kind not in _Z_KINDS:
-                    self._pop()
-                if expect:
-                    p = self._pop()
-                    if p.kind != _S:
-                        self._done(p)
-                    elif p.copy_ends > self.copies_started:
-                        self._forget_stray_copy_ends(p.copy_ends - self.copies_started)
-                    if not plain and p.forward:
-                        if p.notices and p.kind == _Q and p.sqlstate is None:
-                            out.extend(p.notices)
+                p = self._ready_for_query(data[a + 5:b])
+                if p is None:
+                    if not plain:
                         out.append(data[a:b])
-                elif not plain:
+                elif not plain and p.forward:
+                    if p.notices and p.kind == _Q and p.sqlstate is None:
+                        out.extend(p.notices)
                     out.append(data[a:b])
                 if not plain:
                     self._flush_local(out)

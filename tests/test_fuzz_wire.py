@@ -158,8 +158,10 @@ def check_framer(stream: bytes, chunks: list[bytes], max_size: int, stream_types
     try:
         for chunk in chunks:
             fed += len(chunk)
+            single = f.single(chunk)  # the shortcut callers may take instead of feed
             frames = f.feed(chunk)
             data = f.data
+            assert single is None or single == frames
             for t, a, b in frames:
                 assert 0 <= a <= b <= len(data)
                 at = bisect.bisect_right(starts, len(got)) - 1  # the message this frame belongs to

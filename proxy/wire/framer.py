@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 
 _LEN = struct.Struct("!I")
+_HEADER = struct.Struct("!BI")  # type byte, length
 
 MAX_STARTUP = 10_000  # Postgres refuses larger startup packets too
 
@@ -60,6 +61,15 @@ class Framer:
         buf, self._buf = self._buf, b""
         return buf
 
+    def single(self, data: bytes) -> list[tuple[int, int, int]] | None:
+        """`feed` without the scan for a chunk that is exactly one complete message with nothing held
+        back (a client's most common read, one Query); None for any other chunk, left to `feed`."""
+        n = len(data)
+        if self._buf or self._skip or n < 5 or _LEN.unpack_from(data, 1)[0] != n - 1 or n > self.max_size:
+            return None
+        self.data = data
+        return [(data[0], 0, n)]
+
     def feed(self, data: bytes) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
         pos = 0
@@ -81,31 +91,39 @@ class Framer:
             self._buf = bytearray()
         self.data = data
         n = len(data)
-        unpack = _LEN.unpack_from
-        max_size = self.max_size
-        while n - pos >= 5:
-            t = data[pos]
-            ln = unpack(data, pos + 1)[0]
+        unpack = _HEADER.unpack_from
+        append = out.append
+        # A complete message is no longer than the chunk it is in: only in a chunk larger than max_size
+        # (top = -1) must each length be checked against it. Complete messages take the two tests only.
+        top = n if n <= self.max_size else -1
+        stop = n - 4  # a header needs 5 bytes
+        while pos < stop:
+            t, ln = unpack(data, pos)
             end = pos + 1 + ln
-            if end <= n and 4 <= ln <= max_size:
-                out.append((t, pos, end))
-                pos = end
-                continue
-            if ln < 4:
-                raise FrameError(f"invalid message length {ln}")
-            if ln > max_size:
-                raise FrameError(f"message of {ln} bytes exceeds the limit of {max_size} bytes", "54000")
-            if t in self.stream_types:
-                out.append((-t, pos, n))
-                self._skip = end - n
-                self._skip_type = t
-                return out
-            self._buf = bytearray(data[pos:])
-            self._want = end - pos
-            return out
+            if end > top or ln < 4:  # incomplete, invalid, or in a chunk beyond max_size
+                if ln < 4:
+                    raise FrameError(f"invalid message length {ln}")
+                if ln > self.max_size:
+                    raise FrameError(f"message of {ln} bytes exceeds the limit of {self.max_size} bytes", "54000")
+                if end > n:
+                    return self._partial(out, data, t, pos, end)
+            append((t, pos, end))
+            pos = end
         if pos < n:
             self._buf = bytearray(data[pos:])
             self._want = 5
+        return out
+
+    def _partial(self, out: list[tuple[int, int, int]], data: bytes, t: int, pos: int,
+                 end: int) -> list[tuple[int, int, int]]:
+        """The message at `pos` ends beyond this chunk: stream what has arrived of it, or keep it."""
+        if t in self.stream_types:
+            out.append((-t, pos, len(data)))
+            self._skip = end - len(data)
+            self._skip_type = t
+        else:
+            self._buf = bytearray(data[pos:])
+            self._want = end - pos
         return out
 
 
