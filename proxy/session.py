@@ -87,7 +87,7 @@ class Pending:
     """One expected reply (or a reply of our own, kind _LOCAL) in client order."""
 
     __slots__ = ("kind", "forward", "info", "t0", "rows", "sqlstate", "error", "local", "notices",
-                 "copy_ends", "stmt", "bind", "prep", "show_errors", "fill", "ttl", "part", "whole")
+                 "copy_ends", "stmt", "bind", "prep", "show_errors", "fill", "ttl", "part", "whole", "text")
 
     def __init__(self, kind: int, info: StatementInfo | None = None, t0: float = 0.0) -> None:
         self.kind = kind
@@ -108,6 +108,7 @@ class Pending:
         self.ttl: float | None = None
         self.part = 0  # statements of a multi-statement Query completed so far
         self.whole = False  # a local reply to a simple Query: ReadyForQuery follows it
+        self.text: str | None = None  # a Query whose shape is looked up only for its statistics
 
 
 def _special(p: Pending) -> bool:
@@ -252,6 +253,7 @@ class Session(asyncio.Protocol):
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.last_parse: tuple | None = None  # (body, stmt) of the last Parse forwarded unchanged
         self.hot_queries: dict[bytes, tuple] = {}  # Query message -> what _hot_hit needs to answer it again
+        self.finished: list[Pending] = []  # statements whose reply is being relayed: accounted after it
         self.restore_at_sync = False
         self.admin_queue: deque = deque()
         self.admin_busy = False
@@ -786,6 +788,8 @@ class Session(asyncio.Protocol):
             return
         if out and self.transport and not self.transport.is_closing():
             self.transport.write(out)
+        if self.finished:
+            self._account()  # after the write: the client need not wait for our bookkeeping
         if self.server_suspend is not None:
             self._suspend_server()  # a commit point: invalidate the cache before the client hears of it
             return
@@ -1031,9 +1035,16 @@ class Session(asyncio.Protocol):
     def _query(self, sql_bytes: bytes, now: float) -> bytes | None:
         """A simple Query: track it, apply rules. Returns a replacement message or None."""
         sql = sql_bytes.decode(pq.ENC, pq.ERRORS)
+        self.queries += 1
+        if self.app.rules is None and self.cstate is None and not self.pooled_tx:
+            # nothing decides on the statement before it is sent: its shape is looked up for the
+            # statistics after the reply has gone out, off the path the client waits on
+            p = Pending(_Q, None, now)
+            p.text = sql
+            self.expect.append(p)
+            return None
         info = self.app.shapes.get(sql)
         p = Pending(_Q, info, now)
-        self.queries += 1
         if self.pooled_tx:
             feature = session_feature(info)
             if feature:
@@ -1238,7 +1249,7 @@ class Session(asyncio.Protocol):
                 self.server_in_copy = False
                 if p.kind == _E:
                     expect.popleft()
-                    self._done(p)
+                    self.finished.append(p)  # accounted once the reply is written
             elif t == _Z:
                 self._ready_for_query(data[a + 5:b])
             elif t == _T or t == _n:
@@ -1268,7 +1279,7 @@ class Session(asyncio.Protocol):
         if self.special and _special(p):  # _pop, inlined: this runs once per statement
             self.special -= 1
         if p.kind != _S:
-            self._done(p)
+            self.finished.append(p)  # accounted once the reply is written (server_data)
         elif p.copy_ends > self.copies_started:
             self._forget_stray_copy_ends(p.copy_ends - self.copies_started)
         return p
@@ -1453,6 +1464,8 @@ class Session(asyncio.Protocol):
         out = self.server_frames(frames, data, i, hooked=True)
         if out and self.transport and not self.transport.is_closing():
             self.transport.write(out)
+        if self.finished:
+            self._account()  # after the write: the client need not wait for our bookkeeping
         if self.server_suspend is not None:
             self._suspend_server()
             return
@@ -1596,8 +1609,16 @@ class Session(asyncio.Protocol):
         """A statement finished: statistics, slow log. Returns its statistics entry, if any."""
         info = p.info
         if info is None:
-            return None
+            if p.text is None:
+                return None
+            info = p.info = self.app.shapes.get(p.text)
         return self._record(info, p.t0, p.rows, p.sqlstate, p)
+
+    def _account(self) -> None:
+        """Statistics of the statements the reply just written finished (see server_frames)."""
+        finished, self.finished = self.finished, []
+        for p in finished:
+            self._done(p)
 
     def _record(self, info: StatementInfo, t0: float, rows: int = 0, sqlstate: str | None = None,
                 p: Pending | None = None) -> QueryStats | None:
