@@ -160,6 +160,7 @@ class Versions:
         self._probe: asyncio.Task | None = None
         self._listener: asyncio.Task | None = None
         self._batch: list = []  # (fields, future) of version checks waiting for the next HMGET
+        self._bumps: list = []  # (fields, notes, future) of bumps waiting for the next script call
         self._closed = False
 
     # -- life cycle --------------------------------------------------------------------------------------
@@ -284,18 +285,38 @@ class Versions:
 
         Returns the seconds the writer must still wait before acknowledging its commit (the rest of the
         latest freshness window over these fields), or None when the bump failed: then the caller waits a
-        whole window, since nobody can tell which were open. Tried even while the breaker is open, with a
-        longer timeout and a few attempts than a read gets: a lost bump leaves other processes serving the
-        old result until the epoch is replaced, so it is worth a little latency on the write path. A final
-        failure is remembered and the epoch replaced when Redis answers again. `notes` travel with the
-        pub/sub message only ("ddl:<db>").
+        whole window, since nobody can tell which were open. Bumps asked for in one turn of the event loop
+        (concurrent commits) share one script call; each waits for the latest window over all of them,
+        never less than its own. `notes` travel with the pub/sub message only ("ddl:<db>").
         """
-        fields = sorted(set(fields))
+        fields = set(fields)
         notes = list(notes)
         if not fields and not notes:
             return 0.0
-        if FLUSH_ALL in fields:
-            fields = [FLUSH_ALL]
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._bumps.append((fields, notes, fut))
+        if len(self._bumps) == 1:
+            loop.call_soon(lambda: asyncio.ensure_future(self._flush_bumps()))
+        return await fut
+
+    async def _flush_bumps(self) -> None:
+        batch, self._bumps = self._bumps, []
+        fields = sorted(set().union(*(f for f, _, _ in batch)))
+        notes = sorted({n for _, ns, _ in batch for n in ns})
+        wait: float | None = None
+        try:
+            wait = await self._bump_now([FLUSH_ALL] if FLUSH_ALL in fields else fields, notes)
+        finally:  # even when cancelled (shutdown): no writer may wait forever
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(wait)
+
+    async def _bump_now(self, fields: list[str], notes: list[str]) -> float | None:
+        """One script call, tried even while the breaker is open, with a longer timeout and a few more
+        attempts than a read gets: a lost bump leaves other processes serving the old result until the
+        epoch is replaced, so it is worth a little latency on the write path. A final failure is
+        remembered and the epoch replaced when Redis answers again."""
         flush = fields == [FLUSH_ALL]
         args = [CHANNEL, "\t".join(fields + notes), os.urandom(8).hex() if flush else "", self._window_ms,
                 *([] if flush else fields)]
