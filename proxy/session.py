@@ -1569,6 +1569,7 @@ class Session(asyncio.Protocol):
             return False
         self.transport.write(reply + pq.ready_for_query(self.tx_status))
         self.queries += 1
+        self.last_active = t0  # a busy client is not an idle one (client_idle_timeout)
         q = self._record(info, t0)
         self.app.rules.executed(self, decision, info, q=q)
         self._cache_event(info, "hit", q)
