@@ -316,3 +316,28 @@ def test_a_repeated_query_follows_the_sessions_settings_and_writes(pg, tables, r
         assert hits(p) - before >= 6  # the repeats outside the write transaction were hits
     finally:
         p.stop()
+
+
+def test_a_repeated_query_follows_a_rules_reload(pg, tables, redis_server, tmp_path_factory):
+    """The session's memo of a Query it answered from the cache is tied to the rule set: once RELOAD
+    puts a block rule in front, the very next repeat is refused, on the same connection."""
+    read = pq.query("SELECT id, name FROM cached_t WHERE id <= 2 ORDER BY id")
+    p = cached_proxy(pg, tmp_path_factory, redis_server.url, extra="local_validity = '10s'\n")
+    try:
+        warm_up(p, [read])
+        c = RawConn(p.port)
+        c.startup()
+        for _ in range(3):
+            c.send(read)
+            assert [t for t, _ in c.read_until(b"Z")][0] == b"T"
+        rules_file = p.config_path.read_text().split("files = ['")[1].split("'")[0]
+        with open(rules_file, "a") as f:
+            f.write('\n[[rule]]\nname = "now-blocked"\nmatch = { tables = ["cached_t"] }\n'
+                    'block = { message = "cached_t is closed" }\n')
+        assert psql(p.port, "RELOAD", dbname="pgfront").returncode == 0
+        c.send(read)
+        reply = c.read_until(b"Z")
+        assert reply[0][0] == b"E" and b"cached_t is closed" in reply[0][1], reply
+        c.close()
+    finally:
+        p.stop()
