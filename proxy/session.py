@@ -1229,20 +1229,28 @@ class Session(asyncio.Protocol):
         or ReadyForQuery (`self.server_suspend`), so the invalidation lands before the client hears of
         the commit; the loop then resumes at that message with `hooked` set.
 
-        This is the loop for the common case, every reply relayed verbatim and no cache hooks: it only
-        tracks the messages of successful statements; from any other message on (an error, COPY, a
-        notice...), or in any other case, `_server_frames` does the work."""
+        This is the loop for the common case, every reply relayed verbatim: it only tracks the messages
+        of successful statements (and the cache's commit points); from any other message on (an error,
+        COPY, a notice, a ParameterStatus...), or in any other case, `_server_frames` does the work."""
         if start >= len(frames):
             return b""
-        if self.special or self.cstate is not None:
+        if self.special:
             return self._server_frames(frames, data, start, hooked)
         expect = self.expect
+        cstate = self.cstate
+        first = frames[start][1]
+        hooked_at = first if hooked else -1  # resuming after an invalidation: its commit point is done
         for t, a, b in islice(frames, start, None) if start else frames:
             if t == 68:  # DataRow
                 continue
             if not expect:
                 break
             p = expect[0]
+            if cstate is not None and (t == _CMD_C or t == _Z) and a != hooked_at:
+                effect = self._commit_point(t, data[a + 5:b])
+                if effect:  # relay what precedes the commit's message; the rest after the invalidation
+                    self.server_suspend = (frames, data, frames.index((t, a, b), start), effect)
+                    return data[first:a]
             if t == _CMD_C:
                 p.rows += pq.rows_from_tag(data[a + 5:b - 1])
                 p.part += 1
@@ -1260,9 +1268,11 @@ class Session(asyncio.Protocol):
             elif t >= 0:
                 break
         else:
-            return data[frames[start][1]:frames[-1][2]]  # all of it: the very same object, no copy
+            return data[first:frames[-1][2]]  # all of it: the very same object, no copy
         self._server_frames(frames, data, frames.index((t, a, b), start), False)  # relays it verbatim too
-        return data[frames[start][1]:frames[-1][2]]
+        if self.server_suspend is not None:  # it stopped at a commit point: nothing from there on yet
+            return data[first:frames[self.server_suspend[2]][1]]
+        return data[first:frames[-1][2]]
 
     def _ready_for_query(self, status: bytes) -> Pending | None:
         """ReadyForQuery with replies pending: the Sync or Query it answers is over (returned, or None

@@ -57,6 +57,31 @@ def _options(options: str) -> dict[str, str]:
     return out
 
 
+# kinds _done_one acts on: any other statement's CommandComplete changes nothing here
+_DONE_KINDS = frozenset(("set", "transaction", "utility", "unknown"))
+
+# what a sent statement does to the session besides writing (_marks), memoized by text like write_effect
+_UNTRACKED, _ROLE, _TEMP_TABLES = 1, 2, 4
+_marks_memo: dict[str, int] = {}
+_MARKS_MAX = 10_000
+
+
+def _marks(info: Any) -> int:
+    marks = _marks_memo.get(info.text)
+    if marks is None:
+        marks = 0
+        if "set_config" in info.functions:  # sets a setting behind our back
+            marks |= _UNTRACKED
+        if any(sub.kind == "set" and sub.set_name in _ROLE_SETTINGS for sub in (info, *info.statements)):
+            marks |= _ROLE
+        if info.temp_objects or (info.kind == "ddl" and _TEMP.match(info.text)):
+            marks |= _TEMP_TABLES
+        if len(_marks_memo) >= _MARKS_MAX:
+            _marks_memo.clear()
+        _marks_memo[info.text] = marks
+    return marks
+
+
 class SessionCacheState:
     """Per-client facts that shape keys and decide cacheability; see the module docstring for the hooks."""
 
@@ -113,23 +138,24 @@ class SessionCacheState:
 
     def sent(self, info: Any) -> None:
         effect = write_effect(info)
-        if effect.functions:
-            effect = self._resolve_functions(effect)
         if effect:
+            if effect.functions:
+                effect = self._resolve_functions(effect)
             self.pending = self.pending.merge(effect)
-        if "set_config" in info.functions:  # sets a setting behind our back
-            self.untracked = True
-        if info.kind == "set" and info.set_name in _ROLE_SETTINGS:
-            self.role_changed = True
-        if info.temp_objects or (info.kind == "ddl" and _TEMP.match(info.text)):
-            self.temp_tables = True
-        for sub in info.statements:
-            if sub.kind == "set" and sub.set_name in _ROLE_SETTINGS:
+        marks = _marks(info)
+        if marks:
+            if marks & _UNTRACKED:
+                self.untracked = True
+            if marks & _ROLE:
                 self.role_changed = True
+            if marks & _TEMP_TABLES:
+                self.temp_tables = True
 
     def done(self, info: Any) -> WriteEffect | None:
         """At the CommandComplete of `info` (for a multi-statement Query, of its i-th statement; passing the
         whole Query once applies all of them)."""
+        if not info.statements and info.kind not in _DONE_KINDS:
+            return None  # the common case: a statement that changes no session state
         flush = NO_WRITES
         for sub in info.statements or (info,):
             flush = flush.merge(self._done_one(sub) or NO_WRITES)
