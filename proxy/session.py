@@ -123,6 +123,7 @@ _PLAIN_D = Pending(_D)
 _PLAIN_C = Pending(_C)
 _PLAIN_S = Pending(_S)
 _Z_KINDS = (_S, _Q, _F)
+_STATEMENT_KINDS = (_Q, _E, _F)  # entries whose statement may write
 _SKIP_KINDS = (_P, _B, _D, _E, _C)
 
 
@@ -1444,17 +1445,21 @@ class Session(asyncio.Protocol):
     def _commit_point(self, t: int, body: bytes):
         """Cache bookkeeping at a CommandComplete or ReadyForQuery: the writes to invalidate now, if any."""
         cstate = self.cstate
+        expect = self.expect
         if t == _Z:
-            return cstate.ready(body)
-        p = self.expect[0]
+            # other batches (Queries, Syncs) sent after this one: their writes are not committed yet
+            return cstate.ready(body, sum(e.kind in _Z_KINDS for e in expect) > 1)
+        p = expect[0]
         info = p.info
         if info is None:
             return None
+        more = len(expect) > 1 and any(e.kind in _STATEMENT_KINDS for e in islice(expect, 1, None))
         if p.kind == _Q and info.statements:
             if p.part >= len(info.statements):
                 return None
+            more = more or p.part + 1 < len(info.statements)
             info = info.statements[p.part]
-        return cstate.done(info)
+        return cstate.done(info, more)
 
     def _suspend_server(self) -> None:
         frames, data, i, effect = self.server_suspend

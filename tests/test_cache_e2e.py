@@ -341,3 +341,38 @@ def test_a_repeated_query_follows_a_rules_reload(pg, tables, redis_server, tmp_p
         c.close()
     finally:
         p.stop()
+
+
+def _counter(port: int) -> int:
+    """counter_t's n as a fresh connection reads it through pgfront (twice: a miss fills, a hit serves)."""
+    c = RawConn(port)
+    c.startup()
+    values = []
+    for _ in range(2):
+        c.send(pq.query("SELECT n FROM counter_t WHERE id = 1"))
+        rows = [body for t, body in c.read_until(b"Z") if t == b"D"]
+        values.append(int(rows[0][6:]))
+    c.close()
+    assert values[0] == values[1]
+    return values[0]
+
+
+def test_pipelined_writes_are_invalidated_after_they_commit(cached):
+    """Writes are collected as they are sent. In a pipeline, a commit point reached before a later write
+    has run must not forget that write: a reader may cache the old rows meanwhile, and the write's own
+    commit must invalidate again. Nor may a ROLLBACK drop a write sent after it."""
+    start = _counter(cached.port)
+    c = RawConn(cached.port)
+    c.startup()
+    bump = pq.query("UPDATE counter_t SET n = n + 1 WHERE id = 1")
+    c.send(bump, pq.query("SELECT pg_sleep(0.8)"), bump)
+    c.read_until(b"Z")  # the first UPDATE committed; the second waits behind the sleep
+    assert _counter(cached.port) == start + 1  # read (and cached) while the second is in flight
+    c.read_until(b"Z")
+    c.read_until(b"Z")
+    assert _counter(cached.port) == start + 2
+    c.send(pq.query("BEGIN"), pq.query("UPDATE cached_t SET name = name WHERE id = 3"), pq.query("ROLLBACK"), bump)
+    for _ in range(4):
+        c.read_until(b"Z")
+    assert _counter(cached.port) == start + 3
+    c.close()

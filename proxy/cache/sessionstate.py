@@ -151,21 +151,23 @@ class SessionCacheState:
             if marks & _TEMP_TABLES:
                 self.temp_tables = True
 
-    def done(self, info: Any) -> WriteEffect | None:
+    def done(self, info: Any, more: bool = False) -> WriteEffect | None:
         """At the CommandComplete of `info` (for a multi-statement Query, of its i-th statement; passing the
-        whole Query once applies all of them)."""
+        whole Query once applies all of them). `more`: statements sent after this one are still to run
+        (a pipeline), so the writes sent so far are not all committed yet (see _take_pending)."""
         if not info.statements and info.kind not in _DONE_KINDS:
             return None  # the common case: a statement that changes no session state
         flush = NO_WRITES
         for sub in info.statements or (info,):
-            flush = flush.merge(self._done_one(sub) or NO_WRITES)
+            flush = flush.merge(self._done_one(sub, more) or NO_WRITES)
         return flush or None
 
     def error(self) -> None:
         """At an ErrorResponse: the transaction (implicit or explicit) will not commit its SETs."""
         self._failed = True
 
-    def ready(self, status: int | bytes | str) -> WriteEffect | None:
+    def ready(self, status: int | bytes | str, more: bool = False) -> WriteEffect | None:
+        """At ReadyForQuery; `more`: batches sent after this one are still to run (a pipeline)."""
         if isinstance(status, bytes | bytearray):
             status = status[0]
         if isinstance(status, int):
@@ -174,11 +176,18 @@ class SessionCacheState:
         if status != "I":
             return None
         self._end_block()  # an implicit block (pipeline, multi-statement Query) ends here
-        return self._take_pending()
+        return self._take_pending(more)
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def _take_pending(self) -> WriteEffect | None:
-        effect, self.pending = self.pending, NO_WRITES
+    def _take_pending(self, more: bool = False) -> WriteEffect | None:
+        """The writes to invalidate at a commit point. `pending` holds every write *sent*, and with a
+        pipeline some of them have not run yet: invalidating them now is harmless, but forgetting them
+        would be wrong (a reader could cache the old rows under the version this early bump made, and
+        no bump would follow their commit). So while more is in flight they stay pending, to be
+        invalidated again at the next commit point; reads keep bypassing meanwhile."""
+        effect = self.pending
+        if not more:
+            self.pending = NO_WRITES
         return effect or None
 
     def _resolve_functions(self, effect: WriteEffect) -> WriteEffect:
@@ -195,12 +204,12 @@ class SessionCacheState:
         return WriteEffect(effect.tables, frozenset(unknown), effect.flush_database or writing, effect.flush_all,
                            effect.ddl)
 
-    def _done_one(self, info: Any) -> WriteEffect | None:
+    def _done_one(self, info: Any, more: bool = False) -> WriteEffect | None:
         kind = info.kind
         if kind == "set":
             self._apply_set(info)
         elif kind == "transaction":
-            return self._apply_transaction(info)
+            return self._apply_transaction(info, more)
         elif kind in ("utility", "unknown") and info.text.lstrip()[:7].lower() == "discard":
             if "temp" in info.text.lower() or " all" in info.text.lower():
                 self.temp_tables = False
@@ -238,24 +247,25 @@ class SessionCacheState:
             self.staged[name] = value
         self._prefix = None
 
-    def _apply_transaction(self, info: Any) -> WriteEffect | None:
+    def _apply_transaction(self, info: Any, more: bool = False) -> WriteEffect | None:
         tx = info.tx
         if tx == "begin":
             self.in_transaction = True
             self.isolation = _isolation(info.text) or self.default_isolation
         elif tx in ("commit", "end"):
             self._end_block()
-            return self._take_pending()
+            return self._take_pending(more)
         elif tx in ("rollback", "abort"):
             self._failed = True
             self._end_block()
-            self.pending = self.pending.without_tables()
+            if not more:  # writes sent after the ROLLBACK are not rolled back by it: keep them all
+                self.pending = self.pending.without_tables()
         elif tx == "rollback_to":
             if self.staged or self.local or self._reset_all:
                 self.untracked = True  # which SETs survive depends on the savepoint: give up on this session
             self._failed = False
         elif tx == "commit_prepared":
-            return self._take_pending()
+            return self._take_pending(more)
         return None
 
     def _end_block(self) -> None:
