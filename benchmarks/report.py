@@ -177,7 +177,7 @@ def _side_by_side_lines(results: dict) -> list[str]:
     if "na" in c:
         return [f"cache hits vs Pgpool-II: n/a ({c['na']})"]
     return [f"cache hits vs Pgpool-II, aggregate, alternating runs (TPS): pgfront + cache {c['runs'][c['target']]}, "
-            f"Pgpool-II {c['runs'][c['base']]}; best {c['tps']:,.0f} vs {c['base_tps']:,.0f} ({c['ratio']:.2f}x)"]
+            f"Pgpool-II {c['runs'][c['base']]}; medians {c['tps']:,.0f} vs {c['base_tps']:,.0f} ({c['ratio']:.2f}x)"]
 
 
 def _unavailable_lines(results: dict) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -294,25 +295,25 @@ class Bench:
             extras["cache_vs_pgpool"] = c = self.side_by_side("aggregate", "pgfront-cache", "pgpool")
             log("cache hits vs Pgpool-II, alternating: " + (f"{c['ratio']:.2f}x" if "ratio" in c else c["na"]))
 
-    def side_by_side(self, scenario: str, key: str, base: str, rounds: int = 3) -> dict:
-        """Two targets measured in turn, `rounds` times each, on one scenario: a change in the machine's
-        load between two cells of the table hits both alike here. Each side's best counts."""
+    def side_by_side(self, scenario: str, key: str, base: str, rounds: int = 5) -> dict:
+        """Two targets measured in turn, `rounds` times each after one warm-up run each, on one scenario:
+        a change in the machine's load between two cells of the table hits both alike here. The ratio
+        is of the medians (a best-of favours whichever target is noisier)."""
         targets = {t.key: t for t in self.targets}
         if key not in targets or base not in targets:
             return na(f"{key} or {base} not selected")
         sc = by_key([scenario])[0]
-        best: dict[str, dict] = {}
-        runs: dict[str, list[float]] = {key: [], base: []}
-        for _ in range(rounds):
+        runs: dict[str, list[int]] = {key: [], base: []}
+        for i in range(rounds + 1):
             for k in (base, key):
                 m = self.measure(sc, targets[k], rounds=1)
                 if "na" in m:
                     return na(f"{k}: {m['na']}")
-                runs[k].append(round(m["tps"]))
-                if k not in best or m["tps"] > best[k]["tps"]:
-                    best[k] = m
-        return {"target": key, "base": base, "runs": runs, "tps": best[key]["tps"], "base_tps": best[base]["tps"],
-                "ratio": best[key]["tps"] / best[base]["tps"]}
+                if i:  # the first run of each only warms caches and connections
+                    runs[k].append(round(m["tps"]))
+        mid = {k: statistics.median(v) for k, v in runs.items()}
+        return {"target": key, "base": base, "runs": runs, "tps": mid[key], "base_tps": mid[base],
+                "ratio": mid[key] / mid[base]}
 
     def _note_other_load(self, results: dict, started: float, busy0: float, own0: float) -> None:
         """Share of the machine's CPU that processes other than ours used during the run (every
