@@ -787,12 +787,7 @@ class Session(asyncio.Protocol):
             out = self.auth_frames(frames, framer.data)
         else:
             return
-        if out and self.transport and not self.transport.is_closing():
-            self.transport.write(out)
-        if self.finished:
-            self._account()  # after the write: the client need not wait for our bookkeeping
-        if self.server_suspend is not None:
-            self._suspend_server()  # a commit point: invalidate the cache before the client hears of it
+        if self._deliver(out):
             return
         if self.server_fatal:
             # the server closes after a FATAL: close the client with it, as Postgres would (and without
@@ -806,6 +801,19 @@ class Session(asyncio.Protocol):
             return
         if self.pool is not None and self.server is not None:
             self._maybe_release()
+
+    def _deliver(self, out: bytes) -> bool:
+        """Write what server_frames relayed, then account for the statements it finished (the client
+        need not wait for our bookkeeping). True when the relay stopped at a commit point: the cache is
+        invalidated first, and the rest follows (_invalidate_then_resume)."""
+        if out and self.transport and not self.transport.is_closing():
+            self.transport.write(out)
+        if self.finished:
+            self._account()
+        if self.server_suspend is not None:
+            self._suspend_server()
+            return True
+        return False
 
     def server_lost(self, exc: Exception | None) -> None:
         if self.phase == "closed":
@@ -1082,13 +1090,13 @@ class Session(asyncio.Protocol):
                     if decision.cache_ttl is not None and self.cstate is not None:
                         if decision.sql is None:  # the shape's facts serve the cache policy
                             cache = self.app.cache
-                            reply = cache.hit_now(cache.query_key(self.cstate, sql), info, self.cstate,
-                                                  allow_rls=decision.cache_allow_rls,
+                            key = cache.query_key(self.cstate, sql)
+                            reply = cache.hit_now(key, info, self.cstate, allow_rls=decision.cache_allow_rls,
                                                   allow_catalog=decision.cache_allow_catalog)
                             if reply is not None:  # fresh in L1: answered without suspending the client
                                 self._serve_hit(p, _Q, reply)
                                 if not decision.notices and not decision.log:
-                                    self._remember_hot(sql, info, decision)
+                                    self._remember_hot(sql, info, decision, key)
                                 return b""
                             self.lookup_job = (_Q, p, sql, info, decision, sent or pq.query(sql))
                         else:
@@ -1476,13 +1484,7 @@ class Session(asyncio.Protocol):
             log.warning("cache invalidation failed", extra={"client": self.id, "reason": str(e)})
         if self.phase != "ready":
             return
-        out = self.server_frames(frames, data, i, hooked=True)
-        if out and self.transport and not self.transport.is_closing():
-            self.transport.write(out)
-        if self.finished:
-            self._account()  # after the write: the client need not wait for our bookkeeping
-        if self.server_suspend is not None:
-            self._suspend_server()
+        if self._deliver(self.server_frames(frames, data, i, hooked=True)):
             return
         self.server_paused = False
         if self.server is not None and self.server.transport is not None:
@@ -1555,14 +1557,13 @@ class Session(asyncio.Protocol):
             if backlog:
                 self.data_received(backlog)
 
-    def _remember_hot(self, sql: str, info: StatementInfo, decision: Decision) -> None:
+    def _remember_hot(self, sql: str, info: StatementInfo, decision: Decision, key: bytes) -> None:
         """Keep what answering this Query from the cache took, keyed by its exact message bytes."""
         hot = self.hot_queries
         if len(hot) >= _HOT_QUERIES:
             hot.clear()
         rules = self.app.rules.holder.current
-        hot[pq.query(sql)] = (rules, rules.context_key(self), self.cstate.prefix, info, decision,
-                              self.app.cache.query_key(self.cstate, sql))
+        hot[pq.query(sql)] = (rules, rules.context_key(self), self.cstate.prefix, info, decision, key)
 
     def _hot_hit(self, memo: tuple) -> bool:
         """A repeat of a Query answered from the cache before, alone in its chunk, with nothing else in
