@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from proxy.cache.keys import make_key, redis_key
 from proxy.cache.policy import PENDING, CachePolicy
 from proxy.cache.replication import ReplicationListener
 from proxy.cache.sessionstate import SessionCacheState
-from proxy.cache.store import L1Store, decode_entry, encode_entry
+from proxy.cache.store import L1Entry, L1Store, decode_entry, encode_entry
 from proxy.cache.versions import (
     EPOCH,
     FLUSH_ALL,
@@ -156,8 +156,9 @@ class ResultCache:
             return self._bypass(decision.reason)
         local = self.l1.get(key)
         checked = time.monotonic()
-        if local is not None and checked < local.fresh_until and self.versions.available:
-            return self._hit(local.reply, "l1")
+        reply = self._fresh_reply(key, local, checked)
+        if reply is not None:
+            return self._hit(reply, "l1")
         db = state.database
         fields = (EPOCH, db_field(db), fingerprint_field(info.fingerprint),
                   *(table_field(db, t) for t in decision.tags))
@@ -193,23 +194,27 @@ class ResultCache:
                 allow_catalog: bool = False) -> bytes | None:
         """The reply, when L1 holds it inside its freshness window and the policy allows it: a hit served
         within the client's own turn of the event loop, with no Redis round trip. None: use lookup()."""
-        local = self.l1.get(key)
+        reply = self._fresh_reply(key, self.l1.get(key), time.monotonic())
+        if reply is None or not self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog).ok:
+            return None
+        self._count_hit(reply, "hits_l1")
+        return reply
+
+    def _fresh_reply(self, key: bytes, local: L1Entry | None, now: float) -> bytes | None:
+        """The L1 entry's reply while its freshness window is open (and Redis reachable), else None."""
         if local is None or not self.versions.available:
             return None
-        left = local.fresh_until - time.monotonic()
+        left = local.fresh_until - now
         if left <= 0:
-            return None
-        if not self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog).ok:
             return None
         if left < self.window / 2 and key not in self._refreshing:
             # refresh ahead: a hot entry's window is renewed before it closes, so its readers never
             # stall on a version check
             self._refreshing.add(key)
             self._background(self._refresh(key, local))
-        self._count_hit(local.reply, "hits_l1")
         return local.reply
 
-    async def _refresh(self, key: bytes, local: Any) -> None:
+    async def _refresh(self, key: bytes, local: L1Entry) -> None:
         checked = time.monotonic()
         try:
             values, _ = await self.versions.read(list(local.fields), None)
@@ -262,7 +267,7 @@ class ResultCache:
         self.stats["invalidations"] += 1
         await self._bump_and_wait(fields, notes)
 
-    async def _bump_and_wait(self, fields: Any, notes: Any = ()) -> None:
+    async def _bump_and_wait(self, fields: Iterable[str], notes: Iterable[str] = ()) -> None:
         """Bump, then wait out the freshness windows still open over the fields (a whole window when the
         bump failed): only then may the write's commit be acknowledged."""
         wait = await self.versions.bump(fields, notes)
