@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from hashlib import blake2b
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,6 +104,27 @@ return 0
 _BUMP_BYTES = _BUMP.encode()  # encoded once: the lean connection sends it with every bump
 
 
+class _PerTurn:
+    """Requests made in one turn of the event loop, served together by one `flush(batch)` call, where
+    batch is a list of (request, future) and flush settles every future."""
+
+    def __init__(self, flush: Callable[[list], Awaitable[None]]) -> None:
+        self._flush = flush
+        self._batch: list = []
+
+    def submit(self, request: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._batch.append((request, fut))
+        if len(self._batch) == 1:
+            loop.create_task(self._run())  # its first step runs on the next turn: requests until then join
+        return fut
+
+    async def _run(self) -> None:
+        batch, self._batch = self._batch, []
+        await self._flush(batch)
+
+
 class RedisDown(Exception):
     """Redis is unreachable, slow or the breaker is open: bypass the cache."""
 
@@ -164,8 +185,8 @@ class Versions:
         self.epoch_changes = 0
         self._probe: asyncio.Task | None = None
         self._listener: asyncio.Task | None = None
-        self._batch: list = []  # (fields, future) of version checks waiting for the next HMGET
-        self._bumps: list = []  # (fields, notes, future) of bumps waiting for the next script call
+        self._reads = _PerTurn(self._flush_reads)  # version checks of one turn share one HMGET
+        self._bumps = _PerTurn(self._flush_bumps)  # bumps of one turn share one script call
         self._closed = False
         # bumps and pub/sub use a lean connection when the URL allows it (resp.py: a fifth of the CPU)
         self._lean_params = None if self.cluster else lean_params(url)
@@ -225,18 +246,9 @@ class Versions:
         """Version checks of L1 hits, coalesced: every check asked for in one turn of the event loop
         shares one HMGET. Each check still sees Redis as it was after the check was asked for, so
         freshness is unchanged; concurrent clients just stop paying a round trip each."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._batch.append((fields, fut))
-        if len(self._batch) == 1:
-            loop.call_soon(self._start_batch)
-        return await fut
+        return await self._reads.submit(fields)
 
-    def _start_batch(self) -> None:
-        batch, self._batch = self._batch, []
-        asyncio.ensure_future(self._flush_batch(batch))
-
-    async def _flush_batch(self, batch: list) -> None:
+    async def _flush_reads(self, batch: list) -> None:
         union = sorted({f for fields, _ in batch for f in fields})
         try:
             async with asyncio.timeout(self.timeout):
@@ -304,23 +316,16 @@ class Versions:
         notes = list(notes)
         if not fields and not notes:
             return 0.0
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._bumps.append((fields, notes, fut))
-        if len(self._bumps) == 1:
-            # a Task's first step runs on the next turn of the loop: bumps asked for until then join it
-            loop.create_task(self._flush_bumps())
-        return await fut
+        return await self._bumps.submit((fields, notes))
 
-    async def _flush_bumps(self) -> None:
-        batch, self._bumps = self._bumps, []
-        fields = sorted(set().union(*(f for f, _, _ in batch)))
-        notes = sorted({n for _, ns, _ in batch for n in ns})
+    async def _flush_bumps(self, batch: list) -> None:
+        fields = sorted(set().union(*(f for (f, _), _ in batch)))
+        notes = sorted({n for (_, ns), _ in batch for n in ns})
         wait: float | None = None
         try:
             wait = await self._bump_now([FLUSH_ALL] if FLUSH_ALL in fields else fields, notes)
         finally:  # even when cancelled (shutdown): no writer may wait forever
-            for _, _, fut in batch:
+            for _, fut in batch:
                 if not fut.done():
                     fut.set_result(wait)
 
@@ -408,50 +413,50 @@ class Versions:
 
     # -- pub/sub -----------------------------------------------------------------------------------------
     async def _listen(self) -> None:
-        """Drop L1 entries other processes invalidated (memory hygiene; correctness never depends on it)."""
-        if self._lean_params is not None:
-            return await self._listen_lean()
+        """Drop L1 entries other processes invalidated (memory hygiene; correctness never depends on it).
+        A lost subscription is taken up again after `retry_after`."""
+        follow = self._follow_lean if self._lean_params is not None else self._follow
         while not self._closed:
-            client = pubsub = None
             try:
-                client = self._pubsub_client()
-                pubsub = client.pubsub()
-                await pubsub.subscribe(CHANNEL)
-                while not self._closed:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg and msg.get("type") == "message" and self.on_invalidate:
-                        self.on_invalidate(msg["data"].decode().split("\t"))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(self.retry_after)
-            finally:
-                for c in (pubsub, client):
-                    if c is not None:
-                        try:
-                            await c.aclose()
-                        except Exception:
-                            pass
-
-    async def _listen_lean(self) -> None:
-        """_listen over a lean connection: each message is handled inside data_received, with no
-        get_message() call, Task wake-up or redis-py parsing per message."""
-        timeout = max(self.timeout, 1.0)
-        while not self._closed:
-            conn = None
-            try:
-                conn = await RespConnection.open(self._lean_params or {}, timeout, on_push=self._pushed)
-                await conn.call(timeout, "SUBSCRIBE", CHANNEL)
-                await conn.lost
+                await follow()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 pass
-            finally:
-                if conn is not None:
-                    conn.close()
             if not self._closed:
                 await asyncio.sleep(self.retry_after)
+
+    async def _follow(self) -> None:
+        """One subscription through redis-py, until it fails."""
+        client = pubsub = None
+        try:
+            client = self._pubsub_client()
+            pubsub = client.pubsub()
+            await pubsub.subscribe(CHANNEL)
+            while not self._closed:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg and msg.get("type") == "message" and self.on_invalidate:
+                    self.on_invalidate(msg["data"].decode().split("\t"))
+        finally:
+            for c in (pubsub, client):
+                if c is not None:
+                    try:
+                        await c.aclose()
+                    except Exception:
+                        pass
+
+    async def _follow_lean(self) -> None:
+        """One subscription over a lean connection, until it is lost: each message is handled inside
+        data_received, with no get_message() call, Task wake-up or redis-py parsing per message."""
+        conn = None
+        try:
+            timeout = max(self.timeout, 1.0)
+            conn = await RespConnection.open(self._lean_params or {}, timeout, on_push=self._pushed)
+            await conn.call(timeout, "SUBSCRIBE", CHANNEL)
+            await conn.lost
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _pushed(self, reply: Any) -> None:
         if (self.on_invalidate is not None and type(reply) is list and len(reply) == 3
