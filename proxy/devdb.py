@@ -222,6 +222,14 @@ class TempPostgres:
             raise RuntimeError(f"psql failed: {res.stderr.strip()}")
         return res.stdout
 
+    def fresh_database(self, name: str, sql: str, owner: str | None = None) -> TempPostgres:
+        """Database `name`, created anew (a previous run's copy is dropped), with `sql` run in it as
+        `owner` (default: the superuser). Returns self, for test fixtures."""
+        self.psql(f"DROP DATABASE IF EXISTS {name}")
+        self.psql(f"CREATE DATABASE {name}" + (f" OWNER {owner}" if owner else ""))
+        self.psql(sql, dbname=name, user=owner)
+        return self
+
     def __enter__(self) -> TempPostgres:
         return self.start()
 

@@ -155,14 +155,12 @@ def test_charts_are_well_formed_svg():
 @pytest.fixture(scope="module")
 def unprivileged_db(pg):
     """A database owned by a role that may not CREATE EXTENSION hypopg (it is not a trusted extension)."""
-    pg.psql("DROP DATABASE IF EXISTS advisor_nohypo")
-    pg.psql("CREATE DATABASE advisor_nohypo OWNER trustuser")
-    pg.psql("""
+    pg.fresh_database("advisor_nohypo", """
         CREATE TABLE tickets (id int PRIMARY KEY, owner_id int NOT NULL, state text NOT NULL);
         INSERT INTO tickets SELECT g, g % 5000, CASE WHEN g % 3 = 0 THEN 'open' ELSE 'closed' END
         FROM generate_series(1, 50000) g;
         ANALYZE tickets;
-    """, dbname="advisor_nohypo", user="trustuser")
+    """, owner="trustuser")
     return pg
 
 

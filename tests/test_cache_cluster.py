@@ -32,10 +32,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def db(pg):
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}")
-    pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql("CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv SELECT g, 0 FROM generate_series(1, 30) g",
-            dbname=DB)
+    pg.fresh_database(DB, "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); "
+                      "INSERT INTO kv SELECT g, 0 FROM generate_series(1, 30) g")
     return pg
 
 

@@ -21,10 +21,8 @@ KEYS = 5
 
 @pytest.fixture(scope="module")
 def db(pg):
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}")
-    pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql(f"CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv SELECT g, 0 FROM generate_series(1, {KEYS}) g",
-            dbname=DB)
+    pg.fresh_database(DB, "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); "
+                      f"INSERT INTO kv SELECT g, 0 FROM generate_series(1, {KEYS}) g")
     return pg
 
 

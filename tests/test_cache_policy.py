@@ -45,9 +45,7 @@ CREATE SEQUENCE seq;
 
 @pytest.fixture(scope="module")
 def db(pg):
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}")
-    pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql(SCHEMA, dbname=DB)
+    pg.fresh_database(DB, SCHEMA)
     return pg
 
 

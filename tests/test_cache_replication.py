@@ -18,10 +18,8 @@ READ = "SELECT v FROM kv WHERE k = $1"
 
 @pytest.fixture(scope="module")
 def db(pg):
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}")
-    pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql('CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv VALUES (1, 0);'
-            'CREATE TABLE "Other" (a int)', dbname=DB)
+    pg.fresh_database(DB, 'CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv VALUES (1, 0);'
+                      'CREATE TABLE "Other" (a int)')
     yield pg
     pg.psql(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{DB}'")
 

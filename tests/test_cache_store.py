@@ -25,10 +25,8 @@ READ = "SELECT v FROM kv WHERE k = $1"
 
 @pytest.fixture(scope="module")
 def db(pg):
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}")
-    pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql("CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv SELECT g, 0 FROM generate_series(1, 10) g",
-            dbname=DB)
+    pg.fresh_database(DB, "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); "
+                      "INSERT INTO kv SELECT g, 0 FROM generate_series(1, 10) g")
     return pg
 
 

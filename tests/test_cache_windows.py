@@ -20,10 +20,9 @@ WINDOW = 0.3  # long enough to measure on a busy machine
 
 @pytest.fixture(scope="module")
 def db(pg):
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}")
-    pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql("CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); INSERT INTO kv SELECT g, 0 FROM generate_series(1, 5) g;"
-            "CREATE TABLE other (k int PRIMARY KEY, v int NOT NULL); INSERT INTO other VALUES (1, 0)", dbname=DB)
+    pg.fresh_database(DB, "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL); "
+                      "INSERT INTO kv SELECT g, 0 FROM generate_series(1, 5) g;"
+                      "CREATE TABLE other (k int PRIMARY KEY, v int NOT NULL); INSERT INTO other VALUES (1, 0)")
     return pg
 
 

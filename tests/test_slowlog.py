@@ -19,9 +19,7 @@ DB = "slowlog_test"
 
 @pytest.fixture(scope="module")
 def db(pg):
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}")
-    pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql("""
+    pg.fresh_database(DB, """
         CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, made timestamptz NOT NULL, price numeric);
         INSERT INTO items SELECT g, 'item' || g, timestamptz '2024-01-01' + g * interval '1 hour', g / 10.0
         FROM generate_series(1, 5000) g;
@@ -32,7 +30,7 @@ def db(pg):
         INSERT INTO trustuser.items SELECT g, 'mine' FROM generate_series(1, 10) g;
         GRANT SELECT ON items TO PUBLIC;
         ANALYZE;
-    """, dbname=DB)
+    """)
     return pg
 
 
