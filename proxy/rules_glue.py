@@ -8,7 +8,7 @@ the rule then does (a LIMIT to splice, literals to carry into a template) depend
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from proxy.log import log
 from proxy.rules import PASS, Decision, RuleHolder
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from proxy.app import App
     from proxy.session import Session
     from proxy.sql import StatementInfo
+    from proxy.stats import QueryStats
 
 
 def _depends_on_literals(d: Decision) -> bool:
@@ -45,7 +46,7 @@ class RulesAdapter:
         return d
 
     def executed(self, session: Session, d: Decision, info: StatementInfo, text: str | None = None,
-                 q: Any = None) -> None:
+                 q: QueryStats | None = None) -> None:
         """Count one execution under decision d (rule hits, statistics, the log action); q: the
         fingerprint's statistics entry when the caller has it at hand."""
         self.holder.current.count(d)
