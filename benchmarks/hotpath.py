@@ -18,7 +18,7 @@ import time
 
 from proxy.app import App
 from proxy.config import load as load_config
-from proxy.serverconn import ServerLink
+from proxy.net.serverlink import ServerLink
 from proxy.session import Session
 from proxy.upstream import parse_upstream
 from proxy.wire import protocol as pq
@@ -84,7 +84,7 @@ def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Sess
     s.transport = NullTransport()  # type: ignore[assignment]
     link = ServerLink()
     link.connection_made(NullTransport())
-    link.session = s
+    link.holder = s
     s.server = link
     s.user = s.database = "postgres"
     s.phase = "ready"

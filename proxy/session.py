@@ -14,7 +14,6 @@ so a client that stops reading a huge result back-pressures the server instead o
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import os
 import re
@@ -26,7 +25,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from proxy.log import log
-from proxy.serverconn import ServerLink
+from proxy.net.serverlink import ServerLink, UpstreamRefused
 from proxy.sql import analyze
 from proxy.upstream import open_connection, send_cancel
 from proxy.wire import protocol as pq
@@ -182,13 +181,6 @@ def session_feature(info: StatementInfo) -> str:
     return found
 
 
-def _server_name(sql: str, oids: list[int]) -> str:
-    """Server-side name of a client's named statement in transaction pooling: by its content, so
-    every client preparing the same statement shares one server-side statement per connection."""
-    key = (sql + "\0" + ",".join(map(str, oids))).encode(pq.ENC, pq.ERRORS)
-    return "pgf_" + hashlib.blake2b(key, digest_size=10).hexdigest()
-
-
 def _rename_bind(body: bytes, portal: str, statement: str) -> bytes:
     """The client's Bind with its statement name replaced."""
     pos = body.index(0) + 1
@@ -198,6 +190,10 @@ def _rename_bind(body: bytes, portal: str, statement: str) -> bytes:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 class Session(asyncio.Protocol):
@@ -264,6 +260,8 @@ class Session(asyncio.Protocol):
         self.server_in_copy = False
         self.server_fatal = False  # the server sent a FATAL: it is closing the connection
         self.paused: set[str] = set()
+        self.client_slow = False  # the client's socket is over its high-water mark
+        self.tasks: set[asyncio.Task] = set()  # work for this client only: cancelled when it goes
         self.bytes_in = 0
         self.bytes_out = 0
         self.queries = 0
@@ -292,6 +290,8 @@ class Session(asyncio.Protocol):
             return
         busy = bool(self.expect) or self.tx_status != pq.IDLE
         self.phase = "closed"
+        for task in list(self.tasks):
+            task.cancel()
         self.app.forget(self)
         if self.startup_timer:
             self.startup_timer.cancel()
@@ -313,6 +313,13 @@ class Session(asyncio.Protocol):
                 st.write(pq.TERMINATE)
                 st.close()
 
+    def _task(self, coro) -> None:
+        """Work for this client only (connecting, authenticating, waiting, looking up): cancelled when
+        the client goes, so none of it runs on for a client that is no longer there."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     def close(self) -> None:
         if self.transport and not self.transport.is_closing():
             self.transport.close()
@@ -326,12 +333,14 @@ class Session(asyncio.Protocol):
 
     # -- flow control ---------------------------------------------------------------------------
     def pause_writing(self) -> None:  # the client is slow to read: stop reading from the server
-        if self.server and self.server.transport:
-            self.server.transport.pause_reading()
+        if self.server is not None:
+            self.server.pause("client-read")
+        self.client_slow = True
 
     def resume_writing(self) -> None:
-        if self.server and self.server.transport:
-            self.server.transport.resume_reading()
+        self.client_slow = False
+        if self.server is not None:
+            self.server.resume("client-read")
 
     def pause_client_reading(self, why: str) -> None:
         if not self.paused and self.transport:
@@ -346,6 +355,10 @@ class Session(asyncio.Protocol):
     # -- client bytes ---------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self._client_bytes(data)
+
+    def _client_bytes(self, data: bytes) -> None:
+        """Bytes from the client, arriving now or replayed after a wait (counted once, on arrival)."""
         phase = self.phase
         if self.client_suspended:
             self.client_backlog += data  # a cache look-up is under way: keep the order
@@ -369,13 +382,7 @@ class Session(asyncio.Protocol):
                     self.fatal(e.code, str(e))
                     return
             if phase == "ready":
-                try:
-                    self.client_frames(frames, framer.data)
-                except pq.MALFORMED as e:
-                    # a message of valid length whose body does not parse (a Parse without its
-                    # terminators, an empty Execute...): a relay cannot follow what it cannot read
-                    log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
-                    self.fatal("08P01", "invalid message format")
+                self._relay_client(frames, framer.data)
             elif phase == "admin":
                 self.admin_frames(frames, framer.data)
             elif phase == "local_auth":
@@ -387,6 +394,17 @@ class Session(asyncio.Protocol):
             self._startup()
         elif phase == "connecting" or phase == "tls":
             self.startup_buf += data  # keep it in order until the connection is ready for it
+            if len(self.startup_buf) > _HIGH_WATER:
+                self.pause_client_reading("startup")  # a client pipelining ahead of its login: wait
+
+    def _relay_client(self, frames: list, data: bytes, start: int = 0) -> None:
+        try:
+            self.client_frames(frames, data, start)
+        except pq.MALFORMED as e:
+            # a message of valid length whose body does not parse (a Parse without its terminators, an
+            # empty Execute...): a relay cannot follow what it cannot read
+            log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
+            self.fatal("08P01", "invalid message format")
 
     def auth_client_frames(self, frames: list, data: bytes) -> None:
         out = []
@@ -424,7 +442,7 @@ class Session(asyncio.Protocol):
                 if code == pq.SSL_REQUEST and self.app.tls_server is not None and not self.tls:
                     self.transport.write(b"S")
                     self.phase = "tls"
-                    asyncio.ensure_future(self._start_tls())
+                    self._task(self._start_tls())
                     return
                 self.transport.write(b"N")
                 continue
@@ -502,10 +520,10 @@ class Session(asyncio.Protocol):
         self.upstream_params = upstream_params
         if self.app.credentials is not None:
             self.phase = "local_auth"
-            asyncio.ensure_future(self._local_auth_start())
+            self._task(self._local_auth_start())
             return
         self.phase = "connecting"
-        asyncio.ensure_future(self._connect(upstream_params))
+        self._task(self._connect(upstream_params))
 
     # -- authentication by pgfront itself ([auth] mode = userlist | query) ---------------------------
     async def _local_auth_start(self) -> None:
@@ -573,10 +591,10 @@ class Session(asyncio.Protocol):
         if self.app.pools is not None and not self.admin:
             if client_key is not None:
                 self.app.pools.client_keys[self.user] = client_key
-            asyncio.ensure_future(self._pooled_start())
+            self._task(self._pooled_start())
             return
         self.upstream_login = UpstreamLogin(self.user, self.secret, client_key)
-        asyncio.ensure_future(self._connect(self.upstream_params))
+        self._task(self._connect(self.upstream_params))
 
     # -- pooled server connections -------------------------------------------------------------------
     async def _pooled_start(self) -> None:
@@ -593,10 +611,10 @@ class Session(asyncio.Protocol):
             try:
                 link = await self.pool.acquire()
             except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
-                self.fatal("08006" if not isinstance(e, PoolTimeout) else "53300", f"pgfront: {e}")
+                self._pool_failed(e)
                 return
             if self.phase == "closed":
-                self.pool.release(link)
+                self.pool.give_back(link)
                 return
             self._attach(link)
         out = [pq.parameter_status(k, v) for k, v in {**self.pool.params, **self._reported()}.items()]
@@ -613,30 +631,42 @@ class Session(asyncio.Protocol):
             self._maybe_release()
         if self.startup_buf:
             data, self.startup_buf = self.startup_buf, b""
-            self.data_received(data)
+            self.resume_client_reading("startup")
+            self._client_bytes(data)
 
     def _reported(self) -> dict[str, str]:
         """ParameterStatus values this client should see for the settings it asked for at startup."""
         return {k: v for k, v in self.wanted.items() if k.lower() in _REPORTED}
 
     def _attach(self, link: ServerLink) -> None:
-        link.session = self
+        link.holder = self
         self.server = link
-        self.tx_status = link.tx_status
-        pending = {k: v for k, v in self.wanted.items() if link.applied.get(k, link.params.get(k)) != v}
-        if pending:
-            # a swallowed set_config() per setting the client asked for at startup
-            sql = "SELECT " + ", ".join(f"set_config({_literal(k)}, {_literal(v)}, false)" for k, v in pending.items())
+        state = link.state
+        self.tx_status = state.tx
+        if self.client_slow:
+            link.pause("client-read")
+        # the connection carries the settings pgfront applied for its previous client: give it this
+        # client's, and put back the defaults of those this client did not ask for
+        applied = state.applied
+        changes = {k: v for k, v in self.wanted.items() if applied.get(k, link.params.get(k)) != v}
+        stale = [k for k in applied if k not in self.wanted]
+        if changes or stale:
+            parts = [f"RESET {_ident(k)}" for k in stale]
+            if changes:
+                parts.append("SELECT " + ", ".join(f"set_config({_literal(k)}, {_literal(v)}, false)"
+                                                   for k, v in changes.items()))
+            sql = "; ".join(parts)
             link.write(self._swallowed_query(sql))
-            link.applied.update(pending)
+            for k in stale:
+                del applied[k]
+            applied.update(changes)
 
     def _maybe_release(self) -> None:
         """Transaction mode: hand the server back once nothing is open on it."""
         if (self.pooled_tx and not self.pinned and not self.expect and self.tx_status == pq.IDLE
                 and not self.in_batch and not self.skip_until_sync and not self.server_in_copy and not self.held):
             link, self.server = self.server, None
-            link.session = None
-            self.pool.release(link)
+            self.pool.give_back(link)
 
     def _without_server(self, data: bytes) -> None:
         """Transaction pooling with no server lent: answer what needs none, hold the rest for a server.
@@ -660,14 +690,14 @@ class Session(asyncio.Protocol):
         for t, a, b in frames:
             if t == _P:
                 name, sql, oids = pq.parse_parse(buf[a + 5:b])
-                if not name or _server_name(sql, oids) not in self.pool.known:
+                if not name or self.pool.server_name(sql, oids) not in self.pool.known:
                     break
                 info = self.app.shapes.get(sql)
                 if self.app.rules is not None and self.app.rules.decide_for(self, sql, info) is not None:
                     break  # rules may rewrite or block it: take the normal path
                 stmt = Stmt(name, sql, info, sql)
                 stmt.oids = oids
-                stmt.server_name = _server_name(sql, oids)
+                stmt.server_name = self.pool.server_name(sql, oids)
                 self.statements[name] = stmt
                 replies.append(pq.PARSE_COMPLETE)
             elif t == _S:
@@ -693,13 +723,13 @@ class Session(asyncio.Protocol):
             link = self.pool.lend_idle()
             if link is not None:  # no wait: carry straight on with this chunk
                 self._attach(link)
-                self.data_received(data)
+                self._client_bytes(data)
                 return
         self.held += data
         if not self.acquiring:
             self.acquiring = True
             self.pause_client_reading("pool-wait")
-            asyncio.ensure_future(self._acquire_for_held())
+            self._task(self._acquire_for_held())
 
     async def _acquire_for_held(self) -> None:
         from proxy.pool import PoolTimeout
@@ -708,34 +738,33 @@ class Session(asyncio.Protocol):
             link = await self.pool.acquire()
         except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
             self.acquiring = False
-            self.fatal("53300" if isinstance(e, PoolTimeout) else "08006", f"pgfront: {e}")
+            self._pool_failed(e)
             return
         self.acquiring = False
         if self.phase == "closed":
-            self.pool.release(link)
+            self.pool.give_back(link)
             return
         self._attach(link)
         data, self.held = self.held, b""
         self.resume_client_reading("pool-wait")
-        self.data_received(data)
+        self._client_bytes(data)
+
+    def _pool_failed(self, e: Exception) -> None:
+        """No server connection for this client: say why, with the upstream's own SQLSTATE if it refused."""
+        from proxy.pool import PoolTimeout
+
+        if isinstance(e, UpstreamRefused):
+            self.fatal(e.code, str(e))
+        else:
+            self.fatal("53300" if isinstance(e, PoolTimeout) else "08006", f"pgfront: {e}")
 
     def _leave_pool(self) -> None:
-        """The client is gone: give its server connection back clean, or close it."""
+        """The client is gone: the pool takes its server connection back (and resets or closes it)."""
         link, self.server = self.server, None
-        busy = bool(self.expect) or link.tx_status != pq.IDLE or self.server_in_copy or self.in_batch
-        if busy or link.closed:
-            if busy and link.pid:
-                asyncio.ensure_future(send_cancel(self.app.upstream, link.pid, link.secret))
-            link.session = None
-            self.pool.discard(link)
-            link.close()
-        elif self.pooled_tx and not self.pinned:
-            link.session = None
-            self.pool.release(link)
-        else:
-            self.pool.busy.add(link)
-            link.pool = self.pool
-            link.reset(self.app.cfg.pool.server_reset_query)
+        pending = bool(self.expect) or self.server_in_copy or self.in_batch or self.server_paused
+        if self.pinned:
+            link.state.dirty.add("pinned")
+        self.pool.give_back(link, pending=pending)
 
     def _upstream_login(self, raw: bytes) -> bytes | None:
         """Answer the upstream's authentication request for our client; None once it says OK."""
@@ -767,7 +796,8 @@ class Session(asyncio.Protocol):
         link.transport.write(pq.startup_message(params))
         if self.startup_buf:
             data, self.startup_buf = self.startup_buf, b""
-            self.data_received(data)
+            self.resume_client_reading("startup")
+            self._client_bytes(data)
 
     def to_server(self, data: bytes) -> None:
         if data and self.server and self.server.transport:
@@ -904,17 +934,11 @@ class Session(asyncio.Protocol):
                     portal, name = pq.bind_names(data[a + 5:b])
                     stmt = self.statements.get(name)
                 self.portals[portal] = stmt  # type: ignore[assignment]
-                if self.pooled_tx and name and stmt is not None:
-                    sent = self._on_server(stmt) + _rename_bind(data[a + 5:b], portal, stmt.server_name)
                 d = stmt.decision if stmt is not None else None
-                if d is not None and d.timeout and not self.in_batch:
-                    sent = self._timeout_prefix(d) + (sent or data[a:b])
-                if d is not None and d.offset_check is not None:
-                    checked = self._check_offset(d, data[a + 5:b])
-                    if checked is not None:
-                        sent = (sent[:-(b - a)] if sent else b"") + checked
+                if d is None and not (self.pooled_tx and name):
+                    expect.append(_PLAIN_B)  # the common case: nothing to change
                 else:
-                    expect.append(_PLAIN_B)
+                    sent = self._bind(stmt, d, portal, name, data[a:b])
                 self.in_batch = True
             elif t == _D:
                 if self.pooled_tx and data[a + 5] == 83 and data[a + 6] != 0:  # Describe of a named statement
@@ -1027,19 +1051,54 @@ class Session(asyncio.Protocol):
         self.special += 1
         self.expect.append(p)
 
+    def _bind(self, stmt: Stmt | None, d: Decision | None, portal: str, name: str, raw: bytes) -> bytes:
+        """A Bind that rules or transaction pooling change: what is sent instead (its reply is queued)."""
+        prefix = b""
+        bind = raw
+        p = _PLAIN_B
+        if self.pooled_tx and name and stmt is not None:
+            prefix = self._on_server(stmt)
+            bind = _rename_bind(raw[5:], portal, stmt.server_name)
+            p = Pending(_B)
+            p.stmt = stmt  # a refused cached plan is traced back to its statement
+        if d is not None:
+            if d.timeout and not self.in_batch:
+                prefix = self._timeout_prefix(d) + prefix
+            if d.offset_check is not None:
+                error = self._check_offset(d, raw[5:])
+                if error is not None:  # make this Bind fail on the server, and answer with our error
+                    p = Pending(_B)
+                    p.error = error
+                    self.special += 1
+                    bind = pq.build_bind(portal, _BLOCKED_SQL, [], [], [])
+        self.expect.append(p)
+        return prefix + bind
+
     def _on_server(self, stmt: Stmt) -> bytes:
         """Transaction pooling: make sure the lent server has this statement prepared (swallowed Parse)."""
-        link = self.server
-        if stmt.server_name in link.prepared:
+        if stmt.server_name in self.server.state.prepared:
             return b""
-        link.prepared.add(stmt.server_name)
+        return self._prepare(stmt, False)
+
+    def _prepare(self, stmt: Stmt, forward: bool) -> bytes:
+        """Transaction pooling: prepare the statement under its server-side name on the lent server.
+        The client sees the ParseComplete of its own Parse (`forward`), never that of ours, but always
+        the error if it no longer parses."""
+        state = self.server.state
+        name = stmt.server_name
+        state.prepared.add(name)
+        out = b""
+        if state.uncertain:  # after a DEALLOCATE of some name: the statement may still be there
+            self._swallowed(_C)
+            out = pq.msg(b"C", b"S" + pq.cstr(name))
         p = Pending(_P)
-        p.forward = False
-        p.show_errors = True  # if it no longer parses, the client must hear why
-        p.prep = stmt.server_name
-        self.special += 1
+        p.prep = name
+        if not forward:
+            p.forward = False
+            p.show_errors = True
+            self.special += 1
         self.expect.append(p)
-        return pq.parse_message(stmt.server_name, stmt.sent_sql, stmt.oids)
+        return out + pq.parse_message(name, stmt.sent_sql, stmt.oids)
 
     def _query(self, sql_bytes: bytes, now: float) -> bytes | None:
         """A simple Query: track it, apply rules. Returns a replacement message or None."""
@@ -1112,6 +1171,8 @@ class Session(asyncio.Protocol):
         if self.app.cfg.pool.session_state == "refuse":
             return pq.error_response("0A000", f"{feature} is not supported in transaction pooling mode "
                                               "(pgfront [pool] session_state = refuse)")
+        if self.server is not None:
+            self.server.state.dirty.add(feature)  # whatever happens next, it is reset before reuse
         if not self.pinned:
             self.pinned = True
             self.app.stats_inc("pinned_sessions")
@@ -1152,7 +1213,8 @@ class Session(asyncio.Protocol):
         stmt = Stmt(name, sql, info, sql)
         stmt.oids = oids
         p = _PLAIN_P
-        sent = None
+        sent = None  # the Parse sent instead of the client's
+        prefix = b""  # pgfront's own messages sent before it (a rule's timeout)
         rules = self.app.rules
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
@@ -1170,7 +1232,6 @@ class Session(asyncio.Protocol):
                 stmt.decision = decision
                 if decision.timeout and not self.in_batch and not decision.block:
                     prefix = self._timeout_prefix(decision)
-                    sent = prefix + (sent or pq.parse_message(name, sql, oids))
         self.statements[name] = stmt
         self.in_batch = True
         if self.pooled_tx:
@@ -1181,27 +1242,25 @@ class Session(asyncio.Protocol):
                     p = Pending(_P, info)
                     p.error = refusal
                     self.special += 1
-                    self.expect.append(p)
-                    return pq.parse_message(name, _BLOCKED_SQL, oids)
-            if name and (sent is None or not sent.startswith(b"P")):
-                stmt.server_name = _server_name(stmt.sent_sql, oids)
-                if stmt.server_name in self.server.prepared:
+                    sent = pq.parse_message(name, _BLOCKED_SQL, oids)
+            if name and p is _PLAIN_P:  # a named statement, not blocked: prepared under its server-side name
+                self.last_parse = None
+                stmt.server_name = self.pool.server_name(stmt.sent_sql, oids)
+                if stmt.server_name in self.server.state.prepared:
                     self._local(pq.PARSE_COMPLETE)
-                    return b""
-                self.server.prepared.add(stmt.server_name)
-                p = Pending(_P)
-                p.prep = stmt.server_name
-                self.expect.append(p)
-                return pq.parse_message(stmt.server_name, stmt.sent_sql, oids)
+                    return prefix
+                return prefix + self._prepare(stmt, True)
         self.expect.append(p)
-        if sent is None and p is _PLAIN_P and not self.pooled_tx:
+        if sent is None and not prefix and p is _PLAIN_P and not self.pooled_tx:
             self.last_parse = (body, stmt, rules.holder.current if rules is not None else None)
         else:
             self.last_parse = None
+        if prefix:
+            return prefix + (sent or pq.msg(b"P", body))
         return sent
 
     def _check_offset(self, decision: Decision, body: bytes) -> bytes | None:
-        """OFFSET $n bound above a rule's max_offset: make this Bind fail on the server, with our error."""
+        """The error for an OFFSET $n bound above a rule's max_offset, or None."""
         n = decision.offset_check[0]
         try:
             _, _, formats, values, _ = pq.parse_bind(body)
@@ -1209,15 +1268,7 @@ class Session(asyncio.Protocol):
             error = decision.offset_error(values[n - 1], binary=fmt == 1) if len(values) >= n else None
         except (ValueError, IndexError, struct.error):
             error = None  # malformed: the server will say so
-        if error is None:
-            self.expect.append(_PLAIN_B)
-            return None
-        p = Pending(_B)
-        p.error = pq.error_response(*error)
-        self.special += 1
-        self.expect.append(p)
-        portal, _ = pq.bind_names(body)
-        return pq.build_bind(portal, _BLOCKED_SQL, [], [], [])
+        return pq.error_response(*error) if error is not None else None
 
     @property
     def in_transaction(self) -> bool:
@@ -1261,6 +1312,8 @@ class Session(asyncio.Protocol):
                     self.server_suspend = (frames, data, frames.index((t, a, b), start), effect)
                     return data[first:a]
             if t == _CMD_C:
+                if data[a + 5] == 68:  # D...: DEALLOCATE and DISCARD drop prepared statements
+                    self.server.state.command_tag(data[a + 5:b - 1])
                 p.rows += pq.rows_from_tag(data[a + 5:b - 1])
                 p.part += 1
                 self.server_in_copy = False
@@ -1283,15 +1336,28 @@ class Session(asyncio.Protocol):
             return data[first:frames[self.server_suspend[2]][1]]
         return data[first:frames[-1][2]]
 
+    def _skipped(self) -> None:
+        """The reply at the head will never come (an error, or the server skipped its message)."""
+        p = self._pop()
+        if p.prep is not None and self.server is not None:
+            self.server.state.prepared.discard(p.prep)  # that Parse never prepared anything
+
+    def _plan_changed(self, stmt: Stmt) -> None:
+        """The server refused a statement's cached plan (its result type changed): the client will
+        prepare it again, and that must prepare it anew on the server, not find the stale one."""
+        self.pool.plan_changed(stmt.sent_sql, stmt.oids, stmt.server_name)
+        stmt.server_name = self.pool.server_name(stmt.sent_sql, stmt.oids)
+
     def _ready_for_query(self, status: bytes) -> Pending | None:
         """ReadyForQuery with replies pending: the Sync or Query it answers is over (returned, or None
         if every entry was skipped by the server)."""
         self.tx_status = status
         self.server_in_copy = False
+        self.server.state.ready(status)
         expect = self.expect
         # entries before the Sync/Query that never got a reply were skipped by the server
         while expect and expect[0].kind not in _Z_KINDS:
-            self._pop()
+            self._skipped()
         if not expect:
             return None
         p = expect.popleft()
@@ -1338,6 +1404,8 @@ class Session(asyncio.Protocol):
                 self.server_params[name] = value
                 if cstate is not None:
                     cstate.server_parameter(name, value)
+                if self.pool is not None and not (expect and not expect[0].forward):
+                    self.server.state.dirty.add(name)  # the client changed it, not pgfront: undo before reuse
                 if not plain:
                     out.append(data[a:b])
                 continue
@@ -1362,6 +1430,8 @@ class Session(asyncio.Protocol):
                     self._flush_local(out)
                 continue
             if t == _CMD_C:
+                if data[a + 5] == 68:  # D...: DEALLOCATE and DISCARD drop prepared statements
+                    self.server.state.command_tag(data[a + 5:b - 1])
                 p.rows += pq.rows_from_tag(data[a + 5:b - 1])
                 p.part += 1
                 self.server_in_copy = False
@@ -1382,7 +1452,8 @@ class Session(asyncio.Protocol):
                     continue
             elif t == _ERR:
                 fields = pq.parse_fields(data[a + 5:b])
-                p.sqlstate = fields.get("C", "XX000")
+                if p.kind in _STATEMENT_KINDS:  # never on the shared entries
+                    p.sqlstate = fields.get("C", "XX000")
                 if cstate is not None:
                     cstate.error()
                 if p.fill is not None:
@@ -1397,15 +1468,15 @@ class Session(asyncio.Protocol):
                         self.copy_ends_sent = self.copies_started
                 if not plain and (p.forward or p.show_errors):
                     out.append(p.error if p.error is not None else data[a:b])
-                if p.prep is not None and self.server is not None:
-                    self.server.prepared.discard(p.prep)
+                if p.stmt is not None and fields.get("R") == "RevalidateCachedQuery" and self.pooled_tx:
+                    self._plan_changed(p.stmt)
                 if kind in _SKIP_KINDS:
-                    self._pop()
+                    self._skipped()  # the prepare it made, if any, failed with it
                     if kind == _E:
                         self._done(p)
                     # the server now skips to the next Sync: drop what it will never answer
                     while expect and expect[0].kind != _S:
-                        self._pop()
+                        self._skipped()
                     if not expect:
                         self.skip_until_sync = True
                     if not plain:
@@ -1413,7 +1484,7 @@ class Session(asyncio.Protocol):
                 continue
             elif t == _PARSE_OK or t == _BIND_OK or t == _CLOSE_OK:
                 self._pop()
-                if p.prep is not None and self.pool is not None:
+                if p.prep is not None:
                     self.pool.known.add(p.prep)
             elif t == _T or t == _n:
                 if kind == _D:
@@ -1473,8 +1544,9 @@ class Session(asyncio.Protocol):
         frames, data, i, effect = self.server_suspend
         self.server_suspend = None
         self.server_paused = True
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
+        if self.server is not None:
+            self.server.pause("cache")
+        # not tied to the client: a commit's invalidation must run even if the client is gone
         asyncio.ensure_future(self._invalidate_then_resume(frames, data, i, effect))
 
     async def _invalidate_then_resume(self, frames: list, data: bytes, i: int, effect) -> None:
@@ -1487,8 +1559,8 @@ class Session(asyncio.Protocol):
         if self._deliver(self.server_frames(frames, data, i, hooked=True)):
             return
         self.server_paused = False
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.resume_reading()
+        if self.server is not None:
+            self.server.resume("cache")
         backlog, self.server_backlog = self.server_backlog, b""
         if backlog:
             self.server_data(backlog)
@@ -1497,7 +1569,7 @@ class Session(asyncio.Protocol):
 
     def _suspend_client(self, frames: list, data: bytes, i: int) -> None:
         self.client_suspended = True  # later bytes wait in client_backlog (reading pauses if it grows)
-        asyncio.ensure_future(self._lookup_then_resume(frames, data, i))
+        asyncio.ensure_future(self._lookup_then_resume(frames, data, i))  # a flight others may share: not cancelled
 
     async def _lookup_then_resume(self, frames: list, data: bytes, i: int) -> None:
         kind, p, sql, info, decision, raw = self.lookup_job
@@ -1545,8 +1617,8 @@ class Session(asyncio.Protocol):
             self.cstate.sent(info)
             self.to_server(raw)
         self.client_suspended = False
-        self.client_frames(frames, data, i + 1)
-        if not self.client_suspended:
+        self._relay_client(frames, data, i + 1)
+        if self.phase == "ready" and not self.client_suspended:
             if self.expect and self.expect[0].kind == _LOCAL:
                 replies: list = []
                 self._flush_local(replies)
@@ -1555,7 +1627,7 @@ class Session(asyncio.Protocol):
                 self.resume_client_reading("cache")
             backlog, self.client_backlog = self.client_backlog, b""
             if backlog:
-                self.data_received(backlog)
+                self._client_bytes(backlog)
 
     def _remember_hot(self, sql: str, info: StatementInfo, decision: Decision, key: bytes) -> None:
         """Keep what answering this Query from the cache took, keyed by its exact message bytes."""
