@@ -1,6 +1,6 @@
 """`python3 -m benchmarks hotpath`: the relay's own Python cost per query, without sockets.
 
-One Session and its ServerLink are wired to in-memory transports; a loop feeds the client's
+One ClientConnection and its ServerLink are wired to in-memory transports; a loop feeds the client's
 messages of a pgbench -S transaction (simple, extended or prepared protocol) and then the server's
 reply, as they arrive from a real PostgreSQL, and times it. The number is what pgfront adds to each
 query in user-space CPU on this machine, with none of the kernel's or the event loop's cost, so it
@@ -18,8 +18,9 @@ import time
 
 from proxy.app import App
 from proxy.config import load as load_config
+from proxy.net.client import ClientConnection
 from proxy.net.serverlink import ServerLink
-from proxy.session import Session
+from proxy.relay.records import READY
 from proxy.upstream import parse_upstream
 from proxy.wire import protocol as pq
 
@@ -73,21 +74,21 @@ def _client_messages(mode: str, i: int) -> bytes:
     return pq.parse_message("", _PREP_SQL) + rest if mode == "extended" else rest
 
 
-def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Session:
-    """A Session in the ready phase and its ServerLink, wired to NullTransports (tests use it too)."""
+def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> ClientConnection:
+    """A ClientConnection in the ready phase and its ServerLink, wired to NullTransports (tests use it too)."""
     cfg = load_config(config, {"rules": {"files": [], "watch": False}} if config is None else {})
     app = App(cfg, parse_upstream("postgresql://postgres@127.0.0.1:5432/postgres"))
     from proxy import stats as st
 
     app.stats = st.Stats(cfg.stats.max_fingerprints)
-    s = Session(app)
+    s = ClientConnection(app)
     s.transport = NullTransport()  # type: ignore[assignment]
     link = ServerLink()
     link.connection_made(NullTransport())
     link.holder = s
     s.server = link
     s.user = s.database = "postgres"
-    s.phase = "ready"
+    s.phase = READY
     return s
 
 

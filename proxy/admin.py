@@ -23,7 +23,7 @@ from proxy.wire import protocol as pq
 
 if TYPE_CHECKING:
     from proxy.app import App
-    from proxy.session import Session
+    from proxy.net.client import ClientConnection as Session
 
 
 class AdminError(Exception):
@@ -100,10 +100,9 @@ def show_clients(app: App, _args: list[str]) -> bytes:
 
 def show_servers(app: App, _args: list[str]) -> bytes:
     rows = [{"worker": app.worker_id, "backend_pid": s.backend_pid, "client": s.id, "user": s.user,
-             "database": s.database, "state": "active" if s.expect else ("idle in transaction" if s.tx_status != b"I"
-                                                                        else "idle"),
+             "database": s.database, "state": s.server_state_name,
              "upstream": f"{app.upstream.host}:{app.upstream.port}"}
-            for s in sorted(app.sessions, key=lambda s: s.id) if s.phase == "ready"]
+            for s in sorted(app.sessions, key=lambda s: s.id) if s.ready]
     return _dict_rows(rows, ["worker", "backend_pid", "client", "user", "database", "state", "upstream"])
 
 
@@ -114,15 +113,16 @@ def show_pools(app: App, _args: list[str]) -> bytes:
             r["cl_active"] = sum(1 for s in app.sessions if s.pool is not None and s.pool.database == r["database"]
                                  and s.pool.user == r["user"])
         return _dict_rows(rows, ["database", "user", "pool_mode", "cl_active", "cl_waiting", "sv_active",
-                                 "sv_idle", "sv_opening", "acquired", "avg_wait_ms", "max_wait_ms"])
+                                 "sv_idle", "sv_opening", "acquired", "avg_wait_ms", "max_wait_ms", "resets",
+                                 "closed_dirty"])
     pools: dict[tuple[str, str], dict[str, Any]] = {}
     for s in app.sessions:
-        if s.phase != "ready":
+        if not s.ready:
             continue
         p = pools.setdefault((s.database, s.user), {"database": s.database, "user": s.user, "pool_mode": "session",
                                                      "cl_active": 0, "sv_active": 0, "sv_idle": 0})
         p["cl_active"] += 1
-        p["sv_active" if s.expect or s.tx_status != b"I" else "sv_idle"] += 1
+        p["sv_active" if s.busy else "sv_idle"] += 1
     return _dict_rows(list(pools.values()), ["database", "user", "pool_mode", "cl_active", "sv_active", "sv_idle"])
 
 

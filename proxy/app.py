@@ -12,7 +12,8 @@ from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.config import Config
-    from proxy.session import Pending, Session
+    from proxy.net.client import ClientConnection as Session
+    from proxy.relay.records import Pending
     from proxy.sql import StatementInfo
 
 
@@ -130,7 +131,7 @@ class App:
 
         session = self.cancel_keys.get((pid, secret))
         link = session.server if session is not None else None
-        if link is None or not session.expect or not link.pid:
+        if link is None or not session.expect or not link.pid:  # expect: replies it awaits
             return  # nothing running: a late cancel must not land on the next query
         link.cancels += 1
 

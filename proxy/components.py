@@ -92,7 +92,7 @@ def _merged(app: App) -> st.MergedStats:
 def _gauges(app: App) -> None:
     s = app.stats
     s.set_gauge("client_connections", len(app.sessions))
-    s.set_gauge("server_connections", sum(1 for x in app.sessions if x.server is not None and x.phase == "ready"))
+    s.set_gauge("server_connections", sum(1 for x in app.sessions if x.server is not None and x.ready))
     s.set_counter("bytes_received", sum(x.bytes_in for x in app.sessions) + app.closed_bytes[0])
     s.set_counter("bytes_sent", sum(x.bytes_out for x in app.sessions) + app.closed_bytes[1])
 
@@ -125,7 +125,7 @@ async def _housekeeping(app: App) -> None:
         if idle_limit > 0:
             now = time.perf_counter()
             for s in list(app.sessions):
-                if s.phase == "ready" and not s.expect and s.tx_status == b"I" and now - s.last_active > idle_limit:
+                if s.idle_for(now) > idle_limit:
                     s.fatal("57P05", "terminating connection due to idle-session timeout (pgfront "
                                      "client_idle_timeout)")
 

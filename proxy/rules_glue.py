@@ -16,7 +16,7 @@ from proxy.sql import analyze
 
 if TYPE_CHECKING:
     from proxy.app import App
-    from proxy.session import Session
+    from proxy.net.client import ClientConnection as Session
     from proxy.sql import StatementInfo
     from proxy.stats import QueryStats
 

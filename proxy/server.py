@@ -19,7 +19,7 @@ import time
 from proxy.app import App
 from proxy.config import Config
 from proxy.log import log
-from proxy.session import Session
+from proxy.net.client import ClientConnection
 from proxy.upstream import Upstream
 
 
@@ -41,7 +41,7 @@ async def worker_main(cfg: Config, upstream: Upstream, worker_id: int, run_dir: 
     loop = asyncio.get_running_loop()
     tasks = await _setup_components(app)
     host, port = cfg.server.listen
-    server = await loop.create_server(lambda: Session(app), host, port, reuse_port=True, backlog=4096)
+    server = await loop.create_server(lambda: ClientConnection(app), host, port, reuse_port=True, backlog=4096)
     log.info("listening", extra={"listen": f"{host}:{port}", "worker": worker_id,
                                  "upstream": f"{upstream.host}:{upstream.port}"})
     stop = asyncio.Event()
@@ -72,9 +72,9 @@ async def _drain(app: App, timeout: float) -> None:
     """Wait for running transactions to finish; idle clients are closed straight away."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = [s for s in app.sessions if s.expect or s.tx_status != b"I"]
+        busy = [s for s in app.sessions if s.busy]
         for s in list(app.sessions):
-            if s not in busy and s.phase in ("ready", "admin"):
+            if s not in busy and (s.ready or s.admin):
                 s.fatal("57P01", "terminating connection due to pgfront shutdown")
         if not busy:
             return

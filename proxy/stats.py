@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -36,11 +37,15 @@ try:  # about 10x faster for snapshots of thousands of fingerprints; the standar
     import orjson
 
     def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
+        try:
+            return orjson.dumps(obj)
+        except TypeError:
+            # a query text that was not UTF-8 (decoded with surrogateescape): the standard library
+            # escapes lone surrogates, so the snapshot is still written and read back
+            return json.dumps(obj, separators=(",", ":")).encode()
 
     _loads = orjson.loads
 except ImportError:  # pragma: no cover - depends on the environment
-    import json
 
     def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()

@@ -7,7 +7,7 @@ role), runs its reset between clients, and waits idle in its pool, where a FATAL
 removes it.
 
 Reading pauses for several reasons at once (the client is slow to read; the cache is invalidating
-before a commit reaches the client), each counted on its own, so that lifting one never lifts
+before a commit reaches the client), each kept on its own, so that lifting one never lifts
 another, and a connection handed back to the pool drops the pauses of the client that held it.
 """
 
@@ -74,7 +74,7 @@ class ServerLink(asyncio.Protocol):
         self.ready: asyncio.Future | None = None
         self.resets = 0  # ReadyForQuery still owed to the reset queries pgfront sent
         self.cancels = 0  # cancel requests in flight: never hand it to another client meanwhile
-        self.paused: dict[str, int] = {}
+        self.paused: set[str] = set()  # why reading is paused: one flag per reason, lifted separately
         self.closed = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
@@ -111,14 +111,10 @@ class ServerLink(asyncio.Protocol):
     def pause(self, why: str) -> None:
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()
-        self.paused[why] = self.paused.get(why, 0) + 1
+        self.paused.add(why)
 
     def resume(self, why: str) -> None:
-        n = self.paused.get(why, 0)
-        if n <= 1:
-            self.paused.pop(why, None)
-        else:
-            self.paused[why] = n - 1
+        self.paused.discard(why)
         if not self.paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 

@@ -44,7 +44,14 @@ class ServerState:
             if not tag.startswith(b"DEALLOCATE ALL"):
                 self.uncertain = True  # some statement is gone, we cannot tell which: forget them all
         elif tag.startswith(b"DISCARD ALL"):
-            self.reset_done()
+            self.prepared.clear()
+            self.applied.clear()
+
+    def statements_dropped(self) -> None:
+        """A statement that may drop prepared statements was sent: whatever runs after it must not rely
+        on the registry, and until the next reset every prepare closes its name first."""
+        self.prepared.clear()
+        self.uncertain = True
 
     def reset_done(self) -> None:
         """DISCARD ALL (or the configured reset query) ran: nothing a client did is left."""

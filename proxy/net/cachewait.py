@@ -1,0 +1,106 @@
+"""Where the client's stream waits for Redis: a cache look-up before a cached read goes on (the
+client's later bytes wait, in order), and an invalidation before a commit reaches the client (the
+server's later bytes wait). A mixin of `ClientConnection`, whose state it uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.log import log
+from proxy.relay.pooling import rename_bind
+from proxy.relay.records import _B, _E, _LOCAL, _Q, READY, special
+from proxy.wire import protocol as pq
+
+
+class CacheWaits:
+    """Cache waits of a ClientConnection (see `proxy.net.client`)."""
+
+    def _suspend_server(self) -> None:
+        frames, data, i, effect = self.server_suspend
+        self.server_suspend = None
+        self.server_paused = True
+        if self.server is not None:
+            self.server.pause("cache")
+        # not tied to the client: a commit's invalidation must run even if the client is gone
+        asyncio.ensure_future(self._invalidate_then_resume(frames, data, i, effect))
+
+    async def _invalidate_then_resume(self, frames: list, data: bytes, i: int, effect) -> None:
+        try:
+            await self.app.cache.invalidate(self.cstate, effect)
+        except Exception as e:  # noqa: BLE001 - the cache must never fail a client's write
+            log.warning("cache invalidation failed", extra={"client": self.id, "reason": str(e)})
+        if self.phase is not READY:
+            return
+        if self._deliver(self.server_frames(frames, data, i, hooked=True)):
+            return
+        self.server_paused = False
+        if self.server is not None:
+            self.server.resume("cache")
+        backlog, self.server_backlog = self.server_backlog, b""
+        if backlog:
+            self.server_data(backlog)
+        elif self.pool is not None and self.server is not None:
+            self._maybe_release()
+
+    def _suspend_client(self, frames: list, data: bytes, i: int) -> None:
+        self.client_suspended = True  # later bytes wait in client_backlog (reading pauses if it grows)
+        asyncio.ensure_future(self._lookup_then_resume(frames, data, i))  # a flight others may share: not cancelled
+
+    async def _lookup_then_resume(self, frames: list, data: bytes, i: int) -> None:
+        kind, p, sql, info, decision, raw = self.lookup_job
+        self.lookup_job = None
+        cache = self.app.cache
+        try:
+            if kind == _Q:
+                key = cache.query_key(self.cstate, sql)
+            else:
+                _stmt, ba, bb, bdata = p.bind
+                _, _, pformats, values, rformats = pq.parse_bind(bdata[ba + 5:bb])
+                key = cache.key(self.cstate, sql, values, pformats, rformats, p.stmt.oids, extended=True)
+            res = await cache.lookup(key, info, self.cstate, allow_rls=decision.cache_allow_rls,
+                                     allow_catalog=decision.cache_allow_catalog)
+        except Exception as e:  # noqa: BLE001 - a cache problem means: ask the server
+            log.warning("cache lookup failed", extra={"client": self.id, "reason": str(e)})
+            res = None
+        if self.phase is not READY:
+            if res is not None and res.event == "miss":
+                cache.abandon(res)
+            return
+        event = res.event if res is not None else "bypass"
+        if event == "hit":
+            self._serve_hit(p, kind, res.reply)
+        else:
+            self._cache_event(info, event)
+            if event == "miss":
+                if not special(p):
+                    self.special += 1
+                p.fill = res
+                p.ttl = decision.cache_ttl
+                if kind == _E:
+                    # The client's Bind reached the server before the versions were read, and a portal
+                    # takes its snapshot at Bind: a write committed in between would be stored under
+                    # the new versions. Bind the portal again now (its BindComplete swallowed), so the
+                    # rows stored are at least as new as the versions they are stored under.
+                    _stmt, ba, bb, bdata = p.bind
+                    if self.pooled_tx and p.stmt.name:
+                        rebind = rename_bind(bdata[ba + 5:bb], "", p.stmt.server_name)
+                    else:
+                        rebind = bdata[ba:bb]
+                    self._swallowed(_B)
+                    raw = rebind + raw
+            self.expect.append(p)
+            self.cstate.sent(info)
+            self.to_server(raw)
+        self.client_suspended = False
+        self._relay_client(frames, data, i + 1)
+        if self.phase is READY and not self.client_suspended:
+            if self.expect and self.expect[0].kind == _LOCAL:
+                replies: list = []
+                self._flush_local(replies)
+                self.to_client(b"".join(replies))
+            if "cache" in self.paused:
+                self.resume_client_reading("cache")
+            backlog, self.client_backlog = self.client_backlog, b""
+            if backlog:
+                self._client_bytes(backlog)

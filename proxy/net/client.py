@@ -1,0 +1,511 @@
+"""The client connection: the asyncio shell around one client's `Conversation`.
+
+It moves bytes (client socket in, server link out, and back), runs the timers, pauses reading for
+counted reasons, and walks the startup: SSL/GSS negotiation, CancelRequest, pgfront's own
+authentication (`proxy.relay.handshake`) or the upstream's, passed through. Then it relays through
+the conversation core, waits for Redis where the cache needs it (holding the stream at exactly that
+message), and, with pooling, borrows server connections from the pool and gives them back
+(`proxy.net.pooled`).
+
+Flow control: each side's transport pauses reading from the other when its write buffer is full,
+so a client that stops reading a huge result back-pressures the server instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import struct
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from proxy.log import log
+from proxy.net.cachewait import CacheWaits
+from proxy.net.pooled import PooledClient
+from proxy.net.serverlink import ServerLink
+from proxy.net.startup import StartupSteps
+from proxy.relay.conversation import Conversation
+from proxy.relay.records import (
+    _B,
+    _C,
+    _D,
+    _E,
+    _ERR,
+    _H,
+    _K,
+    _P,
+    _Q,
+    _R,
+    _S,
+    _X,
+    _Z,
+    ADMIN,
+    AUTH,
+    CLOSED,
+    CONNECTING,
+    HANDSHAKE,
+    LOCAL_AUTH,
+    READY,
+    STARTUP,
+    TLS,
+)
+from proxy.upstream import open_connection, send_cancel
+from proxy.wire import protocol as pq
+from proxy.wire.framer import FrameError
+
+if TYPE_CHECKING:
+    from proxy.app import App
+    from proxy.relay.handshake import ClientAuth
+
+_HIGH_WATER = 512 * 1024
+_ids = itertools.count(1)
+
+
+class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asyncio.Protocol):
+    """One client connection: transport, startup and authentication around its conversation."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__(app)
+        self.app = app
+        self.id = next(_ids)
+        self.transport: asyncio.Transport | None = None
+        self.server: ServerLink | None = None
+        self.startup_buf = b""
+        self.params: dict[str, str] = {}
+        self.peer = ""
+        self.connected_at = time.time()
+        self.backend_pid = 0
+        self.backend_secret = b""
+        self.admin = False
+        self.tls = False
+        self.server_paused = False
+        self.server_backlog = b""
+        self.client_suspended = False
+        self.client_backlog = b""
+        self.held = b""  # client bytes waiting for a server connection (transaction mode)
+        self.acquiring = False
+        self.wanted: dict[str, str] = {}  # settings a pooled server connection must have for this client
+        self.upstream_params: dict[str, str] = {}
+        self.upstream_login = None  # an auth.UpstreamLogin when pgfront logs in for the client
+        self.auth: ClientAuth | None = None  # pgfront's own authentication of the client
+        self.admin_queue: deque = deque()
+        self.admin_busy = False
+        self.paused: set[str] = set()
+        self.client_slow = False  # the client's socket is over its high-water mark
+        self.tasks: set[asyncio.Task] = set()  # work for this client only: cancelled when it goes
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.startup_timer: asyncio.TimerHandle | None = None
+
+    # -- connection lifecycle -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_HIGH_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        if not self.app.admit(self):
+            return
+        timeout = self.app.cfg.server.startup_timeout
+        if timeout > 0:
+            self.startup_timer = asyncio.get_running_loop().call_later(timeout, self._startup_timeout)
+
+    def _startup_timeout(self) -> None:
+        if self.phase in HANDSHAKE:
+            log.info("startup timeout", extra={"client": self.id, "peer": self.peer})
+            self.fatal("08006", "startup timeout: the client did not complete the startup in time")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase is CLOSED:
+            return
+        busy = bool(self.expect) or self.tx_status != pq.IDLE
+        self.phase = CLOSED
+        for task in list(self.tasks):
+            task.cancel()
+        self.app.forget(self)
+        if self.startup_timer:
+            self.startup_timer.cancel()
+        self.app.drop_cancel_key(self)
+        for p in self.expect:
+            if p.fill is not None:
+                self.app.cache.abandon(p.fill)
+                p.fill = None
+        if self.pool is not None:
+            if self.server is not None:
+                self._leave_pool()
+            return
+        if self.server and self.server.transport:
+            st = self.server.transport
+            if busy and self.backend_pid:
+                # the backend may be running a long query: cancel it rather than leave it running
+                asyncio.ensure_future(send_cancel(self.app.upstream, self.backend_pid, self.backend_secret))
+            if not st.is_closing():
+                st.write(pq.TERMINATE)
+                st.close()
+
+    def _task(self, coro) -> None:
+        """Work for this client only (connecting, authenticating, waiting, looking up): cancelled when
+        the client goes, so none of it runs on for a client that is no longer there."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def close(self) -> None:
+        if self.transport and not self.transport.is_closing():
+            self.transport.close()
+        self.connection_lost(None)
+
+    def fatal(self, code: str, message: str) -> None:
+        """Send a FATAL error and close the client (and its server connection)."""
+        if self.transport and not self.transport.is_closing():
+            self.to_client(pq.error_response(code, message, severity="FATAL"))
+        self.close()
+
+    # -- flow control ---------------------------------------------------------------------------
+    def pause_writing(self) -> None:  # the client is slow to read: stop reading from the server
+        if self.server is not None:
+            self.server.pause("client-read")
+        self.client_slow = True
+
+    def resume_writing(self) -> None:
+        self.client_slow = False
+        if self.server is not None:
+            self.server.resume("client-read")
+
+    def pause_client_reading(self, why: str) -> None:
+        if not self.paused and self.transport:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume_client_reading(self, why: str) -> None:
+        self.paused.discard(why)
+        if not self.paused and self.transport and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- client bytes ---------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._client_bytes(data)
+
+    def _client_bytes(self, data: bytes) -> None:
+        """Bytes from the client, arriving now or replayed after a wait (counted once, on arrival)."""
+        phase = self.phase
+        if self.client_suspended:
+            self.client_backlog += data  # a cache look-up is under way: keep the order
+            if len(self.client_backlog) > _HIGH_WATER:
+                self.pause_client_reading("cache")  # a pipelining client: stop reading meanwhile
+            return
+        if self.hot_queries:
+            memo = self.hot_queries.get(data)
+            if memo is not None and self._hot_hit(memo):
+                return
+        if phase is READY and self.server is None and self.pool is not None:
+            self._without_server(data)  # transaction pooling, nothing lent right now
+            return
+        if phase is READY or phase is ADMIN or phase is AUTH or phase is LOCAL_AUTH:
+            framer = self.cframer
+            frames = framer.single(data) if data[:1] == b"Q" else None  # one whole Query: the most common read
+            if frames is None:
+                try:
+                    frames = framer.feed(data)
+                except FrameError as e:
+                    self.fatal(e.code, str(e))
+                    return
+            if phase is READY:
+                self._relay_client(frames, framer.data)
+            elif phase is ADMIN:
+                self.admin_frames(frames, framer.data)
+            elif phase is LOCAL_AUTH:
+                self.local_auth_frames(frames, framer.data)
+            else:
+                self.auth_client_frames(frames, framer.data)
+        elif phase is STARTUP:
+            self.startup_buf += data
+            self._startup()
+        elif phase is CONNECTING or phase is TLS:
+            self.startup_buf += data  # keep it in order until the connection is ready for it
+            if len(self.startup_buf) > _HIGH_WATER:
+                self.pause_client_reading("startup")  # a client pipelining ahead of its login: wait
+
+    def _relay_client(self, frames: list, data: bytes, start: int = 0) -> None:
+        try:
+            self.client_frames(frames, data, start)
+        except pq.MALFORMED as e:
+            # a message of valid length whose body does not parse (a Parse without its terminators, an
+            # empty Execute...): a relay cannot follow what it cannot read
+            log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
+            self.fatal("08P01", "invalid message format")
+
+    def auth_client_frames(self, frames: list, data: bytes) -> None:
+        out = []
+        for t, a, b in frames:
+            if t == _X:
+                self.close()
+                return
+            out.append(data[a:b])
+        self.to_server(b"".join(out))
+
+    # -- authentication by pgfront itself ([auth] mode = userlist | query) ---------------------------
+    async def _local_auth_start(self) -> None:
+        from proxy.auth import AuthFailed
+        from proxy.relay.handshake import ClientAuth
+
+        try:
+            secret = await self.app.credentials.lookup(self.user)
+        except Exception as e:  # noqa: BLE001 - any failure of the credential source refuses the login
+            log.warning("auth lookup failed", extra={"client": self.id, "user": self.user, "reason": str(e)})
+            self.fatal("08006", "pgfront could not look up the credentials for this role")
+            return
+        if self.phase is not LOCAL_AUTH:
+            return
+        self.auth = ClientAuth(self.user, secret, self.app.cfg.auth.method == "trust")
+        try:
+            first = self.auth.start()
+        except AuthFailed as e:
+            self.fatal("28000", str(e))
+            return
+        if self.auth.done:
+            self._local_auth_ok()
+        else:
+            self.to_client(first)
+
+    def local_auth_frames(self, frames: list, data: bytes) -> None:
+        from proxy.auth import AuthFailed
+
+        for t, a, b in frames:
+            if t != b"p"[0]:
+                self.fatal("08P01", f"expected a password message, got message type {t}")
+                return
+            try:
+                reply = self.auth.receive(data[a + 5:b])
+            except (AuthFailed, ValueError) as e:
+                log.info("client authentication failed", extra={"client": self.id, "user": self.user,
+                                                                "reason": str(e)})
+                self.fatal("28P01", f'password authentication failed for user "{self.user}"')
+                return
+            if reply:
+                self.to_client(reply)
+            if self.auth.done:
+                self._local_auth_ok()
+                return
+
+    def _local_auth_ok(self) -> None:
+        from proxy.auth import UpstreamLogin
+
+        auth, self.auth = self.auth, None
+        self.to_client(pq.AUTH_OK)
+        self.phase = CONNECTING
+        if self.app.pools is not None and not self.admin:
+            if auth.client_key is not None:
+                self.app.pools.client_keys[self.user] = auth.client_key
+            self._task(self._pooled_start())
+            return
+        self.upstream_login = UpstreamLogin(self.user, auth.secret, auth.client_key)
+        self._task(self._connect(self.upstream_params))
+
+    def _upstream_login(self, raw: bytes) -> bytes | None:
+        """Answer the upstream's authentication request for our client; None once it says OK."""
+        from proxy.auth import AuthFailed
+
+        try:
+            return self.upstream_login.answer(raw[5:])
+        except (AuthFailed, ValueError, KeyError) as e:
+            log.warning("upstream login failed", extra={"client": self.id, "user": self.user, "reason": str(e)})
+            self.fatal("08006", f"pgfront could not log in to the upstream as {self.user}: {e}")
+            return b""
+
+    async def _connect(self, params: dict[str, str]) -> None:
+        app = self.app
+        try:
+            _, link = await open_connection(app.upstream, lambda: ServerLink(self), app.cfg.server.connect_timeout,
+                                            app.upstream_sslmode, app.tls_upstream)
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            reason = "timeout" if isinstance(e, asyncio.TimeoutError) else str(e)
+            log.warning("upstream connect failed", extra={"client": self.id, "reason": reason})
+            self.fatal("08006", f"pgfront could not connect to the upstream server: {reason}")
+            return
+        if self.phase is CLOSED:
+            link.transport.close()
+            return
+        self.server = link
+        app.stats_inc("server_connections_opened")
+        self.phase = AUTH
+        link.transport.write(pq.startup_message(params))
+        if self.startup_buf:
+            data, self.startup_buf = self.startup_buf, b""
+            self.resume_client_reading("startup")
+            self._client_bytes(data)
+
+    def to_client(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def fill_reply(self, fill: object, ttl: float | None) -> None:
+        asyncio.ensure_future(self.app.cache.fill(fill, ttl))
+
+    def to_server(self, data: bytes) -> None:
+        if data and self.server and self.server.transport:
+            self.server.transport.write(data)
+
+    # -- server bytes ----------------------------------------------------------------------------
+    def server_data(self, data: bytes) -> None:
+        if self.server_paused:
+            self.server_backlog += data  # waiting for a cache invalidation: keep the order
+            return
+        self.bytes_out += len(data)
+        framer = self.server.framer
+        frames = framer.feed(data)
+        if self.phase is READY:
+            out = self.server_frames(frames, framer.data)
+        elif self.phase is AUTH:
+            out = self.auth_frames(frames, framer.data)
+        else:
+            return
+        if self._deliver(out):
+            return
+        if self.server_fatal:
+            # the server closes after a FATAL: close the client with it, as Postgres would (and without
+            # adding an error of our own), so that the error and the end of the connection arrive together
+            self.close()
+            return
+        if not self.app.accepting and not self.expect and self.tx_status == pq.IDLE and self.phase is READY:
+            # shutting down, and this client's transaction is over: end the session now (the drain loop
+            # polls, and never catches idle a client that starts its next transaction at once)
+            self.fatal("57P01", "terminating connection due to pgfront shutdown")
+            return
+        if self.pool is not None and self.server is not None:
+            self._maybe_release()
+
+    def _deliver(self, out: bytes) -> bool:
+        """Write what server_frames relayed, then account for the statements it finished (the client
+        need not wait for our bookkeeping). True when the relay stopped at a commit point: the cache is
+        invalidated first, and the rest follows (_invalidate_then_resume)."""
+        if out and self.transport and not self.transport.is_closing():
+            self.to_client(out)
+        if self.finished:
+            self._account()
+        if self.server_suspend is not None:
+            self._suspend_server()
+            return True
+        return False
+
+    def server_lost(self, exc: Exception | None) -> None:
+        if self.phase is CLOSED:
+            return
+        self.app.stats_inc("server_connections_closed")
+        if self.phase is ADMIN:
+            return  # the upstream link only served to authenticate the admin user
+        # the server went away without a FATAL of its own (crash, kill -9, network)
+        self.fatal("08006", "server closed the connection unexpectedly (upstream connection lost)")
+
+    def auth_frames(self, frames: list, data: bytes) -> bytes:
+        out = []
+        for t, a, b in frames:
+            raw = data[a:b]
+            if t == _K:
+                (self.backend_pid,) = struct.unpack_from("!i", raw, 5)
+                self.backend_secret = raw[9:]
+                self.server.pid, self.server.secret = self.backend_pid, self.backend_secret
+            elif t == 83:  # ParameterStatus
+                name, value = pq.parse_parameter_status(raw[5:])
+                self.server_params[name] = value
+            elif t == _ERR:
+                out.append(raw)
+                self.to_client(b"".join(out))
+                self.close()
+                return b""
+            elif t == _R and self.upstream_login is not None:
+                reply = self._upstream_login(raw)
+                if reply:
+                    self.server.transport.write(reply)
+                if self.phase is CLOSED:
+                    return b""
+                continue
+            elif t == _R and raw[5:9] == b"\x00\x00\x00\x0a":
+                # AuthenticationSASL: channel binding ties SCRAM to one TLS connection, and the
+                # client's TLS connection ends at pgfront, so -PLUS can never succeed end to end
+                mechs = [m for m in raw[9:].split(b"\0") if m and not m.endswith(b"-PLUS")]
+                raw = pq.msg(b"R", raw[5:9] + b"".join(m + b"\0" for m in mechs) + b"\0")
+            elif t == _Z:
+                self.tx_status = raw[5:6]
+                if self.startup_timer:
+                    self.startup_timer.cancel()
+                    self.startup_timer = None
+                out.append(raw)
+                if self.admin:
+                    self.phase = ADMIN
+                    self.server.transport.write(pq.TERMINATE)
+                    self.server.transport.close()
+                    self.app.stats_inc("admin_sessions")
+                    return b"".join(out)
+                self.phase = READY
+                self.app.session_ready(self)
+                # anything after the first ReadyForQuery is relayed normally
+                rest = [f for f in frames if f[1] >= b]
+                if rest:
+                    out.append(self.server_frames(rest, data))
+                return b"".join(out)
+            out.append(raw)
+        return b"".join(out)
+
+    # -- admin console -------------------------------------------------------------------------------
+    def admin_frames(self, frames: list, data: bytes) -> None:
+        for t, a, b in frames:
+            self.admin_queue.append((t, data[a:b]))
+        if not self.admin_busy:
+            self.admin_busy = True
+            asyncio.ensure_future(self._admin_run())
+
+    async def _admin_run(self) -> None:
+        """Answer admin messages one at a time, in order (some commands await, e.g. RELOAD)."""
+        from proxy import admin
+
+        try:
+            while self.admin_queue and self.phase is ADMIN:
+                t, raw = self.admin_queue.popleft()
+                if t == _Q:
+                    reply = await admin.handle(self.app, self, pq.parse_query(raw[5:]))
+                elif t == _X:
+                    self.close()
+                    return
+                elif t == _S:
+                    reply = pq.ready_for_query(pq.IDLE)
+                elif t in (_P, _B, _D, _E, _C, _H):
+                    reply = pq.error_response("0A000", "the pgfront admin console supports the simple query "
+                                                       "protocol only (psql, or prefer_simple_protocol)")
+                else:
+                    self.fatal("08P01", f"invalid frontend message type {t}")
+                    return
+                if self.transport and not self.transport.is_closing():
+                    self.to_client(reply)
+        finally:
+            self.admin_busy = False
+
+    # -- what the registry of clients may read (admin console, metrics, housekeeping, shutdown) ---------
+    @property
+    def ready(self) -> bool:
+        return self.phase is READY
+
+    @property
+    def busy(self) -> bool:
+        """Inside a transaction, or awaiting replies: not to be interrupted."""
+        return bool(self.expect) or self.tx_status != pq.IDLE
+
+    @property
+    def server_state_name(self) -> str:
+        return "active" if self.expect else ("idle in transaction" if self.tx_status != pq.IDLE else "idle")
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the client last sent anything, while it is ready and not busy (else 0)."""
+        return now - self.last_active if self.phase is READY and not self.busy else 0.0
+
+    # -- introspection (SHOW CLIENTS) ------------------------------------------------------------------
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id, "user": self.user, "database": self.database, "application_name": self.application_name,
+            "peer": self.peer, "state": self.phase.name.lower(), "tx": self.tx_status.decode(), "queries": self.queries,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "backend_pid": self.backend_pid,
+            "connected_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.connected_at)),
+            "pending": len(self.expect),
+        }
