@@ -214,6 +214,8 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
                     self.fatal(e.code, str(e))
                     return
             if phase is READY:
+                if self.pool is not None and self.server.state.reapply:
+                    self._reapply_settings()
                 self._relay_client(frames, framer.data)
             elif phase is ADMIN:
                 self.admin_frames(frames, framer.data)

@@ -81,6 +81,15 @@ class PooledClient:
         if sql:
             link.write(self._swallowed_query(sql))
 
+    def _reapply_settings(self) -> None:
+        """The client's RESET or DISCARD ALL put the connection back at pgfront's login defaults; a
+        direct connection would be back at the client's startup options: set those again."""
+        link = self.server
+        link.state.reapply = False
+        sql = settings_query(link.state.applied, link.params, self.wanted)
+        if sql:
+            link.write(self._swallowed_query(sql))
+
     def _maybe_release(self) -> None:
         """Transaction mode: hand the server back once nothing is open on it."""
         if (self.pooled_tx and not self.pinned and not self.expect and self.tx_status == pq.IDLE

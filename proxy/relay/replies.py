@@ -121,7 +121,7 @@ class ReplyTracker:
                     self.server_suspend = (frames, data, frames.index((t, a, b), start), effect)
                     return data[first:a]
             if t == _CMD_C:
-                if data[a + 5] == 68:  # D...: DEALLOCATE and DISCARD drop prepared statements
+                if data[a + 5] == 68 or data[a + 5] == 82:  # DEALLOCATE, DISCARD, RESET: see ServerState
                     self.server.state.command_tag(data[a + 5:b - 1])
                 p.rows += pq.rows_from_tag(data[a + 5:b - 1])
                 p.part += 1
@@ -243,7 +243,7 @@ class ReplyTracker:
                     self._flush_local(out)
                 continue
             if t == _CMD_C:
-                if data[a + 5] == 68:  # D...: DEALLOCATE and DISCARD drop prepared statements
+                if data[a + 5] == 68 or data[a + 5] == 82:  # DEALLOCATE, DISCARD, RESET: see ServerState
                     self.server.state.command_tag(data[a + 5:b - 1])
                 p.rows += pq.rows_from_tag(data[a + 5:b - 1])
                 p.part += 1

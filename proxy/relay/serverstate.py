@@ -20,13 +20,14 @@ IDLE = b"I"
 
 
 class ServerState:
-    __slots__ = ("tx", "prepared", "uncertain", "applied", "dirty", "in_copy", "fatal", "broken")
+    __slots__ = ("tx", "prepared", "uncertain", "applied", "reapply", "dirty", "in_copy", "fatal", "broken")
 
     def __init__(self) -> None:
         self.tx = IDLE  # the status in the connection's own last ReadyForQuery
         self.prepared: set[str] = set()  # server-side statement names prepared (or being prepared) on it
         self.uncertain = False  # a DEALLOCATE of some name: a prepare must Close its name first
         self.applied: dict[str, str] = {}  # settings pgfront set on it for its current client
+        self.reapply = False  # a RESET or DISCARD ALL undid them: set the client's again before it goes on
         self.dirty: set[str] = set()  # session state a client left on it (reasons, for the log)
         self.in_copy = False
         self.fatal = False  # the server sent a FATAL: it is closing
@@ -43,9 +44,12 @@ class ServerState:
             self.prepared.clear()
             if not tag.startswith(b"DEALLOCATE ALL"):
                 self.uncertain = True  # some statement is gone, we cannot tell which: forget them all
-        elif tag.startswith(b"DISCARD ALL"):
-            self.prepared.clear()
+        elif tag.startswith(b"DISCARD ALL") or tag.startswith(b"RESET"):
+            # the settings are back at the connection's defaults: pgfront's own for the client are gone
+            if tag.startswith(b"DISCARD ALL"):
+                self.prepared.clear()
             self.applied.clear()
+            self.reapply = True
 
     def statements_dropped(self) -> None:
         """A statement that may drop prepared statements was sent: whatever runs after it must not rely
