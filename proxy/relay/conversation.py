@@ -310,16 +310,12 @@ class Conversation(ReplyTracker):
         info = self.app.shapes.get(sql)
         p = Pending(_Q, info, now)
         if self.pooled_tx:
-            if drops_statements(sql):
-                self.server.state.statements_dropped()
-            feature = session_feature(info)
-            if feature:
-                refusal = self._session_feature(feature)
-                if refusal is not None:
-                    p.error = refusal
-                    self.special += 1
-                    self.expect.append(p)
-                    return pq.query(_BLOCKED_SQL)
+            refusal = self._pooled_statement(sql, info)
+            if refusal is not None:
+                p.error = refusal
+                self.special += 1
+                self.expect.append(p)
+                return pq.query(_BLOCKED_SQL)
         rules = self.app.rules
         sent = None
         if rules is not None:
@@ -364,6 +360,14 @@ class Conversation(ReplyTracker):
         self.expect.append(p)
         return sent
 
+
+    def _pooled_statement(self, sql: str, info: StatementInfo) -> bytes | None:
+        """Transaction pooling, before a statement is sent: a DEALLOCATE or DISCARD ALL empties the
+        registry at once; session state pins the server (or is refused: the error returned)."""
+        if drops_statements(sql):
+            self.server.state.statements_dropped()
+        feature = session_feature(info)
+        return self._session_feature(feature) if feature else None
 
     def _session_feature(self, feature: str) -> bytes | None:
         """Transaction mode met session state: pin the server to this client, or refuse (an error)."""
@@ -438,16 +442,12 @@ class Conversation(ReplyTracker):
         self.statements[name] = stmt
         self.in_batch = True
         if self.pooled_tx:
-            if drops_statements(sql):
-                self.server.state.statements_dropped()
-            feature = session_feature(info)
-            if feature:
-                refusal = self._session_feature(feature)
-                if refusal is not None:
-                    p = Pending(_P, info)
-                    p.error = refusal
-                    self.special += 1
-                    sent = pq.parse_message(name, _BLOCKED_SQL, oids)
+            refusal = self._pooled_statement(sql, info)
+            if refusal is not None:
+                p = Pending(_P, info)
+                p.error = refusal
+                self.special += 1
+                sent = pq.parse_message(name, _BLOCKED_SQL, oids)
             if name and p is _PLAIN_P:  # a named statement, not blocked: prepared under its server-side name
                 self.last_parse = None
                 stmt.server_name = self.pool.server_name(stmt.sent_sql, oids)
