@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     hot.add_argument("-n", type=int, default=50_000, help="queries per timed round (default 50,000)")
     hot.add_argument("--profile", action="store_true", help="print cProfile's ranking of one round")
     hot.add_argument("--config", help="a pgfront config file (default: no rules, no cache)")
+    hot.add_argument("--instructions", action="store_true",
+                     help="count instructions per query with valgrind's callgrind instead of timing")
     hot.set_defaults(func=cmd_hotpath)
     return ap
 
@@ -93,6 +95,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_hotpath(args: argparse.Namespace) -> int:
+    if args.instructions:
+        from .instructions import main as instructions
+
+        return instructions(args.mode, args.config)
     from .hotpath import main as hotpath
 
     return hotpath(args.mode, args.n, args.profile, args.config)

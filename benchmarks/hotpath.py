@@ -5,7 +5,8 @@ messages of a pgbench -S transaction (simple, extended or prepared protocol) and
 reply, as they arrive from a real PostgreSQL, and times it. The number is what pgfront adds to each
 query in user-space CPU on this machine, with none of the kernel's or the event loop's cost, so it
 moves only when the relay's code does: the figure to watch while optimising the hot path.
-`--profile` prints cProfile's ranking for the same loop.
+`--profile` prints cProfile's ranking for the same loop; `--instructions` counts the instructions
+per query with valgrind's callgrind (`benchmarks.instructions`), a figure the machine's load cannot move.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import cProfile
 import gc
 import pstats
 import time
+from collections.abc import Callable
 
 from proxy.app import App
 from proxy.config import load as load_config
@@ -92,7 +94,8 @@ def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Clie
     return s
 
 
-def run(mode: str, n: int, profile: bool, config: str | None) -> float:
+def _driver(mode: str, config: str | None) -> tuple[ClientConnection, Callable[[int], None]]:
+    """A ready session and a function feeding it `count` pgbench -S transactions and their replies."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     s = offline_session(config, loop)
@@ -112,6 +115,18 @@ def run(mode: str, n: int, profile: bool, config: str | None) -> float:
 
     loop_body(2000)  # warm the shape cache and the statistics entry
     gc.collect()
+    return s, loop_body
+
+
+def drive(mode: str, n: int, config: str | None = None) -> None:
+    """Feed n transactions after the warm-up, untimed: what `--instructions` counts under callgrind."""
+    s, loop_body = _driver(mode, config)
+    loop_body(n)
+    assert not s.expect, "the relay is still waiting for replies: the harness is out of step"
+
+
+def run(mode: str, n: int, profile: bool, config: str | None) -> float:
+    s, loop_body = _driver(mode, config)
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -122,7 +137,7 @@ def run(mode: str, n: int, profile: bool, config: str | None) -> float:
     loop_body(n)
     per_query = (time.process_time() - t0) / n * 1e6
     assert not s.expect, "the relay is still waiting for replies: the harness is out of step"
-    loop.close()
+    asyncio.get_event_loop().close()
     return per_query
 
 

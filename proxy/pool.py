@@ -151,10 +151,11 @@ class Pool:
             self._close(link, why)
             return
         queries = ["ROLLBACK"] if state.tx != pq.IDLE else []
-        if reset and (self.mode == "session" or state.dirty):
+        full = bool(reset) and (self.mode == "session" or bool(state.dirty))
+        if full:
             queries.append(reset)
         self.resets += 1
-        link.reset(queries)
+        link.reset(queries, full)
 
     def reset_done(self, link: ServerLink, ok: bool) -> None:
         if ok:

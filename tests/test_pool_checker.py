@@ -55,11 +55,7 @@ def test_checker_baseline_direct_postgres(pg, chk_db):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [
-    "session",
-    # issue 13 stays open: lost/phantom/hangs are gone, but startup-setting leaks and a few errors remain
-    pytest.param("transaction", marks=pytest.mark.xfail(reason="issue 13: isolation leaks remain", strict=False)),
-])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_pooling_under_concurrency(pg, chk_db, pgfront_factory, mode):
     """16 clients over 3 server connections: nothing lost, no phantom, no leak, no hang."""
     p = pgfront_factory(config=f"[auth]\nmode = 'userlist'\nfile = '{chk_db}'\n"

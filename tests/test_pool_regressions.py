@@ -587,7 +587,6 @@ def test_bytes_in_counts_each_byte_once(pgfront_factory, userlist):
     a.close()
 
 
-@pytest.mark.xfail(reason="issue 13: the snapshot's periodic flush after a non-UTF-8 text still fails", strict=False)
 def test_query_text_that_is_not_utf8_keeps_statistics_working(pgfront_factory, userlist, tmp_path):
     """Statistics of a query whose text is not UTF-8 must not break the worker's snapshot (read by the
     other workers and the admin console) nor its final flush at shutdown."""
@@ -603,7 +602,8 @@ def test_query_text_that_is_not_utf8_keeps_statistics_working(pgfront_factory, u
     wait_for(lambda: snapshot.exists() and b'"SELECT $1"' in snapshot.read_bytes(), 3,
              "the periodic snapshot to list the later queries")
     queries = {r["query"]: r for r in admin_rows(p, "SHOW QUERIES 1000")}
-    assert int(queries["SELECT $1"]["calls"]) == 3, queries
+    # the refused text has the same shape (its literal's bytes do not count): one fingerprint, one error
+    assert int(queries["SELECT $1"]["calls"]) == 4, queries
     assert errors(simple(a, "SELECT count(*) FROM pg_class", 5)) == []  # a fingerprint of its own
     a.close()
     p.proc.terminate()  # at once: the final flush at shutdown must carry the last query
@@ -692,3 +692,80 @@ def test_cache_invalidation_does_not_lift_client_backpressure(pgfront_factory, u
     a.close()
     assert pg.psql("SELECT count(*) FROM r2_w").strip() == "1"
     assert grown < 64 * 1024, f"pgfront buffered {grown} KiB for a client that reads nothing"
+
+
+# -- found by the pool checker: what a reset undoes, pgfront's own RESETs, locally answered Parses ----------
+
+
+def _settings_query() -> str:
+    return "SELECT current_setting('search_path'), current_setting('TimeZone')"
+
+
+def test_rollback_only_reset_keeps_what_it_did_not_undo(pgfront_factory, userlist, pg):
+    """A client leaving inside a transaction costs its connection a ROLLBACK only: the settings pgfront
+    applied for it, and the statements prepared on it, are still there, and pgfront must know it (a
+    later client would run under them, or be told its statement 'already exists')."""
+    pg.psql("CREATE SCHEMA IF NOT EXISTS rb_s")
+    default = (pg.psql("SHOW search_path").strip(), pg.psql("SHOW TimeZone").strip())
+    p = pooled(pgfront_factory, userlist, "transaction")
+    sql = "SELECT %s::int * 3"
+
+    async def clients() -> tuple:
+        a = await aconnect(p, options="-c search_path=rb_s -c TimeZone=Asia/Tokyo")
+        assert await (await a.execute(sql, [1], prepare=True)).fetchone() == (3,)
+        await a.execute("BEGIN")
+        await a.execute("SELECT 1")
+        await a.close()  # leaves inside the transaction: ROLLBACK only, no reset query
+        b = await aconnect(p)
+        try:
+            seen = await (await b.execute(_settings_query())).fetchone()
+            got = await (await b.execute(sql, [2], prepare=True)).fetchone()
+            return seen, got
+        finally:
+            await b.close()
+
+    assert run(clients()) == (default, (6,))
+
+
+def test_own_reset_of_a_previous_clients_setting_keeps_the_new_ones_accounted(pgfront_factory, userlist, pg):
+    """Client B's settings query RESETs what A had and sets B's own: that RESET is pgfront's, and must not
+    make pgfront forget B's settings, or C would inherit them."""
+    pg.psql("CREATE SCHEMA IF NOT EXISTS rs_s")
+    default = (pg.psql("SHOW search_path").strip(), pg.psql("SHOW TimeZone").strip())
+    p = pooled(pgfront_factory, userlist, "transaction")
+
+    async def clients() -> list:
+        seen = []
+        for options in ("-c search_path=rs_s", "-c TimeZone=Asia/Tokyo", None):
+            c = await aconnect(p, **({"options": options} if options else {}))
+            try:
+                seen.append(await (await c.execute(_settings_query())).fetchone())
+            finally:
+                await c.close()
+        return seen
+
+    assert run(clients()) == [("rs_s", default[1]), (default[0], "Asia/Tokyo"), default]
+
+
+def test_session_state_in_a_statement_the_pool_knows_still_pins(pgfront_factory, userlist, pg):
+    """A Parse of a statement the pool prepared before is answered without a server; a SET must still
+    pin its client (and get its connection reset), not leave its setting to whoever comes next."""
+    default_tz = pg.psql("SHOW TimeZone").strip()
+    p = pooled(pgfront_factory, userlist, "transaction")
+    set_tz = "SET TimeZone = 'Asia/Tokyo'"
+
+    async def clients() -> list:
+        seen = []
+        for _ in range(2):  # the first teaches the pool the statement, the second meets it known
+            a = await aconnect(p, prepare_threshold=0)  # every statement a named prepared one
+            await a.execute(set_tz)
+            seen.append((await (await a.execute("SHOW TimeZone")).fetchone())[0])
+            await a.close()
+            b = await aconnect(p)
+            try:
+                seen.append((await (await b.execute("SHOW TimeZone")).fetchone())[0])
+            finally:
+                await b.close()
+        return seen
+
+    assert run(clients()) == ["Asia/Tokyo", default_tz] * 2

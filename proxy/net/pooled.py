@@ -13,7 +13,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from proxy.net.serverlink import UpstreamRefused
-from proxy.relay.pooling import REPORTED, settings_query, wanted_settings
+from proxy.relay.pooling import REPORTED, drops_statements, session_feature, settings_query, wanted_settings
 from proxy.relay.records import _H, _P, _S, CLOSED, READY, Stmt
 from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError
@@ -77,6 +77,7 @@ class PooledClient:
             link.pause("client-read")
         # the connection carries the settings pgfront applied for its previous client: give it this
         # client's, and put back the defaults of those this client did not ask for
+        state.reapply = False
         sql = settings_query(state.applied, link.params, self.wanted)
         if sql:
             link.write(self._swallowed_query(sql))
@@ -125,6 +126,8 @@ class PooledClient:
                 info = self.app.shapes.get(sql)
                 if self.app.rules is not None and self.app.rules.decide_for(self, sql, info) is not None:
                     break  # rules may rewrite or block it: take the normal path
+                if session_feature(info) or drops_statements(sql):
+                    break  # it pins the client or empties the registry: that needs its server
                 stmt = Stmt(name, sql, info, sql)
                 stmt.oids = oids
                 stmt.server_name = self.pool.server_name(sql, oids)

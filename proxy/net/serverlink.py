@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from proxy.auth import UpstreamLogin
 
 HIGH_WATER = 512 * 1024
-_R, _S, _K, _E, _Z = b"RSKEZ"
+_R, _S, _K, _E, _Z, _C = b"RSKEZC"
 
 
 class LinkHolder(Protocol):
@@ -73,6 +73,8 @@ class ServerLink(asyncio.Protocol):
         self.login: UpstreamLogin | None = None
         self.ready: asyncio.Future | None = None
         self.resets = 0  # ReadyForQuery still owed to the reset queries pgfront sent
+        self.reset_full = False  # the reset includes the configured reset query
+        self.reset_discarded = False  # ...and it answered DISCARD ALL
         self.cancels = 0  # cancel requests in flight: never hand it to another client meanwhile
         self.paused: set[str] = set()  # why reading is paused: one flag per reason, lifted separately
         self.closed = False
@@ -136,10 +138,13 @@ class ServerLink(asyncio.Protocol):
         self.transport.write(pq.startup_message(params))
         return self.ready
 
-    def reset(self, queries: list[str]) -> None:
-        """Run these queries one by one (ROLLBACK, the reset query); the owner hears how it went."""
+    def reset(self, queries: list[str], full: bool) -> None:
+        """Run these queries one by one (ROLLBACK, and the reset query when `full`); the owner hears
+        how it went."""
         self.holder = None
         self.resets = len(queries)
+        self.reset_full = full
+        self.reset_discarded = False
         self.write(b"".join(pq.query(q) for q in queries))
 
     def write(self, data: bytes) -> None:
@@ -182,6 +187,11 @@ class ServerLink(asyncio.Protocol):
                     self.close()
                     return
                 state.broken = True  # a failed reset, or an error nobody asked for: not for a client
+            elif t == _C:
+                tag = buf[a + 5:b - 1]
+                state.command_tag(tag)
+                if self.resets and tag.startswith(b"DISCARD ALL"):
+                    self.reset_discarded = True
             elif t == _Z:
                 state.ready(buf[a + 5:b])
                 if self.ready is not None and not self.ready.done():
@@ -191,7 +201,7 @@ class ServerLink(asyncio.Protocol):
                     self.resets -= 1
                     if not self.resets:
                         if not state.broken:
-                            state.reset_done()
+                            state.reset_done(self.reset_full, self.reset_discarded)
                         if self.owner is not None:
                             self.owner.reset_done(self, not state.broken)
 

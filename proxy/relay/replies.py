@@ -243,7 +243,9 @@ class ReplyTracker:
                     self._flush_local(out)
                 continue
             if t == _CMD_C:
-                if data[a + 5] == 68 or data[a + 5] == 82:  # DEALLOCATE, DISCARD, RESET: see ServerState
+                if (data[a + 5] == 68 or data[a + 5] == 82) and p.forward:
+                    # the client's DEALLOCATE, DISCARD, RESET (see ServerState); not pgfront's own RESET
+                    # of the previous client's settings, which `applied` already accounts for
                     self.server.state.command_tag(data[a + 5:b - 1])
                 p.rows += pq.rows_from_tag(data[a + 5:b - 1])
                 p.part += 1

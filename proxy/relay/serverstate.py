@@ -57,12 +57,16 @@ class ServerState:
         self.prepared.clear()
         self.uncertain = True
 
-    def reset_done(self) -> None:
-        """DISCARD ALL (or the configured reset query) ran: nothing a client did is left."""
-        self.prepared.clear()
-        self.uncertain = False
-        self.applied.clear()
-        self.dirty.clear()
+    def reset_done(self, full: bool, discarded: bool) -> None:
+        """pgfront's own reset ran, with no client on the connection. Only what its queries' tags
+        showed is undone (`command_tag` saw them): a bare ROLLBACK leaves the settings and statements
+        of earlier transactions in place. `full`: the configured reset query ran, so the session state
+        a client left is gone; `discarded`: it was DISCARD ALL, so the registry is exact again."""
+        if full:
+            self.dirty.clear()
+        if discarded:
+            self.prepared.clear()
+            self.uncertain = False
 
     def unclean(self) -> str:
         """Why this connection may not be lent to another client as it is ("" when it may)."""

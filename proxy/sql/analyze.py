@@ -7,6 +7,7 @@ rejects gets parsed=False, kind "unknown" and a fingerprint hashed from its whit
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -80,6 +81,15 @@ def _unparsed(text: str, error: str) -> StatementInfo:
 
 
 def _analyze_uncached(text: str) -> StatementInfo:
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # bytes that are not UTF-8 arrive as lone surrogates (surrogateescape), which the parser
+            # cannot take: analyse the text with each one as "?" (one byte for one, so the parser's
+            # byte offsets still hold). A literal's bytes never change its shape; the server judges
+            # the real bytes.
+            return dataclasses.replace(_analyze_uncached(text.encode("utf-8", "replace").decode()), text=text)
     try:
         stmts = _json_loads(parser.parse_sql_json(text)).get("stmts", [])
         if not stmts:

@@ -1,0 +1,51 @@
+"""`python3 -m benchmarks hotpath --instructions`: machine instructions per query, counted by callgrind.
+
+Wall-clock and CPU timings move with whatever else the machine runs; an instruction count does not.
+Each figure is the difference between two runs of the in-process harness (`benchmarks.hotpath.drive`)
+that differ only in how many pgbench -S transactions they feed, divided by that difference: start-up,
+imports and the warm-up cancel out, and what is left is the relay's own cost per query (the
+interpreter's included, the kernel's and the event loop's not).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHORT, LONG = 1_000, 6_000  # transactions per run: the difference is what is counted
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def count(mode: str, n: int, config: str | None, cwd: Path) -> int:
+    """Instructions callgrind counts for a whole `drive(mode, n)` process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        code = f"from benchmarks.hotpath import drive; drive({mode!r}, {n}, {config!r})"
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, "-c", code]
+        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(cwd)}
+        res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    m = _COLLECTED.search(res.stderr)
+    if res.returncode != 0 or m is None:
+        raise RuntimeError(f"callgrind failed for {mode}: {res.stderr[-2000:]}")
+    return int(m.group(1))
+
+
+def per_query(mode: str, config: str | None = None, cwd: Path | None = None) -> float:
+    cwd = cwd or Path(__file__).resolve().parent.parent
+    return (count(mode, LONG, config, cwd) - count(mode, SHORT, config, cwd)) / (LONG - SHORT)
+
+
+def main(modes: list[str], config: str | None) -> int:
+    if shutil.which("valgrind") is None:
+        print("error: valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    label = "default rules" if config else "passthrough"
+    for mode in modes:
+        print(f"counting {mode} ({label}) under callgrind...", file=sys.stderr, flush=True)
+        print(f"{mode:9s} {per_query(mode, config):9,.0f} instructions per query ({label}, callgrind, "
+              f"{LONG:,} - {SHORT:,} transactions)", flush=True)
+    return 0
