@@ -12,18 +12,19 @@ passwords). Commands (case-insensitive, `;`-separated):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
+from collections import deque
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.wire import protocol as pq
 
 if TYPE_CHECKING:
     from proxy.app import App
-    from proxy.net.client import ClientConnection as Session
 
 
 class AdminError(Exception):
@@ -99,10 +100,10 @@ def show_clients(app: App, _args: list[str]) -> bytes:
 
 
 def show_servers(app: App, _args: list[str]) -> bytes:
-    rows = [{"worker": app.worker_id, "backend_pid": s.backend_pid, "client": s.id, "user": s.user,
-             "database": s.database, "state": s.server_state_name,
+    rows = [{"worker": app.worker_id, "backend_pid": d["backend_pid"], "client": d["id"], "user": d["user"],
+             "database": d["database"], "state": d["server_state"],
              "upstream": f"{app.upstream.host}:{app.upstream.port}"}
-            for s in sorted(app.sessions, key=lambda s: s.id) if s.ready]
+            for d in (s.describe() for s in sorted(app.sessions, key=lambda s: s.id) if s.ready)]
     return _dict_rows(rows, ["worker", "backend_pid", "client", "user", "database", "state", "upstream"])
 
 
@@ -110,8 +111,8 @@ def show_pools(app: App, _args: list[str]) -> bytes:
     if app.pools is not None:
         rows = app.pools.describe()
         for r in rows:
-            r["cl_active"] = sum(1 for s in app.sessions if s.pool is not None and s.pool.database == r["database"]
-                                 and s.pool.user == r["user"])
+            key = (r["database"], r["user"])
+            r["cl_active"] = sum(1 for s in app.sessions if s.pool_key == key)
         return _dict_rows(rows, ["database", "user", "pool_mode", "cl_active", "cl_waiting", "sv_active",
                                  "sv_idle", "sv_opening", "acquired", "avg_wait_ms", "max_wait_ms", "resets",
                                  "closed_dirty"])
@@ -155,9 +156,7 @@ def show_help(_app: App, _args: list[str]) -> bytes:
 
 
 async def reload(app: App, _args: list[str]) -> bytes:
-    from proxy import components
-
-    ok, message = await components.reload(app)
+    ok, message = await app.reload()
     if app.cfg.server.workers > 1:
         os.kill(os.getppid(), signal.SIGHUP)  # the parent relays it to every worker
     if not ok:
@@ -205,7 +204,7 @@ def execute(app: App, statement: str) -> bytes | Awaitable[bytes]:
     raise AdminError("42601", f"unknown admin command {statement.strip()!r}: try SHOW HELP")
 
 
-async def handle(app: App, session: Session, sql: str) -> bytes:
+async def handle(app: App, sql: str) -> bytes:
     """Run every statement of one simple Query; the reply ends with ReadyForQuery."""
     out = []
     for statement in (s for s in sql.split(";")):
@@ -220,3 +219,62 @@ async def handle(app: App, session: Session, sql: str) -> bytes:
             out.append(pq.error_response(e.code, str(e)))
             break
     return b"".join(out) + pq.ready_for_query(pq.IDLE)
+
+
+class ConsolePeer(Protocol):
+    """The client connection an admin console answers: where its replies go."""
+
+    def to_client(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def fatal(self, code: str, message: str) -> None: ...
+
+
+_Q, _X, _S = b"QXS"
+_EXTENDED = frozenset(b"PBDECH")
+
+
+class AdminConsole:
+    """One admin client's conversation: simple Query only, each answered in order (some commands await,
+    e.g. RELOAD, so messages queue behind them)."""
+
+    def __init__(self, app: App, peer: ConsolePeer) -> None:
+        self.app = app
+        self.peer = peer
+        self.queue: deque[tuple[int, bytes]] = deque()
+        self.running = False
+        self.closed = False
+
+    def feed(self, frames: list, data: bytes) -> None:
+        for t, a, b in frames:
+            self.queue.append((t, data[a:b]))
+        if not self.running:
+            self.running = True
+            asyncio.ensure_future(self._run())
+
+    def close(self) -> None:
+        self.closed = True
+        self.queue.clear()
+
+    async def _run(self) -> None:
+        try:
+            while self.queue and not self.closed:
+                t, raw = self.queue.popleft()
+                if t == _Q:
+                    reply = await handle(self.app, pq.parse_query(raw[5:]))
+                elif t == _X:
+                    self.peer.close()
+                    return
+                elif t == _S:
+                    reply = pq.ready_for_query(pq.IDLE)
+                elif t in _EXTENDED:
+                    reply = pq.error_response("0A000", "the pgfront admin console supports the simple query "
+                                                       "protocol only (psql, or prefer_simple_protocol)")
+                else:
+                    self.peer.fatal("08P01", f"invalid frontend message type {t}")
+                    return
+                if not self.closed:
+                    self.peer.to_client(reply)
+        finally:
+            self.running = False

@@ -11,8 +11,10 @@ from proxy.shapes import ShapeCache
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
+    from proxy.admin import ConsolePeer
     from proxy.config import Config
-    from proxy.net.client import ClientConnection as Session
+    from proxy.registry import Console
+    from proxy.registry import RegisteredClient as Session
     from proxy.relay.records import Pending
     from proxy.sql import StatementInfo
 
@@ -76,6 +78,10 @@ class App:
         """Statistics of every worker of this instance (replaced by components.attach)."""
         raise RuntimeError("statistics are not attached")
 
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the rule files (and reloadable settings): (ok, message). Replaced by components.attach."""
+        raise RuntimeError("components are not attached")
+
     # -- sessions --------------------------------------------------------------------------
     def admit(self, session: Session) -> bool:
         if not self.accepting:
@@ -130,8 +136,8 @@ class App:
         from proxy.upstream import send_cancel
 
         session = self.cancel_keys.get((pid, secret))
-        link = session.server if session is not None else None
-        if link is None or not session.expect or not link.pid:  # expect: replies it awaits
+        link = session.cancel_target() if session is not None else None
+        if link is None:
             return  # nothing running: a late cancel must not land on the next query
         link.cancels += 1
 
@@ -167,9 +173,13 @@ class App:
             self.closed_bytes[0] += session.bytes_in
             self.closed_bytes[1] += session.bytes_out
 
+    def open_console(self, peer: ConsolePeer) -> Console:
+        from proxy.admin import AdminConsole
+
+        self.stats_inc("admin_sessions")
+        return AdminConsole(self, peer)
+
     def session_ready(self, session: Session) -> None:
-        if self.cache is not None:
-            session.cstate = self.cache.session(session.database, session.user, session.params)
         log.debug("client ready", extra={"client": session.id, "user": session.user, "database": session.database})
 
     # -- counters and per-statement hooks ------------------------------------------------------

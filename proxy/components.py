@@ -18,6 +18,7 @@ async def attach(app: App) -> list[asyncio.Task]:
     publisher = st.StatsPublisher(app.stats, app.run_dir, app.worker_id)
     app.publisher = publisher
     app.merged_stats = lambda: _merged(app)
+    app.reload = lambda: reload(app)
     tasks = [asyncio.ensure_future(publisher.run(cfg.stats.flush_interval)),
              asyncio.ensure_future(_housekeeping(app))]
     if cfg.auth.mode != "passthrough":
@@ -92,7 +93,7 @@ def _merged(app: App) -> st.MergedStats:
 def _gauges(app: App) -> None:
     s = app.stats
     s.set_gauge("client_connections", len(app.sessions))
-    s.set_gauge("server_connections", sum(1 for x in app.sessions if x.server is not None and x.ready))
+    s.set_gauge("server_connections", sum(1 for x in app.sessions if x.has_server))
     s.set_counter("bytes_received", sum(x.bytes_in for x in app.sessions) + app.closed_bytes[0])
     s.set_counter("bytes_sent", sum(x.bytes_out for x in app.sessions) + app.closed_bytes[1])
 

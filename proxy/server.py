@@ -74,7 +74,7 @@ async def _drain(app: App, timeout: float) -> None:
     while time.monotonic() < deadline:
         busy = [s for s in app.sessions if s.busy]
         for s in list(app.sessions):
-            if s not in busy and (s.ready or s.admin):
+            if s not in busy and (s.ready or s.on_console):
                 s.fatal("57P01", "terminating connection due to pgfront shutdown")
         if not busy:
             return

@@ -18,7 +18,6 @@ import itertools
 import ssl
 import struct
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from proxy.log import log
@@ -28,17 +27,9 @@ from proxy.net.serverlink import ServerLink
 from proxy.net.startup import StartupSteps
 from proxy.relay.conversation import Conversation
 from proxy.relay.records import (
-    _B,
-    _C,
-    _D,
-    _E,
     _ERR,
-    _H,
     _K,
-    _P,
-    _Q,
     _R,
-    _S,
     _X,
     _Z,
     ADMIN,
@@ -57,6 +48,7 @@ from proxy.wire.framer import FrameError
 
 if TYPE_CHECKING:
     from proxy.app import App
+    from proxy.registry import Console
     from proxy.relay.handshake import ClientAuth
 
 _HIGH_WATER = 512 * 1024
@@ -78,7 +70,8 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
         self.connected_at = time.time()
         self.backend_pid = 0
         self.backend_secret = b""
-        self.admin = False
+        self.admin_db = False  # the client asked for the admin console's database
+        self.console: Console | None = None  # the admin console's conversation (phase ADMIN)
         self.tls = False
         self.server_paused = False
         self.server_backlog = b""
@@ -90,8 +83,6 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
         self.upstream_params: dict[str, str] = {}
         self.upstream_login = None  # an auth.UpstreamLogin when pgfront logs in for the client
         self.auth: ClientAuth | None = None  # pgfront's own authentication of the client
-        self.admin_queue: deque = deque()
-        self.admin_busy = False
         self.paused: set[str] = set()
         self.client_slow = False  # the client's socket is over its high-water mark
         self.tasks: set[asyncio.Task] = set()  # work for this client only: cancelled when it goes
@@ -124,6 +115,8 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
         self.phase = CLOSED
         for task in list(self.tasks):
             task.cancel()
+        if self.console is not None:
+            self.console.close()
         self.app.forget(self)
         if self.startup_timer:
             self.startup_timer.cancel()
@@ -144,6 +137,13 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
             if not st.is_closing():
                 st.write(pq.TERMINATE)
                 st.close()
+
+    def _now_ready(self) -> None:
+        """Startup is over: relay from now on (with the cache's view of this session, if caching)."""
+        self.phase = READY
+        if self.app.cache is not None:
+            self.cstate = self.app.cache.session(self.database, self.user, self.params)
+        self.app.session_ready(self)
 
     def _task(self, coro) -> None:
         """Work for this client only (connecting, authenticating, waiting, looking up): cancelled when
@@ -185,12 +185,14 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
             self.transport.resume_reading()
 
     # -- client bytes ---------------------------------------------------------------------------
+    def _client_bytes(self, data: bytes) -> None:
+        """Bytes of the client's replayed after a wait: counted once, on arrival, so data_received's
+        count is taken back (one call less on the hot path than a shared helper would cost)."""
+        self.bytes_in -= len(data)
+        self.data_received(data)
+
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self._client_bytes(data)
-
-    def _client_bytes(self, data: bytes) -> None:
-        """Bytes from the client, arriving now or replayed after a wait (counted once, on arrival)."""
         phase = self.phase
         if self.client_suspended:
             self.client_backlog += data  # a cache look-up is under way: keep the order
@@ -216,9 +218,12 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
             if phase is READY:
                 if self.pool is not None and self.server.state.reapply:
                     self._reapply_settings()
-                self._relay_client(frames, framer.data)
+                try:
+                    self.client_frames(frames, framer.data)
+                except pq.MALFORMED as e:
+                    self._malformed(e)
             elif phase is ADMIN:
-                self.admin_frames(frames, framer.data)
+                self.console.feed(frames, framer.data)
             elif phase is LOCAL_AUTH:
                 self.local_auth_frames(frames, framer.data)
             else:
@@ -235,10 +240,13 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
         try:
             self.client_frames(frames, data, start)
         except pq.MALFORMED as e:
-            # a message of valid length whose body does not parse (a Parse without its terminators, an
-            # empty Execute...): a relay cannot follow what it cannot read
-            log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
-            self.fatal("08P01", "invalid message format")
+            self._malformed(e)
+
+    def _malformed(self, e: Exception) -> None:
+        # a message of valid length whose body does not parse (a Parse without its terminators, an
+        # empty Execute...): a relay cannot follow what it cannot read
+        log.info("malformed client message", extra={"client": self.id, "reason": repr(e)})
+        self.fatal("08P01", "invalid message format")
 
     def auth_client_frames(self, frames: list, data: bytes) -> None:
         out = []
@@ -299,7 +307,7 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
         auth, self.auth = self.auth, None
         self.to_client(pq.AUTH_OK)
         self.phase = CONNECTING
-        if self.app.pools is not None and not self.admin:
+        if self.app.pools is not None and not self.admin_db:
             if auth.client_key is not None:
                 self.app.pools.client_keys[self.user] = auth.client_key
             self._task(self._pooled_start())
@@ -383,8 +391,9 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
         """Write what server_frames relayed, then account for the statements it finished (the client
         need not wait for our bookkeeping). True when the relay stopped at a commit point: the cache is
         invalidated first, and the rest follows (_invalidate_then_resume)."""
-        if out and self.transport and not self.transport.is_closing():
-            self.to_client(out)
+        transport = self.transport
+        if out and transport and not transport.is_closing():
+            transport.write(out)  # to_client, inlined: once per server read
         if self.finished:
             self._account()
         if self.server_suspend is not None:
@@ -435,14 +444,13 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
                     self.startup_timer.cancel()
                     self.startup_timer = None
                 out.append(raw)
-                if self.admin:
+                if self.admin_db:
                     self.phase = ADMIN
+                    self.console = self.app.open_console(self)
                     self.server.transport.write(pq.TERMINATE)
                     self.server.transport.close()
-                    self.app.stats_inc("admin_sessions")
                     return b"".join(out)
-                self.phase = READY
-                self.app.session_ready(self)
+                self._now_ready()
                 # anything after the first ReadyForQuery is relayed normally
                 rest = [f for f in frames if f[1] >= b]
                 if rest:
@@ -450,39 +458,6 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
                 return b"".join(out)
             out.append(raw)
         return b"".join(out)
-
-    # -- admin console -------------------------------------------------------------------------------
-    def admin_frames(self, frames: list, data: bytes) -> None:
-        for t, a, b in frames:
-            self.admin_queue.append((t, data[a:b]))
-        if not self.admin_busy:
-            self.admin_busy = True
-            asyncio.ensure_future(self._admin_run())
-
-    async def _admin_run(self) -> None:
-        """Answer admin messages one at a time, in order (some commands await, e.g. RELOAD)."""
-        from proxy import admin
-
-        try:
-            while self.admin_queue and self.phase is ADMIN:
-                t, raw = self.admin_queue.popleft()
-                if t == _Q:
-                    reply = await admin.handle(self.app, self, pq.parse_query(raw[5:]))
-                elif t == _X:
-                    self.close()
-                    return
-                elif t == _S:
-                    reply = pq.ready_for_query(pq.IDLE)
-                elif t in (_P, _B, _D, _E, _C, _H):
-                    reply = pq.error_response("0A000", "the pgfront admin console supports the simple query "
-                                                       "protocol only (psql, or prefer_simple_protocol)")
-                else:
-                    self.fatal("08P01", f"invalid frontend message type {t}")
-                    return
-                if self.transport and not self.transport.is_closing():
-                    self.to_client(reply)
-        finally:
-            self.admin_busy = False
 
     # -- what the registry of clients may read (admin console, metrics, housekeeping, shutdown) ---------
     @property
@@ -495,8 +470,21 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
         return bool(self.expect) or self.tx_status != pq.IDLE
 
     @property
-    def server_state_name(self) -> str:
-        return "active" if self.expect else ("idle in transaction" if self.tx_status != pq.IDLE else "idle")
+    def has_server(self) -> bool:
+        return self.server is not None and self.phase is READY
+
+    @property
+    def on_console(self) -> bool:
+        return self.phase is ADMIN
+
+    @property
+    def pool_key(self) -> tuple[str, str] | None:
+        return (self.pool.database, self.pool.user) if self.pool is not None else None
+
+    def cancel_target(self) -> ServerLink | None:
+        """Only while replies are awaited: a late cancel must not land on the next query."""
+        link = self.server
+        return link if link is not None and self.expect and link.pid else None
 
     def idle_for(self, now: float) -> float:
         """Seconds since the client last sent anything, while it is ready and not busy (else 0)."""
@@ -510,4 +498,6 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asy
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "backend_pid": self.backend_pid,
             "connected_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.connected_at)),
             "pending": len(self.expect),
+            "server_state": "active" if self.expect else ("idle in transaction" if self.tx_status != pq.IDLE
+                                                          else "idle"),
         }

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from proxy.net.serverlink import UpstreamRefused
 from proxy.relay.pooling import REPORTED, drops_statements, session_feature, settings_query, wanted_settings
-from proxy.relay.records import _H, _P, _S, CLOSED, READY, Stmt
+from proxy.relay.records import _H, _P, _S, CLOSED, Stmt
 from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError
 
@@ -53,8 +53,7 @@ class PooledClient:
         if self.startup_timer:
             self.startup_timer.cancel()
             self.startup_timer = None
-        self.phase = READY
-        self.app.session_ready(self)
+        self._now_ready()
         if self.server is not None:
             self._maybe_release()
         if self.startup_buf:
