@@ -237,6 +237,15 @@ def make_script(rng: random.Random, client: int, n: int) -> Script:
             p.update(stmt=rng.randrange(len(PREPARED)), named=rng.random() < 0.5, times=rng.randint(1, 3))
         elif kind == "discard":
             p.update(what=rng.choice(["DISCARD ALL", "DEALLOCATE ALL"]))
+            if driver == "psycopg":
+                # psycopg forgets its prepared statements on DISCARD/DEALLOCATE ALL only the first time
+                # a connection runs that text (its cache then knows the text and skips the check), so a
+                # second one leaves it using dropped statements, even on a direct connection: one each
+                done = {q["what"] for k, q in steps if k == "discard"}
+                if p["what"] in done:
+                    p["what"] = "DEALLOCATE ALL" if p["what"] == "DISCARD ALL" else "DISCARD ALL"
+                if p["what"] in done:
+                    continue
         elif kind == "copy":
             p.update(what=rng.choice(["in", "in", "dup", "out"]), n=rng.randint(1, 20))
         elif kind == "error_auto":
