@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     hot.add_argument("--config", help="a pgfront config file (default: no rules, no cache)")
     hot.add_argument("--instructions", action="store_true",
                      help="count instructions per query with valgrind's callgrind instead of timing")
+    hot.add_argument("--core", nargs="+", default=["compiled", "pure"], choices=["compiled", "pure"],
+                     help="with --instructions: which relay cores to count (default both)")
     hot.set_defaults(func=cmd_hotpath)
     return ap
 
@@ -98,7 +100,7 @@ def cmd_hotpath(args: argparse.Namespace) -> int:
     if args.instructions:
         from .instructions import main as instructions
 
-        return instructions(args.mode, args.config)
+        return instructions(args.mode, args.config, args.core)
     from .hotpath import main as hotpath
 
     return hotpath(args.mode, args.n, args.profile, args.config)

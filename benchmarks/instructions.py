@@ -21,12 +21,13 @@ SHORT, LONG = 1_000, 6_000  # transactions per run: the difference is what is co
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
-def count(mode: str, n: int, config: str | None, cwd: Path) -> int:
-    """Instructions callgrind counts for a whole `drive(mode, n)` process."""
+def count(mode: str, n: int, config: str | None, cwd: Path, pure: bool = False) -> int:
+    """Instructions callgrind counts for a whole `drive(mode, n)` process (`pure`: the interpreted core)."""
     with tempfile.TemporaryDirectory() as tmp:
         code = f"from benchmarks.hotpath import drive; drive({mode!r}, {n}, {config!r})"
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, "-c", code]
-        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(cwd)}
+        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(cwd),
+               "PGFRONT_PURE_PYTHON": "1" if pure else ""}
         res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     m = _COLLECTED.search(res.stderr)
     if res.returncode != 0 or m is None:
@@ -34,18 +35,26 @@ def count(mode: str, n: int, config: str | None, cwd: Path) -> int:
     return int(m.group(1))
 
 
-def per_query(mode: str, config: str | None = None, cwd: Path | None = None) -> float:
+def per_query(mode: str, config: str | None = None, cwd: Path | None = None, pure: bool = False) -> float:
     cwd = cwd or Path(__file__).resolve().parent.parent
-    return (count(mode, LONG, config, cwd) - count(mode, SHORT, config, cwd)) / (LONG - SHORT)
+    return (count(mode, LONG, config, cwd, pure) - count(mode, SHORT, config, cwd, pure)) / (LONG - SHORT)
 
 
-def main(modes: list[str], config: str | None) -> int:
+def main(modes: list[str], config: str | None, cores: list[str]) -> int:
     if shutil.which("valgrind") is None:
         print("error: valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
+    from proxy.core import core
+
+    if "compiled" in cores and core() != "compiled":
+        print("note: the compiled core is not built here (scripts/setup.sh builds it): counting the pure core only",
+              file=sys.stderr)
+        cores = ["pure"]
     label = "default rules" if config else "passthrough"
-    for mode in modes:
-        print(f"counting {mode} ({label}) under callgrind...", file=sys.stderr, flush=True)
-        print(f"{mode:9s} {per_query(mode, config):9,.0f} instructions per query ({label}, callgrind, "
-              f"{LONG:,} - {SHORT:,} transactions)", flush=True)
+    for which in cores:
+        for mode in modes:
+            print(f"counting {mode} ({label}, {which} core) under callgrind...", file=sys.stderr, flush=True)
+            n = per_query(mode, config, pure=which == "pure")
+            print(f"{which:8s} {mode:9s} {n:9,.0f} instructions per query ({label}, callgrind, "
+                  f"{LONG:,} - {SHORT:,} transactions)", flush=True)
     return 0

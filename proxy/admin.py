@@ -4,7 +4,7 @@ Only roles in `[admin] users` get in, and they authenticate against the upstream
 passwords). Commands (case-insensitive, `;`-separated):
 
   SHOW QUERIES [n] [BY total_time|calls|mean_time|p95|p99|rows|errors]   top fingerprints
-  SHOW CLIENTS | SERVERS | STATS | RULES | CACHE | CONFIG | POOLS | HELP
+  SHOW CLIENTS | SERVERS | STATS | RULES | CACHE | CONFIG | POOLS | VERSION | HELP
   RELOAD                      re-read rule files (all workers: the parent forwards SIGHUP)
   RESET STATS                 forget query statistics in every worker
   CACHE PURGE [ALL | TABLE name | FINGERPRINT fp]
@@ -155,6 +155,13 @@ def show_help(_app: App, _args: list[str]) -> bytes:
     return table(["command"], [[line] for line in lines])
 
 
+def show_version(_app: App, _args: list[str]) -> bytes:
+    from proxy import __version__
+    from proxy.core import core
+
+    return table(["version"], [[f"pgfront {__version__} ({core()} core)"]])
+
+
 async def reload(app: App, _args: list[str]) -> bytes:
     ok, message = await app.reload()
     if app.cfg.server.workers > 1:
@@ -185,7 +192,8 @@ async def cache_purge(app: App, args: list[str]) -> bytes:
 
 
 _SHOW = {"queries": show_queries, "stats": show_stats, "clients": show_clients, "servers": show_servers,
-         "pools": show_pools, "config": show_config, "rules": show_rules, "cache": show_cache, "help": show_help}
+         "pools": show_pools, "config": show_config, "rules": show_rules, "cache": show_cache, "help": show_help,
+         "version": show_version}
 
 
 def execute(app: App, statement: str) -> bytes | Awaitable[bytes]:

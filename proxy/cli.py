@@ -8,6 +8,7 @@ import sys
 
 from proxy import __version__
 from proxy.config import ConfigError
+from proxy.core import core
 
 # modules that add subcommands through register(subparsers)
 _SUBCOMMAND_MODULES: list[str] = ["proxy.rules.cli", "proxy.advisor.cli", "proxy.top"]
@@ -79,7 +80,7 @@ def _check_rules(cfg) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgfront", description="PostgreSQL wire-protocol proxy")
-    parser.add_argument("--version", action="version", version=f"pgfront {__version__}")
+    parser.add_argument("--version", action="version", version=f"pgfront {__version__} ({core()} core)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sp = sub.add_parser("serve", help="run the proxy")
     sp.add_argument("--config", help="config file (default: ./config.toml if present)")

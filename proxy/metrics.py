@@ -25,7 +25,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from proxy import __version__
 from proxy import stats as st
+from proxy.core import core
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,10 @@ class MergedStatsCollector(Collector):
             rules.add_metric([rule, action, mode], n)
         yield rules
         yield GaugeMetricFamily("pgfront_workers", "Worker processes reporting", value=merged.workers)
+        info = GaugeMetricFamily("pgfront_build_info", "pgfront's version and which relay core runs (compiled or pure)",
+                                 labels=["version", "core"])
+        info.add_metric([__version__, core()], 1)
+        yield info
         yield GaugeMetricFamily("pgfront_fingerprints", "Fingerprints tracked with their own statistics",
                                 value=len(merged.queries))
         # A known counter reported through set_gauge (a running total kept elsewhere) is still a counter:

@@ -58,3 +58,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   touch "$stamp"
 fi
+# the compiled relay core is built in place (setup.py): again whenever its sources changed since, so
+# that nothing runs yesterday's code; without a C compiler pgfront runs its pure-Python core
+if [ "${PGFRONT_PURE_PYTHON:-}" != 1 ] && have_cmd cc && \
+    ! .venv/bin/python -c "import sys; from proxy.core import stale; sys.exit(bool(stale()))"; then
+  echo "setup: building the compiled relay core" >&2
+  .venv/bin/python setup.py -q build_ext --inplace 2>&1 | grep -v "^copying\|beta\|warnings.warn" >&2 || true
+fi

@@ -22,6 +22,24 @@ from proxy.devdb import TempPostgres, TempRedis, free_port
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret-pw"
 
+
+def pytest_report_header(config) -> str:
+    from proxy.core import core
+
+    return f"pgfront relay core: {core()} (PGFRONT_PURE_PYTHON={os.environ.get('PGFRONT_PURE_PYTHON', '')})"
+
+
+def pytest_configure(config) -> None:
+    """Never test yesterday's code: a compiled module older than its source stops the run."""
+    from proxy.core import _extension, stale
+
+    if os.environ.get("PGFRONT_PURE_PYTHON") == "1":
+        return
+    old = [name for name in stale() if _extension(name) is not None]
+    if old:
+        pytest.exit(f"the compiled relay core is older than its sources ({', '.join(old)}): run scripts/setup.sh "
+                    "(or set PGFRONT_PURE_PYTHON=1)", returncode=4)
+
 HBA = [
     "host all trustuser 127.0.0.1/32 trust",
     "host all md5user 127.0.0.1/32 md5",
