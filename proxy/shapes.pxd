@@ -1,0 +1,11 @@
+# C types for proxy/shapes.py when it is compiled (setup.py): the shape-key scan as a C loop over the
+# text's code points. The .py file stays the one source; interpreted, these declarations do nothing.
+import cython
+
+
+@cython.locals(n=cython.Py_ssize_t, start=cython.Py_ssize_t, i=cython.Py_ssize_t, j=cython.Py_ssize_t,
+               k=cython.Py_ssize_t, end=cython.Py_ssize_t, skip=cython.Py_ssize_t, last_pair=cython.Py_ssize_t,
+               q=cython.Py_ssize_t, c=cython.Py_UCS4, d=cython.Py_UCS4)
+cpdef str _scan_key(str sql)
+
+cdef bint _word(Py_UCS4 c)
