@@ -5,6 +5,7 @@ inherit it from the environment)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -57,6 +58,7 @@ def stale() -> list[str]:
     return out
 
 
+@functools.cache  # fixed for the life of the process: the CLI and every metrics scrape ask
 def core() -> str:
     """"compiled" when every hot module runs as an extension module, else "pure"."""
     import importlib

@@ -4,8 +4,11 @@ import cython
 
 
 @cython.locals(n=cython.Py_ssize_t, start=cython.Py_ssize_t, i=cython.Py_ssize_t, j=cython.Py_ssize_t,
-               k=cython.Py_ssize_t, end=cython.Py_ssize_t, skip=cython.Py_ssize_t, last_pair=cython.Py_ssize_t,
-               q=cython.Py_ssize_t, c=cython.Py_UCS4, d=cython.Py_UCS4)
+               k=cython.Py_ssize_t, end=cython.Py_ssize_t, skip=cython.Py_ssize_t, q=cython.Py_ssize_t,
+               c=cython.Py_UCS4)
 cpdef str _scan_key(str sql)
+
+@cython.locals(n=cython.Py_ssize_t, last_pair=cython.Py_ssize_t, d=cython.Py_UCS4)
+cdef Py_ssize_t _closing(str sql, Py_ssize_t j, Py_UCS4 quote, bint escapes)
 
 cdef bint _word(Py_UCS4 c)

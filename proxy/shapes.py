@@ -49,6 +49,30 @@ def _word(c: str) -> bool:
     return c.isalnum() or c == "_"
 
 
+def _closing(sql: str, j: int, quote: str, escapes: bool) -> int:
+    """Where a quoted run that opened just before `j` ends (after its closing quote), as the regex's
+    `quote(?:[^quote]|quote quote)*quote` finds it (with `|\\.` for string constants: `escapes`);
+    -1 when it does not close. Unterminated, the regex backtracks to the last doubled quote and
+    closes there."""
+    n = len(sql)
+    last_pair = -1
+    while j < n:
+        d = sql[j]
+        if d == quote:
+            if j + 1 < n and sql[j + 1] == quote:
+                last_pair = j
+                j += 2
+                continue
+            return j + 1
+        if escapes and d == "\\":
+            if j + 1 >= n:
+                break
+            j += 2
+            continue
+        j += 1
+    return last_pair + 1 if last_pair >= 0 else -1
+
+
 def _scan_key(sql: str) -> str:
     """The same key as the regexes, in one pass over the characters: what the compiled core runs
     (typed in shapes.pxd, a C loop there). Each position tries what the regex tries, in its order:
@@ -62,19 +86,7 @@ def _scan_key(sql: str) -> str:
         end = -1  # end of a constant found at i (replaced by '?')
         skip = -1  # end of something kept verbatim found at i
         if c == '"':
-            j = i + 1
-            last_pair = -1
-            while j < n:
-                if sql[j] == '"':
-                    if j + 1 < n and sql[j + 1] == '"':
-                        last_pair = j
-                        j += 2
-                        continue
-                    skip = j + 1
-                    break
-                j += 1
-            if skip < 0 and last_pair >= 0:  # unterminated: the regex backtracks to the last "" pair
-                skip = last_pair + 1
+            skip = _closing(sql, i + 1, '"', False)
         elif c == "$":
             j = i + 1
             while j < n and sql[j].isdecimal():
@@ -99,25 +111,7 @@ def _scan_key(sql: str) -> str:
             elif c in "eEbBxXuU" and i + 1 < n and sql[i + 1] == "'":
                 q = i + 1
             if q >= 0:
-                j = q + 1
-                last_pair = -1
-                while j < n:
-                    d = sql[j]
-                    if d == "'":
-                        if j + 1 < n and sql[j + 1] == "'":
-                            last_pair = j
-                            j += 2
-                            continue
-                        end = j + 1
-                        break
-                    if d == "\\":
-                        if j + 1 >= n:
-                            break
-                        j += 2
-                        continue
-                    j += 1
-                if end < 0 and last_pair >= 0:  # unterminated: back to the last '' pair, as the regex does
-                    end = last_pair + 1
+                end = _closing(sql, q + 1, "'", True)
             elif "0" <= c <= "9" and (i == 0 or not (_word(sql[i - 1]) or sql[i - 1] == "$")):
                 j = i + 1
                 while j < n and "0" <= sql[j] <= "9":
