@@ -14,6 +14,9 @@ from .runner import RESULTS_DIR, Bench, Options
 from .scenarios import SCENARIOS
 from .targets import CONFIGS, all_targets
 
+HOT_MODES = ["simple", "extended", "prepared"]  # pgbench -S through the relay
+HIT_MODES = ["hit-simple", "hit-extended", "hit-prepared"]  # a read the cache answers
+
 
 def _keys(values: list[str] | None) -> list[str] | None:
     if not values:
@@ -54,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--top", type=int, default=30)
     prof.set_defaults(func=cmd_profile)
     hot = sub.add_parser("hotpath", help="the relay's Python cost per query, in-process, without sockets")
-    hot.add_argument("--mode", nargs="+", default=["simple", "extended", "prepared"],
-                     choices=["simple", "extended", "prepared"])
+    hot.add_argument("--mode", nargs="+", default=None, choices=[*HOT_MODES, *HIT_MODES],
+                     help="pgbench -S in each protocol, or (hit-*) a read the cache answers; default: the "
+                          "three protocols, and with --instructions the three cache hits too")
     hot.add_argument("-n", type=int, default=50_000, help="queries per timed round (default 50,000)")
     hot.add_argument("--profile", action="store_true", help="print cProfile's ranking of one round")
     hot.add_argument("--config", help="a pgfront config file (default: no rules, no cache)")
@@ -100,10 +104,10 @@ def cmd_hotpath(args: argparse.Namespace) -> int:
     if args.instructions:
         from .instructions import main as instructions
 
-        return instructions(args.mode, args.config, args.core)
+        return instructions(args.mode or [*HOT_MODES, *HIT_MODES], args.config, args.core)
     from .hotpath import main as hotpath
 
-    return hotpath(args.mode, args.n, args.profile, args.config)
+    return hotpath(args.mode or HOT_MODES, args.n, args.profile, args.config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,11 +50,11 @@ def main(modes: list[str], config: str | None, cores: list[str]) -> int:
         print("note: the compiled core is not built here (scripts/setup.sh builds it): counting the pure core only",
               file=sys.stderr)
         cores = ["pure"]
-    label = "default rules" if config else "passthrough"
     for which in cores:
         for mode in modes:
+            label = "cache hit" if mode.startswith("hit-") else "default rules" if config else "passthrough"
             print(f"counting {mode} ({label}, {which} core) under callgrind...", file=sys.stderr, flush=True)
             n = per_query(mode, config, pure=which == "pure")
-            print(f"{which:8s} {mode:9s} {n:9,.0f} instructions per query ({label}, callgrind, "
+            print(f"{which:8s} {mode:12s} {n:9,.0f} instructions per query ({label}, callgrind, "
                   f"{LONG:,} - {SHORT:,} transactions)", flush=True)
     return 0

@@ -21,6 +21,7 @@ from proxy.devdb import TempPostgres, TempRedis
 
 from . import machine, pgbench, procstat
 from .idle import Holder
+from .report import CACHE_SIDE_BY_SIDE
 from .scenarios import QUICK_SCENARIOS, Scenario, by_key
 from .targets import CONFIGS, Env, Pgfront, Target, Unavailable, all_targets
 
@@ -291,9 +292,11 @@ class Bench:
         if self.opts.workers:
             extras["workers"] = w = self.workers_scaling()
             log("workers 2 vs 1: " + (f"{w['ratio']:.2f}x" if "ratio" in w else w["na"]))
-        if any(sc.key == "aggregate" for sc in self.scenarios):
-            extras["cache_vs_pgpool"] = c = self.side_by_side("aggregate", "pgfront-cache", "pgpool")
-            log("cache hits vs Pgpool-II, alternating: " + (f"{c['ratio']:.2f}x" if "ratio" in c else c["na"]))
+        for scenario, key in CACHE_SIDE_BY_SIDE.items():
+            if any(sc.key == scenario for sc in self.scenarios):
+                extras[key] = c = self.side_by_side(scenario, "pgfront-cache", "pgpool")
+                log(f"cache hits vs Pgpool-II, {scenario}, alternating: "
+                    + (f"{c['ratio']:.2f}x" if "ratio" in c else c["na"]))
 
     def side_by_side(self, scenario: str, key: str, base: str, rounds: int = 5) -> dict:
         """Two targets measured in turn, `rounds` times each after one warm-up run each, on one scenario:

@@ -29,12 +29,14 @@ SCENARIOS: list[Scenario] = [
     Scenario("tpcb", "pgbench TPC-B-like (writes)", Load("tpcb-like", mode="simple")),
     Scenario("aggregate", "heavy aggregate read (cacheable)", Load(None, script=AGGREGATE_SQL, mode="simple"),
              cache=True),
+    Scenario("aggregate-extended", "heavy aggregate read (cacheable), extended protocol",
+             Load(None, script=AGGREGATE_SQL, mode="extended"), cache=True),
     Scenario("many-conns", "pgbench -S with 1,000 idle clients held", Load("select-only", mode="simple"),
              idle_connections=1000),
     Scenario("churn", "pgbench -S -C (new connection per txn)", Load("select-only", mode="simple", reconnect=True)),
 ]
 
-QUICK_SCENARIOS = ["select-simple", "select-extended", "aggregate"]
+QUICK_SCENARIOS = ["select-simple", "select-extended", "aggregate", "aggregate-extended"]
 
 
 def by_key(keys: list[str] | None) -> list[Scenario]:

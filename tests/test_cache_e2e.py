@@ -376,3 +376,84 @@ def test_pipelined_writes_are_invalidated_after_they_commit(cached):
         c.read_until(b"Z")
     assert _counter(cached.port) == start + 3
     c.close()
+
+
+EXT_READ = "SELECT id, name, price FROM cached_t WHERE id <= $1 ORDER BY id"
+
+
+def _ext_batch(parse: bool = True, describe_portal: bool = True, stmt: str = "", value: bytes = b"4") -> bytes:
+    parts = [pq.parse_message(stmt, EXT_READ)] if parse else []
+    parts.append(bind("", stmt, [value]))
+    if describe_portal:
+        parts.append(describe(b"P"))
+    parts += [execute(), pq.SYNC]
+    return b"".join(parts)
+
+
+def _state_change(pg, application_name: str) -> str:
+    return pg.psql(f"SELECT state_change FROM pg_stat_activity WHERE application_name = '{application_name}'").strip()
+
+
+@pytest.fixture(scope="module")
+def long_window(pg, tables, redis_server, tmp_path_factory):
+    """pgfront whose L1 entries stay fresh for 10 s: every repeat inside a test is answered at once."""
+    p = cached_proxy(pg, tmp_path_factory, redis_server.url, extra="local_validity = '10s'\n")
+    yield p
+    p.stop()
+
+
+def test_extended_hits_are_answered_without_the_server(pg, long_window):
+    """A repeated extended-protocol batch the cache answers (pgbench -M extended / prepared, libpq's
+    PQexecParams) gets its ParseComplete, BindComplete and RowDescription from pgfront as well: the
+    server connection sees nothing, and the client gets the very bytes Postgres sends."""
+    unnamed = _ext_batch()
+    named = _ext_batch(parse=False, stmt="s1")
+    prepare = pq.parse_message("s1", EXT_READ) + pq.SYNC
+    cached = long_window
+    direct = transcript(pg.port, [unnamed], 1)[0]
+    warm_up(cached, [unnamed])
+    c = RawConn(cached.port)
+    c.startup(application_name="ext-hits")
+    c.send(prepare)
+    c.read_until(b"Z")
+    for batch in (unnamed, named):
+        c.send(batch)
+        first = c.read_until(b"Z")  # answered from the cache, the server describing: remembered
+        assert [t for t, _ in first] == [t for t, _ in direct][1 if batch is named else 0:]
+        before_hits, before = hits(cached), _state_change(pg, "ext-hits")
+        for _ in range(20):
+            c.send(batch)
+            reply = c.read_until(b"Z")
+            assert reply == first
+        assert hits(cached) - before_hits == 20
+        assert _state_change(pg, "ext-hits") == before  # not one message reached the server
+    c.close()
+
+
+def test_extended_hits_keep_the_servers_statements_exact(pg, long_window):
+    """A batch answered without the server skips its Parse only while the server still holds that very
+    statement: after a Query (which destroys the unnamed statement), a Close or another Parse, the
+    next batch goes to the server; a Bind that relies on the unnamed statement still finds it, inside
+    and outside transactions. The whole conversation matches Postgres's, message for message."""
+    unnamed = _ext_batch()
+    script = [unnamed, unnamed, unnamed, pq.query("SELECT 1"), unnamed,
+              _ext_batch(parse=False), unnamed, _ext_batch(describe_portal=False), unnamed,
+              pq.msg(b"C", b"S\0") + pq.SYNC, unnamed, _ext_batch(parse=False),
+              pq.parse_message("", "SELECT 2") + pq.SYNC, _ext_batch(parse=False), unnamed, unnamed,
+              pq.query("BEGIN"), unnamed, unnamed, pq.query("COMMIT"), unnamed, _ext_batch(value=b"7"),
+              _ext_batch(parse=False), unnamed]
+
+    def conversation(port: int) -> list[list[tuple[bytes, bytes]]]:
+        c = RawConn(port)
+        c.startup()
+        out = []
+        for m in script:
+            c.send(m)
+            out.append(c.read_until(b"Z"))
+        c.close()
+        return out
+
+    warm_up(long_window, [unnamed])
+    before = hits(long_window)
+    assert conversation(long_window.port) == conversation(pg.port)
+    assert hits(long_window) - before >= 8

@@ -59,8 +59,9 @@ class ResultCapture:
 
 
 def split_row_description(reply: bytes) -> tuple[bytes | None, bytes]:
-    """(RowDescription message or None, the rest): the Describe reply and the Execute reply of an entry."""
-    if reply[:1] != b"T":
+    """(RowDescription or NoData message, or None; the rest): the Describe reply and the Execute reply
+    of an extended-protocol entry (filled with or without its batch's Describe)."""
+    if reply[:1] != b"T" and reply[:1] != b"n":
         return None, reply
     end = 1 + int.from_bytes(reply[1:5], "big")
     return reply[:end], reply[end:]

@@ -191,11 +191,12 @@ class ResultCache:
         return self._miss(key, stamp, fields, False, checked)
 
     def hit_now(self, key: bytes, info: Any, state: SessionCacheState, *, allow_rls: bool = False,
-                allow_catalog: bool = False) -> bytes | None:
+                allow_catalog: bool = False, described: bool = False) -> bytes | None:
         """The reply, when L1 holds it inside its freshness window and the policy allows it: a hit served
-        within the client's own turn of the event loop, with no Redis round trip. None: use lookup()."""
+        within the client's own turn of the event loop, with no Redis round trip. None: use lookup().
+        `described`: only an extended-protocol entry that starts with its Describe reply will do."""
         reply = self._fresh_reply(key, self.l1.get(key), time.monotonic())
-        if reply is None or not self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog).ok:
+        if reply is None or (described and reply[:1] != b"T" and reply[:1] != b"n") or not self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog).ok:
             return None
         self._count_hit(reply, "hits_l1")
         return reply

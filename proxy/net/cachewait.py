@@ -70,6 +70,8 @@ class CacheWaits:
         event = res.event if res is not None else "bypass"
         if event == "hit":
             self._serve_hit(p, kind, res.reply)
+            if kind == _E:
+                self._remember_batch(frames, data, i, p, decision, key, res.reply)
         else:
             self._cache_event(info, event)
             if event == "miss":
@@ -78,6 +80,7 @@ class CacheWaits:
                 p.fill = res
                 p.ttl = decision.cache_ttl
                 if kind == _E:
+                    self._describe_into(p, frames, data, i)
                     # The client's Bind reached the server before the versions were read, and a portal
                     # takes its snapshot at Bind: a write committed in between would be stored under
                     # the new versions. Bind the portal again now (its BindComplete swallowed), so the

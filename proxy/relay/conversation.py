@@ -14,6 +14,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from proxy.log import log
+from proxy.relay.hothits import HotHits
 from proxy.relay.pooling import drops_statements, rename_bind, session_feature
 from proxy.relay.records import (
     _B,
@@ -23,7 +24,6 @@ from proxy.relay.records import (
     _E,
     _F,
     _H,
-    _HOT_QUERIES,
     _LOCAL,
     _P,
     _PLAIN_B,
@@ -37,14 +37,12 @@ from proxy.relay.records import (
     _SAVE_AND_SET_TIMEOUT,
     _SUSPEND,
     _X,
-    READY,
     STARTUP,
     Pending,
     Stmt,
     _c,
     _d,
     _f,
-    special,
 )
 from proxy.relay.replies import ReplyTracker
 from proxy.sql import analyze
@@ -58,7 +56,7 @@ if TYPE_CHECKING:
     from proxy.stats import QueryStats
 
 
-class Conversation(ReplyTracker):
+class Conversation(HotHits, ReplyTracker):
     """One client's conversation: what it prepared, what it awaits, and the decisions on the way."""
 
     def __init__(self, app: RelayContext) -> None:
@@ -75,7 +73,8 @@ class Conversation(ReplyTracker):
         self.pinned = False  # session state seen in transaction mode: keep the server
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.last_parse: tuple | None = None  # (body, stmt, rules) of the last Parse forwarded unchanged
-        self.hot_queries: dict[bytes, tuple] = {}  # Query message -> what _hot_hit needs to answer it again
+        self.hot_queries: dict[bytes, tuple] = {}  # request bytes -> what _hot_hit needs to answer it again
+        self.stmt_epoch = 0  # bumped by every Parse, Close and Query: the server's statements may differ
         self.restore_at_sync = False
         self.queries = 0
         self.last_active = time.perf_counter()
@@ -194,6 +193,7 @@ class Conversation(ReplyTracker):
                     self.copy_ends_sent += 1
             elif t == _C:
                 kind, name = pq.parse_describe_close(data[a + 5:b])
+                self.stmt_epoch += 1
                 if kind == b"S":
                     self.statements.pop(name, None)
                 else:
@@ -300,6 +300,7 @@ class Conversation(ReplyTracker):
         """A simple Query: track it, apply rules. Returns a replacement message or None."""
         sql = sql_bytes.decode(pq.ENC, pq.ERRORS)
         self.queries += 1
+        self.stmt_epoch += 1  # a Query destroys the unnamed statement
         if self.app.rules is None and self.cstate is None and not self.pooled_tx:
             # nothing decides on the statement before it is sent: its shape is looked up for the
             # statistics after the reply has gone out, off the path the client waits on
@@ -406,6 +407,7 @@ class Conversation(ReplyTracker):
 
 
     def _parse(self, body: bytes) -> bytes | None:
+        self.stmt_epoch += 1
         last = self.last_parse
         rules = self.app.rules
         if (last is not None and last[0] == body and self.statements.get(last[1].name) is last[1]
@@ -480,58 +482,6 @@ class Conversation(ReplyTracker):
     @property
     def in_transaction(self) -> bool:
         return self.tx_status != pq.IDLE
-
-
-    def _remember_hot(self, sql: str, info: StatementInfo, decision: Decision, key: bytes) -> None:
-        """Keep what answering this Query from the cache took, keyed by its exact message bytes."""
-        hot = self.hot_queries
-        if len(hot) >= _HOT_QUERIES:
-            hot.clear()
-        rules = self.app.rules.holder.current
-        hot[pq.query(sql)] = (rules, rules.context_key(self), self.cstate.prefix, info, decision, key)
-
-
-    def _hot_hit(self, memo: tuple) -> bool:
-        """A repeat of a Query answered from the cache before, alone in its chunk, with nothing else in
-        flight: answer it without framing, parsing or deciding again. False: take the general path.
-
-        Valid only while nothing the memo stands for changed: the rules (a reload makes a new rule set),
-        the context they match on (user, database, application_name, in a transaction), and the session
-        settings in the key (a new prefix object when one changes); the cache policy is asked again."""
-        t0 = time.perf_counter()
-        ruleset, context, prefix, info, decision, key = memo
-        cstate = self.cstate
-        if (self.phase is not READY or self.expect or self.skip_until_sync or self.in_batch or not self.cframer.idle
-                or cstate is None or cstate.prefix is not prefix or self.app.rules is None
-                or self.app.rules.holder.current is not ruleset or ruleset.context_key(self) != context):
-            return False
-        reply = self.app.cache.hit_now(key, info, cstate, allow_rls=decision.cache_allow_rls,
-                                       allow_catalog=decision.cache_allow_catalog)
-        if reply is None:
-            return False
-        self.to_client(reply + pq.ready_for_query(self.tx_status))
-        self.queries += 1
-        self.last_active = t0  # a busy client is not an idle one (client_idle_timeout)
-        q = self._record(info, t0)
-        self.app.rules.executed(self, decision, info, q=q)
-        self._cache_event(info, "hit", q)
-        return True
-
-
-    def _cache_event(self, info: StatementInfo, event: str, q: QueryStats | None = None) -> None:
-        if self.app.stats is not None:
-            self.app.stats.cache_event(info.fingerprint, event, q)
-
-
-    def _serve_hit(self, p: Pending, kind: int, reply: bytes) -> None:
-        """Answer `p` from the cache: its reply is queued as a local one, in client order."""
-        if not special(p):
-            self.special += 1
-        p.kind = _LOCAL
-        p.local = b"".join(p.notices) + reply
-        p.whole = kind == _Q
-        self.expect.append(p)
-        self._cache_event(p.info, "hit", self._done(p))  # statistics timed from the message's arrival
 
 
     def _done(self, p: Pending) -> QueryStats | None:

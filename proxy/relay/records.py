@@ -117,5 +117,3 @@ _PLAIN_S = Pending(_S)
 _Z_KINDS = (_S, _Q, _F)
 _STATEMENT_KINDS = (_Q, _E, _F)  # entries whose statement may write
 _SKIP_KINDS = (_P, _B, _D, _E, _C)
-
-_HOT_QUERIES = 64  # per session: Query messages remembered for _hot_hit

@@ -303,6 +303,9 @@ class ReplyTracker:
                     self.pool.known.add(p.prep)
             elif t == _T or t == _n:
                 if kind == _D:
+                    if p.fill is not None:  # the Describe of a portal whose Execute fills the cache
+                        p.fill.feed(data[a:b])  # (if it gives up, the Execute abandons the fill)
+                        p.fill = None
                     self._pop()
                 elif p.fill is not None:
                     self._feed(p, data[a:b], False)

@@ -1,0 +1,3 @@
+# C types for proxy/relay/hothits.py when it is compiled: the records it fills are extension types,
+# their fields read and written as C struct members.
+from proxy.relay.records cimport Pending, Stmt
