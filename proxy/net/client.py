@@ -1,4 +1,4 @@
-"""The client connection: the asyncio shell around one client's `Conversation`.
+"""The client connection: the asyncio shell around one client's `Conversation` (`HotHits`).
 
 It moves bytes (client socket in, server link out, and back), runs the timers, pauses reading for
 counted reasons, and walks the startup: SSL/GSS negotiation, CancelRequest, pgfront's own
@@ -25,7 +25,7 @@ from proxy.net.cachewait import CacheWaits
 from proxy.net.pooled import PooledClient
 from proxy.net.serverlink import ServerLink
 from proxy.net.startup import StartupSteps
-from proxy.relay.conversation import Conversation
+from proxy.relay.hothits import HotHits
 from proxy.relay.records import (
     _ERR,
     _K,
@@ -55,7 +55,7 @@ _HIGH_WATER = 512 * 1024
 _ids = itertools.count(1)
 
 
-class ClientConnection(StartupSteps, PooledClient, CacheWaits, Conversation, asyncio.Protocol):
+class ClientConnection(StartupSteps, PooledClient, CacheWaits, HotHits, asyncio.Protocol):
     """One client connection: transport, startup and authentication around its conversation."""
 
     def __init__(self, app: App) -> None:

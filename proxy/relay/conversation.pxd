@@ -1,3 +1,25 @@
-# C types for proxy/relay/conversation.py when it is compiled: the records it fills are extension types,
-# their fields read and written as C struct members.
+# C types for proxy/relay/conversation.py when it is compiled: the conversation's state as C struct
+# fields of the extension type (see replies.pxd).
+cimport cython
+
 from proxy.relay.records cimport Pending, Stmt
+from proxy.relay.replies cimport ReplyTracker
+
+
+cdef class Conversation(ReplyTracker):
+    cdef public object phase, user, database, application_name, cframer, last_bind, lookup_job, last_parse
+    cdef public dict statements, portals, hot_queries
+    cdef public bint pinned, in_batch, restore_at_sync
+    cdef public Py_ssize_t stmt_epoch, queries
+    cdef public double last_active
+
+    @cython.locals(p=Pending, stmt=Stmt, t=Py_ssize_t, a=Py_ssize_t, b=Py_ssize_t, first=Py_ssize_t,
+                   skipping=bint, now=double)
+    cpdef client_frames(self, list frames, data, Py_ssize_t start=*)
+    @cython.locals(p=Pending)
+    cpdef _query(self, sql_bytes, double now)
+    cpdef _done(self, Pending p)
+    @cython.locals(p=Pending)
+    cpdef _account(self)
+    @cython.locals(seconds=double)
+    cpdef _record(self, info, double t0, Py_ssize_t rows=*, sqlstate=*, Pending p=*)

@@ -14,7 +14,6 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from proxy.log import log
-from proxy.relay.hothits import HotHits
 from proxy.relay.pooling import drops_statements, rename_bind, session_feature
 from proxy.relay.records import (
     _B,
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
     from proxy.stats import QueryStats
 
 
-class Conversation(HotHits, ReplyTracker):
+class Conversation(ReplyTracker):
     """One client's conversation: what it prepared, what it awaits, and the decisions on the way."""
 
     def __init__(self, app: RelayContext) -> None:
@@ -332,7 +331,7 @@ class Conversation(HotHits, ReplyTracker):
                     if decision.sql is not None:
                         sent = pq.query(decision.sql)
                     if decision.notices:
-                        p.notices = tuple(pq.notice_response(n) for n in decision.notices)
+                        p.notices = tuple([pq.notice_response(n) for n in decision.notices])
                         self.special += 1
                     if decision.timeout:
                         before = self._swallowed_query(_SAVE_AND_SET_TIMEOUT.format(ms=int(decision.timeout * 1000)))
@@ -437,7 +436,7 @@ class Conversation(HotHits, ReplyTracker):
                 elif decision.sql is not None:
                     stmt.sent_sql = decision.sql
                     sent = pq.parse_message(name, decision.sql, oids)
-                stmt.notices = tuple(pq.notice_response(n) for n in decision.notices)
+                stmt.notices = tuple([pq.notice_response(n) for n in decision.notices])
                 stmt.decision = decision
                 if decision.timeout and not self.in_batch and not decision.block:
                     prefix = self._timeout_prefix(decision)

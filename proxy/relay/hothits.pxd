@@ -1,3 +1,7 @@
-# C types for proxy/relay/hothits.py when it is compiled: the records it fills are extension types,
-# their fields read and written as C struct members.
+# C types for proxy/relay/hothits.py when it is compiled (see conversation.pxd).
 from proxy.relay.records cimport Pending, Stmt
+from proxy.relay.conversation cimport Conversation
+
+
+cdef class HotHits(Conversation):
+    pass

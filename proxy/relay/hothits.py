@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from proxy.cache.capture import split_row_description
+from proxy.relay.conversation import Conversation
 from proxy.relay.records import _B, _D, _E, _LOCAL, _P, _PLAIN_D, _Q, _S, READY, Pending, special
 from proxy.wire import protocol as pq
 
@@ -35,8 +36,8 @@ _DESCRIBE_PORTAL = b"P\0"  # the body of a Describe of the unnamed portal
 _EXECUTE_ALL = b"\0\0\0\0\0"  # the body of an Execute of the unnamed portal, without a row limit
 
 
-class HotHits:
-    """The cache-hit half of a Conversation (see `proxy.relay.conversation`)."""
+class HotHits(Conversation):
+    """A Conversation that answers the requests it remembers (the transport shell's base)."""
 
     def _remember(self, request: bytes, info: StatementInfo, decision: Decision, key: bytes,
                   batch: tuple | None) -> None:

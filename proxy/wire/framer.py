@@ -19,7 +19,6 @@ from __future__ import annotations
 import struct
 
 _LEN = struct.Struct("!I")
-_HEADER = struct.Struct("!BI")  # type byte, length
 
 MAX_STARTUP = 10_000  # Postgres refuses larger startup packets too
 
@@ -64,11 +63,18 @@ class Framer:
     def single(self, data: bytes) -> list[tuple[int, int, int]] | None:
         """`feed` without the scan for a chunk that is exactly one complete message with nothing held
         back (a client's most common read, one Query); None for any other chunk, left to `feed`."""
-        n = len(data)
-        if self._buf or self._skip or n < 5 or _LEN.unpack_from(data, 1)[0] != n - 1 or n > self.max_size:
+        if self._buf or self._skip or type(data) is not bytes:
             return None
-        self.data = data
-        return [(data[0], 0, n)]
+        raw = data
+        n = len(raw)
+        if n < 5 or n > self.max_size:
+            return None
+        at = raw  # as in feed
+        ln = at[1]
+        if (ln << 24) | (at[2] << 16) | (at[3] << 8) | at[4] != n - 1:
+            return None
+        self.data = raw
+        return [(at[0], 0, n)]
 
     def feed(self, data: bytes) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
@@ -89,16 +95,22 @@ class Framer:
                 return out
             data = bytes(buf)
             self._buf = bytearray()
-        self.data = data
-        n = len(data)
-        unpack = _HEADER.unpack_from
+        if type(data) is not bytes:
+            data = bytes(data)
+        self.data = raw = data
+        # compiled (framer.pxd), `at` points into the bytes and each header is read in C; interpreted,
+        # it is the bytes themselves, which index to the same ints
+        at = raw
+        n = len(raw)
         append = out.append
         # A complete message is no longer than the chunk it is in: only in a chunk larger than max_size
         # (top = -1) must each length be checked against it. Complete messages take the two tests only.
         top = n if n <= self.max_size else -1
         stop = n - 4  # a header needs 5 bytes
         while pos < stop:
-            t, ln = unpack(data, pos)
+            t = at[pos]
+            ln = at[pos + 1]
+            ln = (ln << 24) | (at[pos + 2] << 16) | (at[pos + 3] << 8) | at[pos + 4]
             end = pos + 1 + ln
             if end > top or ln < 4:  # incomplete, invalid, or in a chunk beyond max_size
                 if ln < 4:
