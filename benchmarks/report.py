@@ -56,14 +56,17 @@ def _cache_goal(results: dict, scenario: str) -> dict:
 
 def goals(results: dict) -> list[dict]:
     out = [
-        _ratio_goal(results, "pgfront + rules vs PgBouncer, pgbench -S simple", "select-simple",
-                    "pgfront-rules", "pgbouncer", 0.90),
-        _ratio_goal(results, "pgfront + rules vs PgBouncer, pgbench -S extended", "select-extended",
-                    "pgfront-rules", "pgbouncer", 0.90),
-        _ratio_goal(results, "pgfront passthrough vs uvloop forwarder, pgbench -S simple", "select-simple",
-                    "pgfront", "forwarder", 0.90),
-        _ratio_goal(results, "pgfront passthrough vs uvloop forwarder, pgbench -S extended", "select-extended",
-                    "pgfront", "forwarder", 0.90),
+        *(_ratio_goal(results, f"pgfront passthrough vs uvloop forwarder, pgbench -S {m}", f"select-{m}",
+                      "pgfront", "forwarder", 0.95) for m in ("simple", "extended", "prepared")),
+        *(_ratio_goal(results, f"pgfront passthrough vs PgBouncer, pgbench -S {m}", f"select-{m}",
+                      "pgfront", "pgbouncer", 0.90) for m in ("simple", "extended")),
+        *(_ratio_goal(results, f"pgfront + rules vs PgBouncer, pgbench -S {m}", f"select-{m}",
+                      "pgfront-rules", "pgbouncer", 0.90) for m in ("simple", "extended")),
+        _ratio_goal(results, "pgfront transaction pooling vs PgBouncer, pgbench -S simple", "select-simple",
+                    "pgfront-pool", "pgbouncer", 0.90),
+        _ratio_goal(results, "pgfront transaction pooling vs PgBouncer, connection churn (-C)", "churn",
+                    "pgfront-pool", "pgbouncer", 0.90),
+        _ratio_goal(results, "pgfront + cache vs passthrough, TPC-B", "tpcb", "pgfront-cache", "pgfront", 0.95),
         *(_cache_goal(results, sc) for sc in CACHE_SIDE_BY_SIDE),
     ]
     idle = results.get("extras", {}).get("idle_memory", {}).get("pgfront", {})

@@ -18,6 +18,13 @@ import re
 
 from proxy.sql import StatementInfo, analyze
 
+try:
+    import cython
+
+    _COMPILED = cython.compiled
+except ImportError:  # Cython is a build requirement only
+    _COMPILED = False
+
 # group 1 keeps what must stay verbatim; everything else matched is a constant
 _STRIP = re.compile(
     r"""("(?:[^"]|"")*"|\$\d+|--[^\n]*|/\*.*?\*/)"""
@@ -49,17 +56,24 @@ def _word(c: str) -> bool:
     return c.isalnum() or c == "_"
 
 
-def _closing(sql: str, j: int, quote: str, escapes: bool) -> int:
+def _at(one: str, wide: None, i: int) -> str:
+    """The code point at i: compiled, from the text's ASCII bytes (`one`) or else its UTF-32 copy
+    (`wide`); interpreted, from the str itself (`one`)."""
+    if cython.compiled and not one:
+        return wide[i]
+    return one[i]
+
+
+def _closing(one: str, wide: None, n: int, j: int, quote: str, escapes: bool) -> int:
     """Where a quoted run that opened just before `j` ends (after its closing quote), as the regex's
     `quote(?:[^quote]|quote quote)*quote` finds it (with `|\\.` for string constants: `escapes`);
     -1 when it does not close. Unterminated, the regex backtracks to the last doubled quote and
-    closes there."""
-    n = len(sql)
+    closes there. The text's `n` code points are read with `_at`."""
     last_pair = -1
     while j < n:
-        d = sql[j]
+        d = _at(one, wide, j)
         if d == quote:
-            if j + 1 < n and sql[j + 1] == quote:
+            if j + 1 < n and _at(one, wide, j + 1) == quote:
                 last_pair = j
                 j += 2
                 continue
@@ -74,33 +88,49 @@ def _closing(sql: str, j: int, quote: str, escapes: bool) -> int:
 
 
 def _scan_key(sql: str) -> str:
-    """The same key as the regexes, in one pass over the characters: what the compiled core runs
-    (typed in shapes.pxd, a C loop there). Each position tries what the regex tries, in its order:
-    a quoted identifier, $n, a comment (kept), a string constant, a number (each becomes '?')."""
+    """The same key as the regexes, in one pass over the code points: what the compiled core runs.
+    Compiled (shapes.pxd), the code points are read in C from a copy of the text's bytes and every
+    test below is a C comparison; interpreted (tests only: that core keys with the regexes), the same
+    loop reads the str itself. Each position tries
+    what the regex tries, in its order: a quoted identifier, $n, a comment (kept), a string constant,
+    a number (each becomes '?')."""
     n = len(sql)
+    if cython.compiled:  # a constant: Cython compiles this branch only, the interpreter runs the other
+        if sql.isascii():  # the common case: a copy of its bytes (the codec's fast path)
+            codes = sql.encode("ascii")
+            one = codes
+            wide = cython.NULL
+        else:  # a lone surrogate (from non-UTF-8 input) stays one code point
+            codes = sql.encode("utf-32-le", "surrogatepass")
+            buf = codes
+            one = cython.NULL
+            wide = cython.cast(cython.pointer(cython.Py_UCS4), buf)
+    else:
+        one, wide = sql, None
     parts = []
     start = 0  # the verbatim run not yet copied
     i = 0
+    prev = " "  # the code point before i
     while i < n:
-        c = sql[i]
+        c = _at(one, wide, i)
         end = -1  # end of a constant found at i (replaced by '?')
         skip = -1  # end of something kept verbatim found at i
         if c == '"':
-            skip = _closing(sql, i + 1, '"', False)
+            skip = _closing(one, wide, n, i + 1, '"', False)
         elif c == "$":
             j = i + 1
-            while j < n and sql[j].isdecimal():
+            while j < n and _at(one, wide, j).isdecimal():
                 j += 1
             if j > i + 1:
                 skip = j
         elif c == "-":
-            if i + 1 < n and sql[i + 1] == "-":
+            if i + 1 < n and _at(one, wide, i + 1) == "-":
                 j = i + 2
-                while j < n and sql[j] != "\n":
+                while j < n and _at(one, wide, j) != "\n":
                     j += 1
                 skip = j
         elif c == "/":
-            if i + 1 < n and sql[i + 1] == "*":
+            if i + 1 < n and _at(one, wide, i + 1) == "*":
                 j = sql.find("*/", i + 2)
                 if j >= 0:
                     skip = j + 2
@@ -108,24 +138,24 @@ def _scan_key(sql: str) -> str:
             q = -1  # where a string constant's opening quote is
             if c == "'":
                 q = i
-            elif c in "eEbBxXuU" and i + 1 < n and sql[i + 1] == "'":
+            elif c in "eEbBxXuU" and i + 1 < n and _at(one, wide, i + 1) == "'":
                 q = i + 1
             if q >= 0:
-                end = _closing(sql, q + 1, "'", True)
-            elif "0" <= c <= "9" and (i == 0 or not (_word(sql[i - 1]) or sql[i - 1] == "$")):
+                end = _closing(one, wide, n, q + 1, "'", True)
+            elif "0" <= c <= "9" and (i == 0 or not (_word(prev) or prev == "$")):
                 j = i + 1
-                while j < n and "0" <= sql[j] <= "9":
+                while j < n and "0" <= _at(one, wide, j) <= "9":
                     j += 1
-                if j < n and sql[j] == ".":
+                if j < n and _at(one, wide, j) == ".":
                     j += 1
-                    while j < n and "0" <= sql[j] <= "9":
+                    while j < n and "0" <= _at(one, wide, j) <= "9":
                         j += 1
-                if j < n and (sql[j] == "e" or sql[j] == "E"):
+                if j < n and (_at(one, wide, j) == "e" or _at(one, wide, j) == "E"):
                     k = j + 1
-                    if k < n and (sql[k] == "+" or sql[k] == "-"):
+                    if k < n and (_at(one, wide, k) == "+" or _at(one, wide, k) == "-"):
                         k += 1
-                    if k < n and "0" <= sql[k] <= "9":
-                        while k < n and "0" <= sql[k] <= "9":
+                    if k < n and "0" <= _at(one, wide, k) <= "9":
+                        while k < n and "0" <= _at(one, wide, k) <= "9":
                             k += 1
                         j = k
                 end = j
@@ -137,18 +167,14 @@ def _scan_key(sql: str) -> str:
             i = skip
         else:
             i += 1
+            prev = c
+            continue
+        prev = _at(one, wide, i - 1) if i > 0 else " "
     if start == 0:
         return sql
     parts.append(sql[start:])
     return "".join(parts)
 
-
-try:
-    import cython
-
-    _COMPILED = cython.compiled
-except ImportError:  # Cython is a build requirement only
-    _COMPILED = False
 
 # compiled, the scan is a C loop; interpreted, the regexes are the faster of the two (same answer)
 shape_key = _scan_key if _COMPILED else _regex_key

@@ -58,7 +58,7 @@ def test_extras_goals_and_machine_info(quick_run) -> None:
     m = results["machine"]
     assert m["cores"] >= 1 and m["cpu"] and m["date"]
     goals = results["goals"]
-    assert len(goals) == 8
+    assert len(goals) == 14
     for g in goals:
         assert g["pass"] in (True, False, None)
         assert g["pass"] is not None or g["why"], g  # an unmeasured goal says why

@@ -1,6 +1,7 @@
 """The shape key's one-pass scan (what the compiled core runs) gives exactly the regexes' key (what
 the interpreted core runs), on texts made of the characters where the two could part: quotes of both
-kinds, escapes, comments, $n, numbers next to words, non-ASCII letters and digits."""
+kinds, escapes, comments, $n, numbers next to words, non-ASCII letters and digits, characters beyond
+the BMP, and lone surrogates (how a non-UTF-8 statement's bytes read)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from proxy import shapes
 
-ALPHABET = "'\"$-/*\\\n eEbBxXuU0123456789._a\u00e9\u0661+;,()="
+ALPHABET = "'\"$-/*\\\n eEbBxXuU0123456789._a\u00e9\u0661\U0001f600\udc80+;,()="
 
 
 @settings(max_examples=3000, deadline=None)
@@ -19,6 +20,7 @@ ALPHABET = "'\"$-/*\\\n eEbBxXuU0123456789._a\u00e9\u0661+;,()="
 @example("'ab''")
 @example("'ab\\")
 @example("x1 $a1 _2 \u00e92 \u06612 $\u0661 .5 1. 1e 1e+ 1e+2x")
+@example("SELECT '\udc80' || 7, \U0001f600 1")
 def test_scan_matches_the_regexes(text: str) -> None:
     assert shapes._scan_key(text) == shapes._regex_key(text)
 
