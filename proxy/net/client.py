@@ -1,4 +1,4 @@
-"""The client connection: the asyncio shell around one client's `Conversation` (`HotHits`).
+"""The client connection: the asyncio shell around one client's conversation (`proxy.net.bytepath`).
 
 It moves bytes (client socket in, server link out, and back), runs the timers, pauses reading for
 counted reasons, and walks the startup: SSL/GSS negotiation, CancelRequest, pgfront's own
@@ -21,11 +21,11 @@ import time
 from typing import TYPE_CHECKING
 
 from proxy.log import log
+from proxy.net.bytepath import _HIGH_WATER, BytePath
 from proxy.net.cachewait import CacheWaits
 from proxy.net.pooled import PooledClient
 from proxy.net.serverlink import ServerLink
 from proxy.net.startup import StartupSteps
-from proxy.relay.hothits import HotHits
 from proxy.relay.records import (
     _ERR,
     _K,
@@ -39,30 +39,25 @@ from proxy.relay.records import (
     HANDSHAKE,
     LOCAL_AUTH,
     READY,
-    STARTUP,
-    TLS,
 )
 from proxy.upstream import open_connection, send_cancel
 from proxy.wire import protocol as pq
-from proxy.wire.framer import FrameError
 
 if TYPE_CHECKING:
     from proxy.app import App
     from proxy.registry import Console
     from proxy.relay.handshake import ClientAuth
 
-_HIGH_WATER = 512 * 1024
 _ids = itertools.count(1)
 
 
-class ClientConnection(StartupSteps, PooledClient, CacheWaits, HotHits, asyncio.Protocol):
+class ClientConnection(StartupSteps, PooledClient, CacheWaits, BytePath, asyncio.Protocol):
     """One client connection: transport, startup and authentication around its conversation."""
 
     def __init__(self, app: App) -> None:
         super().__init__(app)
         self.app = app
         self.id = next(_ids)
-        self.transport: asyncio.Transport | None = None
         self.server: ServerLink | None = None
         self.startup_buf = b""
         self.params: dict[str, str] = {}
@@ -73,10 +68,6 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, HotHits, asyncio.
         self.admin_db = False  # the client asked for the admin console's database
         self.console: Console | None = None  # the admin console's conversation (phase ADMIN)
         self.tls = False
-        self.server_paused = False
-        self.server_backlog = b""
-        self.client_suspended = False
-        self.client_backlog = b""
         self.held = b""  # client bytes waiting for a server connection (transaction mode)
         self.acquiring = False
         self.wanted: dict[str, str] = {}  # settings a pooled server connection must have for this client
@@ -86,8 +77,6 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, HotHits, asyncio.
         self.paused: set[str] = set()
         self.client_slow = False  # the client's socket is over its high-water mark
         self.tasks: set[asyncio.Task] = set()  # work for this client only: cancelled when it goes
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.startup_timer: asyncio.TimerHandle | None = None
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -183,58 +172,6 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, HotHits, asyncio.
         self.paused.discard(why)
         if not self.paused and self.transport and not self.transport.is_closing():
             self.transport.resume_reading()
-
-    # -- client bytes ---------------------------------------------------------------------------
-    def _client_bytes(self, data: bytes) -> None:
-        """Bytes of the client's replayed after a wait: counted once, on arrival, so data_received's
-        count is taken back (one call less on the hot path than a shared helper would cost)."""
-        self.bytes_in -= len(data)
-        self.data_received(data)
-
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        phase = self.phase
-        if self.client_suspended:
-            self.client_backlog += data  # a cache look-up is under way: keep the order
-            if len(self.client_backlog) > _HIGH_WATER:
-                self.pause_client_reading("cache")  # a pipelining client: stop reading meanwhile
-            return
-        if self.hot_queries:
-            memo = self.hot_queries.get(data)
-            if memo is not None and self._hot_hit(memo):
-                return
-        if phase is READY and self.server is None and self.pool is not None:
-            self._without_server(data)  # transaction pooling, nothing lent right now
-            return
-        if phase is READY or phase is ADMIN or phase is AUTH or phase is LOCAL_AUTH:
-            framer = self.cframer
-            frames = framer.single(data) if data[:1] == b"Q" else None  # one whole Query: the most common read
-            if frames is None:
-                try:
-                    frames = framer.feed(data)
-                except FrameError as e:
-                    self.fatal(e.code, str(e))
-                    return
-            if phase is READY:
-                if self.pool is not None and self.server.state.reapply:
-                    self._reapply_settings()
-                try:
-                    self.client_frames(frames, framer.data)
-                except pq.MALFORMED as e:
-                    self._malformed(e)
-            elif phase is ADMIN:
-                self.console.feed(frames, framer.data)
-            elif phase is LOCAL_AUTH:
-                self.local_auth_frames(frames, framer.data)
-            else:
-                self.auth_client_frames(frames, framer.data)
-        elif phase is STARTUP:
-            self.startup_buf += data
-            self._startup()
-        elif phase is CONNECTING or phase is TLS:
-            self.startup_buf += data  # keep it in order until the connection is ready for it
-            if len(self.startup_buf) > _HIGH_WATER:
-                self.pause_client_reading("startup")  # a client pipelining ahead of its login: wait
 
     def _relay_client(self, frames: list, data: bytes, start: int = 0) -> None:
         try:
@@ -348,58 +285,8 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, HotHits, asyncio.
             self.resume_client_reading("startup")
             self._client_bytes(data)
 
-    def to_client(self, data: bytes) -> None:
-        self.transport.write(data)
-
     def fill_reply(self, fill: object, ttl: float | None) -> None:
         asyncio.ensure_future(self.app.cache.fill(fill, ttl))
-
-    def to_server(self, data: bytes) -> None:
-        if data and self.server and self.server.transport:
-            self.server.transport.write(data)
-
-    # -- server bytes ----------------------------------------------------------------------------
-    def server_data(self, data: bytes) -> None:
-        if self.server_paused:
-            self.server_backlog += data  # waiting for a cache invalidation: keep the order
-            return
-        self.bytes_out += len(data)
-        framer = self.server.framer
-        frames = framer.feed(data)
-        if self.phase is READY:
-            out = self.server_frames(frames, framer.data)
-        elif self.phase is AUTH:
-            out = self.auth_frames(frames, framer.data)
-        else:
-            return
-        if self._deliver(out):
-            return
-        if self.server_fatal:
-            # the server closes after a FATAL: close the client with it, as Postgres would (and without
-            # adding an error of our own), so that the error and the end of the connection arrive together
-            self.close()
-            return
-        if not self.app.accepting and not self.expect and self.tx_status == pq.IDLE and self.phase is READY:
-            # shutting down, and this client's transaction is over: end the session now (the drain loop
-            # polls, and never catches idle a client that starts its next transaction at once)
-            self.fatal("57P01", "terminating connection due to pgfront shutdown")
-            return
-        if self.pool is not None and self.server is not None:
-            self._maybe_release()
-
-    def _deliver(self, out: bytes) -> bool:
-        """Write what server_frames relayed, then account for the statements it finished (the client
-        need not wait for our bookkeeping). True when the relay stopped at a commit point: the cache is
-        invalidated first, and the rest follows (_invalidate_then_resume)."""
-        transport = self.transport
-        if out and transport and not transport.is_closing():
-            transport.write(out)  # to_client, inlined: once per server read
-        if self.finished:
-            self._account()
-        if self.server_suspend is not None:
-            self._suspend_server()
-            return True
-        return False
 
     def server_lost(self, exc: Exception | None) -> None:
         if self.phase is CLOSED:

@@ -13,6 +13,8 @@ cdef class Conversation(ReplyTracker):
     cdef public Py_ssize_t stmt_epoch, queries
     cdef public double last_active
 
+    cpdef to_server(self, data)
+
     @cython.locals(p=Pending, stmt=Stmt, t=Py_ssize_t, a=Py_ssize_t, b=Py_ssize_t, first=Py_ssize_t,
                    skipping=bint, now=double)
     cpdef client_frames(self, list frames, data, Py_ssize_t start=*)

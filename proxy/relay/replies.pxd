@@ -13,6 +13,7 @@ cdef class ReplyTracker:
     cdef public bint pooled_tx, skip_until_sync, copy_failed, server_in_copy, server_fatal
 
     # the relay's own hot methods: C calls within the compiled core (cpdef: the shell calls some too)
+    cpdef to_client(self, data)
     cpdef _done(self, Pending p)
     cpdef Pending _pop(self)
     @cython.locals(p=Pending, t=Py_ssize_t, a=Py_ssize_t, b=Py_ssize_t, first=Py_ssize_t, hooked_at=Py_ssize_t)

@@ -1,0 +1,132 @@
+"""The client connection's byte path: bytes from the client and from the server, in and out, compiled
+with the relay core (bytepath.pxd) so that a relayed query crosses no interpreted frame of the shell.
+It reads the session's phase to route each read; startup, authentication, pooling and the cache waits
+are the shell's (`proxy.net.client` and its mixins), reached through the same object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.relay.hothits import HotHits
+from proxy.relay.records import ADMIN, AUTH, CONNECTING, LOCAL_AUTH, READY, STARTUP, TLS
+from proxy.wire import protocol as pq
+from proxy.wire.framer import FrameError
+
+_HIGH_WATER = 512 * 1024  # client bytes kept while a look-up or a login is under way, before pausing
+
+
+class BytePath(HotHits):
+    """The hot half of a ClientConnection: its transport, byte counts and what waits for the cache."""
+
+    def __init__(self, app: object) -> None:
+        super().__init__(app)
+        self.transport: asyncio.Transport | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.client_suspended = False  # a cache look-up holds the client's stream (client_backlog)
+        self.client_backlog = b""
+        self.server_paused = False  # an invalidation holds the server's stream (server_backlog)
+        self.server_backlog = b""
+
+    # -- client bytes ---------------------------------------------------------------------------
+    def _client_bytes(self, data: bytes) -> None:
+        """Bytes of the client's replayed after a wait: counted once, on arrival, so data_received's
+        count is taken back (one call less on the hot path than a shared helper would cost)."""
+        self.bytes_in -= len(data)
+        self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        phase = self.phase
+        if self.client_suspended:
+            self.client_backlog += data  # a cache look-up is under way: keep the order
+            if len(self.client_backlog) > _HIGH_WATER:
+                self.pause_client_reading("cache")  # a pipelining client: stop reading meanwhile
+            return
+        if self.hot_queries:
+            memo = self.hot_queries.get(data)
+            if memo is not None and self._hot_hit(memo):
+                return
+        if phase is READY and self.server is None and self.pool is not None:
+            self._without_server(data)  # transaction pooling, nothing lent right now
+            return
+        if phase is READY or phase is ADMIN or phase is AUTH or phase is LOCAL_AUTH:
+            framer = self.cframer
+            frames = framer.single(data) if data[:1] == b"Q" else None  # one whole Query: the most common read
+            if frames is None:
+                try:
+                    frames = framer.feed(data)
+                except FrameError as e:
+                    self.fatal(e.code, str(e))
+                    return
+            if phase is READY:
+                if self.pool is not None and self.server.state.reapply:
+                    self._reapply_settings()
+                try:
+                    self.client_frames(frames, framer.data)
+                except pq.MALFORMED as e:
+                    self._malformed(e)
+            elif phase is ADMIN:
+                self.console.feed(frames, framer.data)
+            elif phase is LOCAL_AUTH:
+                self.local_auth_frames(frames, framer.data)
+            else:
+                self.auth_client_frames(frames, framer.data)
+        elif phase is STARTUP:
+            self.startup_buf += data
+            self._startup()
+        elif phase is CONNECTING or phase is TLS:
+            self.startup_buf += data  # keep it in order until the connection is ready for it
+            if len(self.startup_buf) > _HIGH_WATER:
+                self.pause_client_reading("startup")  # a client pipelining ahead of its login: wait
+
+    def to_client(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def to_server(self, data: bytes) -> None:
+        if data and self.server and self.server.transport:
+            self.server.transport.write(data)
+
+    # -- server bytes ----------------------------------------------------------------------------
+    def server_data(self, data: bytes) -> None:
+        if self.server_paused:
+            self.server_backlog += data  # waiting for a cache invalidation: keep the order
+            return
+        self.bytes_out += len(data)
+        framer = self.server.framer
+        frames = framer.feed(data)
+        if self.phase is READY:
+            out = self.server_frames(frames, framer.data)
+        elif self.phase is AUTH:
+            out = self.auth_frames(frames, framer.data)
+        else:
+            return
+        if self._deliver(out):
+            return
+        if self.server_fatal:
+            # the server closes after a FATAL: close the client with it, as Postgres would (and without
+            # adding an error of our own), so that the error and the end of the connection arrive together
+            self.close()
+            return
+        if not self.app.accepting and not self.expect and self.tx_status == pq.IDLE and self.phase is READY:
+            # shutting down, and this client's transaction is over: end the session now (the drain loop
+            # polls, and never catches idle a client that starts its next transaction at once)
+            self.fatal("57P01", "terminating connection due to pgfront shutdown")
+            return
+        if self.pool is not None and self.server is not None:
+            self._maybe_release()
+
+    def _deliver(self, out: bytes) -> bool:
+        """Write what server_frames relayed, then account for the statements it finished (the client
+        need not wait for our bookkeeping). True when the relay stopped at a commit point: the cache is
+        invalidated first, and the rest follows (_invalidate_then_resume)."""
+        transport = self.transport
+        if out and transport and not transport.is_closing():
+            transport.write(out)  # to_client, inlined: once per server read
+        if self.finished:
+            self._account()
+        if self.server_suspend is not None:
+            self._suspend_server()
+            return True
+        return False
