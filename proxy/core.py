@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 # the modules setup.py compiles
-COMPILED = ("proxy.wire.framer", "proxy.relay.records", "proxy.relay.serverstate", "proxy.relay.replies",
-            "proxy.relay.conversation", "proxy.relay.hothits", "proxy.net.bytepath", "proxy.shapes", "proxy.stats")
+COMPILED = ("proxy.wire.framer", "proxy.wire.protocol", "proxy.relay.records", "proxy.relay.serverstate",
+            "proxy.relay.replies", "proxy.relay.conversation", "proxy.relay.hothits", "proxy.net.bytepath",
+            "proxy.shapes", "proxy.stats")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
