@@ -2,6 +2,8 @@
 # feed() reads each message header straight from the chunk's bytes in C (`at` is a pointer into them).
 cimport cython
 
+cdef bint _COMPILED  # a C constant here: True
+
 
 cdef class Framer:
     cdef public object _buf, stream_types, data

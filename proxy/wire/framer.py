@@ -19,6 +19,14 @@ from __future__ import annotations
 import struct
 
 _LEN = struct.Struct("!I")
+_HEADER = struct.Struct("!BI")  # type byte, length
+
+try:
+    import cython
+
+    _COMPILED = cython.compiled
+except ImportError:  # Cython is a build requirement only
+    _COMPILED = False
 
 MAX_STARTUP = 10_000  # Postgres refuses larger startup packets too
 
@@ -70,8 +78,12 @@ class Framer:
         if n < 5 or n > self.max_size:
             return None
         at = raw  # as in feed
-        ln = at[1]
-        if (ln << 24) | (at[2] << 16) | (at[3] << 8) | at[4] != n - 1:
+        if _COMPILED:
+            ln = at[1]
+            ln = (ln << 24) | (at[2] << 16) | (at[3] << 8) | at[4]
+        else:
+            ln = _LEN.unpack_from(raw, 1)[0]
+        if ln != n - 1:
             return None
         self.data = raw
         return [(at[0], 0, n)]
@@ -98,8 +110,7 @@ class Framer:
         if type(data) is not bytes:
             data = bytes(data)
         self.data = raw = data
-        # compiled (framer.pxd), `at` points into the bytes and each header is read in C; interpreted,
-        # it is the bytes themselves, which index to the same ints
+        # compiled (framer.pxd), `at` points into the bytes and each header is read in C
         at = raw
         n = len(raw)
         append = out.append
@@ -108,9 +119,12 @@ class Framer:
         top = n if n <= self.max_size else -1
         stop = n - 4  # a header needs 5 bytes
         while pos < stop:
-            t = at[pos]
-            ln = at[pos + 1]
-            ln = (ln << 24) | (at[pos + 2] << 16) | (at[pos + 3] << 8) | at[pos + 4]
+            if _COMPILED:  # the header read in C
+                t = at[pos]
+                ln = at[pos + 1]
+                ln = (ln << 24) | (at[pos + 2] << 16) | (at[pos + 3] << 8) | at[pos + 4]
+            else:  # interpreted, struct reads it faster than Python arithmetic would
+                t, ln = _HEADER.unpack_from(raw, pos)
             end = pos + 1 + ln
             if end > top or ln < 4:  # incomplete, invalid, or in a chunk beyond max_size
                 if ln < 4:
