@@ -27,12 +27,14 @@ from proxy.upstream import parse_upstream
 from proxy.wire import protocol as pq
 from proxy.wire.framer import Framer
 
+from .transports import NullTransport
+
 HIT_SQL = "SELECT id, v FROM hot WHERE id <= 3 ORDER BY id"
 _HIT_PARAM_SQL = "SELECT id, v FROM hot WHERE id <= $1 ORDER BY id"
 _RULES = '[[rule]]\nname = "cache-hot"\nmatch = { tables = ["hot"] }\ncache = { ttl = "1h" }\n'
 
 
-class ScriptedServer:
+class ScriptedServer(NullTransport):
     """The server end of the session's ServerLink: answers each message the relay forwards as
     PostgreSQL answers it for the one cached read (three rows of two ints), and like PostgreSQL sends
     the replies of an extended batch only at its Sync (or Flush)."""
@@ -71,26 +73,8 @@ class ScriptedServer:
         out, self.replies = b"".join(self.replies), []
         return out
 
-    def is_closing(self) -> bool:
-        return False
 
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class Replies:
+class Replies(NullTransport):
     """The client end: keeps what the relay wrote, so that the warm-up can tell a hit from a miss."""
 
     def __init__(self) -> None:
@@ -100,24 +84,6 @@ class Replies:
     def write(self, data: bytes) -> None:
         if self.keep:
             self.data += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def request(mode: str) -> bytes:

@@ -89,6 +89,18 @@ def transcript(port: int, messages: list[bytes], rounds: int) -> list[list[tuple
     return out
 
 
+def converse(port: int, script: list[bytes]) -> list[list[tuple[bytes, bytes]]]:
+    """Each request of `script` in turn on one connection, with its replies up to ReadyForQuery."""
+    c = RawConn(port)
+    c.startup()
+    out = []
+    for m in script:
+        c.send(m)
+        out.append(c.read_until(b"Z"))
+    c.close()
+    return out
+
+
 def test_hits_are_byte_for_byte_what_postgres_sends(pg, cached):
     simple = [pq.query("SELECT * FROM cached_t WHERE id <= 20 ORDER BY id")]
     text_ext = [pq.parse_message("", "SELECT * FROM cached_t WHERE id <= $1 ORDER BY id"), bind("", "", [b"30"]),
@@ -298,21 +310,11 @@ def test_a_repeated_query_follows_the_sessions_settings_and_writes(pg, tables, r
               pq.query("BEGIN"), pq.query("UPDATE cached_t SET name = 'mine' WHERE id = 2"), read,
               pq.query("ROLLBACK"), read, pq.query("RESET DateStyle"), read, read]
 
-    def conversation(port: int) -> list[list[tuple[bytes, bytes]]]:
-        c = RawConn(port)
-        c.startup()
-        out = []
-        for m in script:
-            c.send(m)
-            out.append(c.read_until(b"Z"))
-        c.close()
-        return out
-
     p = cached_proxy(pg, tmp_path_factory, redis_server.url, extra="local_validity = '10s'\n")
     try:
         warm_up(p, [read])
         before = hits(p)
-        assert conversation(p.port) == conversation(pg.port)
+        assert converse(p.port, script) == converse(pg.port, script)
         assert hits(p) - before >= 6  # the repeats outside the write transaction were hits
     finally:
         p.stop()
@@ -443,17 +445,7 @@ def test_extended_hits_keep_the_servers_statements_exact(pg, long_window):
               pq.query("BEGIN"), unnamed, unnamed, pq.query("COMMIT"), unnamed, _ext_batch(value=b"7"),
               _ext_batch(parse=False), unnamed]
 
-    def conversation(port: int) -> list[list[tuple[bytes, bytes]]]:
-        c = RawConn(port)
-        c.startup()
-        out = []
-        for m in script:
-            c.send(m)
-            out.append(c.read_until(b"Z"))
-        c.close()
-        return out
-
     warm_up(long_window, [unnamed])
     before = hits(long_window)
-    assert conversation(long_window.port) == conversation(pg.port)
+    assert converse(long_window.port, script) == converse(pg.port, script)
     assert hits(long_window) - before >= 8

@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from benchmarks.hotpath import NullTransport, offline_session
+from benchmarks.hotpath import offline_session
+from benchmarks.transports import NullTransport
 from proxy.cache.sessionstate import SessionCacheState
 from proxy.wire import protocol as pq
 
