@@ -91,9 +91,8 @@ def _scan_key(sql: str) -> str:
     """The same key as the regexes, in one pass over the code points: what the compiled core runs.
     Compiled (shapes.pxd), the code points are read in C from a copy of the text's bytes and every
     test below is a C comparison; interpreted (tests only: that core keys with the regexes), the same
-    loop reads the str itself. Each position tries
-    what the regex tries, in its order: a quoted identifier, $n, a comment (kept), a string constant,
-    a number (each becomes '?')."""
+    loop reads the str itself. Each position tries what the regex tries, in its order: a quoted
+    identifier, $n, a comment (kept), a string constant, a number (each becomes '?')."""
     n = len(sql)
     if cython.compiled:  # a constant: Cython compiles this branch only, the interpreter runs the other
         if sql.isascii():  # the common case: a copy of its bytes (the codec's fast path)

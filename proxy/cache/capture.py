@@ -58,10 +58,15 @@ class ResultCapture:
         return False
 
 
+def has_description(reply: bytes) -> bool:
+    """An extended-protocol entry that starts with its batch's Describe reply (RowDescription or NoData)."""
+    return reply[:1] == b"T" or reply[:1] == b"n"
+
+
 def split_row_description(reply: bytes) -> tuple[bytes | None, bytes]:
     """(RowDescription or NoData message, or None; the rest): the Describe reply and the Execute reply
     of an extended-protocol entry (filled with or without its batch's Describe)."""
-    if reply[:1] != b"T" and reply[:1] != b"n":
+    if not has_description(reply):
         return None, reply
     end = 1 + int.from_bytes(reply[1:5], "big")
     return reply[:end], reply[end:]

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.cache.capture import ResultCapture
+from proxy.cache.capture import ResultCapture, has_description
 from proxy.cache.catalog import Catalog
 from proxy.cache.flight import Flights
 from proxy.cache.keys import make_key, redis_key
@@ -196,7 +196,8 @@ class ResultCache:
         within the client's own turn of the event loop, with no Redis round trip. None: use lookup().
         `described`: only an extended-protocol entry that starts with its Describe reply will do."""
         reply = self._fresh_reply(key, self.l1.get(key), time.monotonic())
-        if reply is None or (described and reply[:1] != b"T" and reply[:1] != b"n") or not self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog).ok:
+        if (reply is None or (described and not has_description(reply))
+                or not self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog).ok):
             return None
         self._count_hit(reply, "hits_l1")
         return reply

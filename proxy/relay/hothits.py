@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from proxy.cache.capture import split_row_description
+from proxy.cache.capture import has_description, split_row_description
 from proxy.relay.conversation import Conversation
 from proxy.relay.records import _B, _D, _E, _LOCAL, _P, _PLAIN_D, _Q, _S, READY, Pending, special
 from proxy.wire import protocol as pq
@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 _HOT_QUERIES = 64  # per session: requests remembered
 _DESCRIBE_PORTAL = b"P\0"  # the body of a Describe of the unnamed portal
 _EXECUTE_ALL = b"\0\0\0\0\0"  # the body of an Execute of the unnamed portal, without a row limit
+
+
+def _describes_portal(frames: list, data: bytes, j: int) -> bool:
+    """frames[j] is a Describe of the unnamed portal."""
+    return frames[j][0] == _D and data[frames[j][1] + 5:frames[j][2]] == _DESCRIBE_PORTAL
 
 
 class HotHits(Conversation):
@@ -62,9 +67,9 @@ class HotHits(Conversation):
                 or data[frames[i][1] + 5:frames[i][2]] != _EXECUTE_ALL):
             return
         j = i - 1
-        describe = frames[j][0] == _D and data[frames[j][1] + 5:frames[j][2]] == _DESCRIBE_PORTAL
+        describe = _describes_portal(frames, data, j)
         if describe:
-            if reply[:1] != b"T" and reply[:1] != b"n":
+            if not has_description(reply):
                 return  # filled by a batch without Describe: the server must describe it
             j -= 1
         if j < 0 or frames[j][0] != _B:
@@ -94,8 +99,8 @@ class HotHits(Conversation):
             self.to_client(reply + pq.ready_for_query(self.tx_status))
         else:
             stmt, epoch, parse, describe = batch
-            if (self.stmt_epoch != epoch or self.tx_status != pq.IDLE or self.pooled_tx
-                    or self.statements.get(stmt.name) is not stmt):
+            # (never remembered in transaction pooling, a session's mode for its whole life)
+            if self.stmt_epoch != epoch or self.tx_status != pq.IDLE or self.statements.get(stmt.name) is not stmt:
                 return False
             reply = self.app.cache.hit_now(key, info, cstate, allow_rls=decision.cache_allow_rls,
                                            allow_catalog=decision.cache_allow_catalog, described=describe)
@@ -135,8 +140,7 @@ class HotHits(Conversation):
         portal came just before it and is still awaited, the RowDescription it gets goes into the entry
         too (a later hit on the whole batch then needs no server to describe it)."""
         expect = self.expect
-        if (i > 0 and frames[i - 1][0] == _D and data[frames[i - 1][1] + 5:frames[i - 1][2]] == _DESCRIBE_PORTAL
-                and expect and expect[-1] is _PLAIN_D):
+        if i > 0 and _describes_portal(frames, data, i - 1) and expect and expect[-1] is _PLAIN_D:
             d = Pending(_D)
             d.fill = p.fill
             expect[-1] = d
