@@ -137,9 +137,9 @@ def show_config(app: App, _args: list[str]) -> bytes:
 
 def show_rules(app: App, _args: list[str]) -> bytes:
     if app.rules is None:
-        return _dict_rows([], ["name", "file", "mode", "actions", "hits", "observed_hits"])
+        return _dict_rows([], ["name", "file", "mode", "actions", "hits", "observed_hits", "queued", "throttled"])
     rows = app.rules.describe()
-    cols = ["name", "file", "mode", "match", "actions", "hits", "observed_hits"]
+    cols = ["name", "file", "mode", "match", "actions", "hits", "observed_hits", "queued", "throttled"]
     return _dict_rows(rows, [c for c in cols if not rows or c in rows[0]])
 
 

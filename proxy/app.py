@@ -51,6 +51,7 @@ class App:
         self.stats: Any = None  # proxy.stats.Stats when loaded
         self.rules: Any = None  # RulesAdapter when rule files are loaded
         self.cache: Any = None
+        self.throttler: Any = None  # throttle.Throttler when rule files are loaded
         self.slowlog: Any = None
         self.slow_threshold = cfg.slowlog.threshold_ms / 1000.0 if cfg.slowlog.threshold_ms > 0 else None
         self.accepting = True

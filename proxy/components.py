@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 from proxy import stats as st
 from proxy.app import App
@@ -47,6 +48,7 @@ async def attach(app: App) -> list[asyncio.Task]:
         from proxy.rules_glue import RulesAdapter
 
         app.rules = RulesAdapter(holder, app)
+        app.throttler = make_throttler(cfg, app.stats)
         if cfg.rules.watch:
             app.rule_watcher = RuleWatcher(holder)
             app.rule_watcher.start()
@@ -57,6 +59,19 @@ async def attach(app: App) -> list[asyncio.Task]:
         app.metrics_server = await start_metrics_server(host, port, app.merged_stats, lambda: _health(app),
                                                         top_n=cfg.metrics.top_n)
     return tasks
+
+
+def make_throttler(cfg, stats: st.Stats | None) -> Any:
+    """The worker's throttle, sharing limits through Redis when one is configured ([throttle] redis_url)."""
+    from proxy.throttle.shared import SharedLimits
+    from proxy.throttle.throttler import Throttler
+
+    url = cfg.throttle.redis_url or (cfg.cache.redis_url if cfg.cache.enabled else "off")
+    shared = SharedLimits(url, cfg.throttle.redis_timeout) if url != "off" else None
+    throttler = Throttler(shared, lease=cfg.throttle.lease)
+    if stats is not None:
+        throttler.on_event = lambda fp, rule, event, observed: stats.rule_event(fp, rule, event, observed)
+    return throttler
 
 
 def rules_base_dir(cfg) -> str:
@@ -96,6 +111,11 @@ def _gauges(app: App) -> None:
     s.set_gauge("server_connections", sum(1 for x in app.sessions if x.has_server))
     s.set_counter("bytes_received", sum(x.bytes_in for x in app.sessions) + app.closed_bytes[0])
     s.set_counter("bytes_sent", sum(x.bytes_out for x in app.sessions) + app.closed_bytes[1])
+    if app.throttler is not None:
+        t = app.throttler
+        s.set_gauge("throttle_waiting", t.waiting)
+        s.set_counter("throttle_redis_errors", t.redis_errors)
+        s.set_counter("throttle_local_fallbacks", t.fallbacks)
 
 
 def _health(app: App) -> dict:
@@ -134,6 +154,8 @@ async def _housekeeping(app: App) -> None:
 async def detach(app: App) -> None:
     if app.cache is not None:
         await app.cache.close()
+    if app.throttler is not None:
+        await app.throttler.close()
     if app.pools is not None:
         app.pools.close_all()
     if app.slowlog is not None:
@@ -153,7 +175,8 @@ async def detach(app: App) -> None:
 # settings that only take effect on a restart: a reload reports them instead of half-applying them
 _RESTART_ONLY = {("server", "listen"), ("server", "workers"), ("server", "upstream"), ("server", "run_dir"),
                  ("metrics", "listen"), ("auth", "mode"), ("cache", "enabled"), ("cache", "redis_url"),
-                 ("cache", "replication_listener"), ("cache", "replication_slot"), ("tls", "cert_file"),
+                 ("cache", "replication_listener"), ("cache", "replication_slot"), ("throttle", "redis_url"),
+                 ("tls", "cert_file"),
                  ("tls", "key_file"), ("tls", "upstream_sslmode"), ("tls", "upstream_ca_file"), ("rules", "watch"),
                  ("server", "log_format"), ("slowlog", "path"), ("slowlog", "dsn")}
 

@@ -134,6 +134,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "replication_listener": Key("bool", False, "follow the upstream's logical replication stream to catch writes that bypass pgfront"),
         "replication_slot": Key("str", "pgfront_invalidation", "slot used by the replication listener"),
     },
+    "throttle": {
+        "redis_url": Key("str", "", "Redis sharing throttle rules' limits across workers and instances; empty = "
+                                    "[cache] redis_url when the cache is enabled; off = each worker keeps its own"),
+        "redis_timeout": Key("duration", "50ms", "a Redis call slower than this makes each worker keep the limits "
+                                                 "on its own until Redis answers again"),
+        "lease": Key("duration", "30s", "a worker that stops renewing its concurrency slots (it crashed) loses "
+                                        "them after this long"),
+    },
     "slowlog": {
         "threshold_ms": Key("float", 200.0, "statements slower than this get their plan captured; 0 = off"),
         "path": Key("str", "pgfront-slowlog.jsonl", "slow-plan store (JSON lines), rotated by size"),
@@ -160,6 +168,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "pool_utilisation_target": Key("float", 0.80, "scorecard: pool utilisation ceiling"),
         "min_improvement": Key("float", 0.20, "keep an index only if it cuts estimated cost by this share"),
         "deadlocks_per_hour_target": Key("float", 1.0, "scorecard: deadlocks per hour ceiling"),
+    },
+    "tracing": {
+        "endpoint": Key("str", "", "OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces; empty = "
+                                   "tracing off (the hot path pays nothing)"),
+        "sample_ratio": Key("float", 0.01, "share of statements without a sampled traceparent that get a span; "
+                                           "a sqlcommenter traceparent's own sampled flag always wins"),
+        "service_name": Key("str", "pgfront", "service.name of the spans"),
+        "headers": Key("map", {}, "extra HTTP headers for the exporter (authentication)"),
+        "export_timeout": Key("duration", "10s", "how long one export request (retries included) may take"),
+        "max_queue_size": Key("int", 2048, "spans buffered for export; more are dropped (and counted)"),
     },
 }
 
@@ -253,6 +271,21 @@ class Config:
             raise ConfigError(f"{source}: [auth] file: mode = userlist needs a userlist file")
         if self.tls.upstream_sslmode not in ("disable", "prefer", "require", "verify-ca", "verify-full"):
             raise ConfigError(f"{source}: [tls] upstream_sslmode: unknown mode {self.tls.upstream_sslmode!r}")
+        if not 0.0 <= self.tracing.sample_ratio <= 1.0:
+            raise ConfigError(f"{source}: [tracing] sample_ratio: expected a number from 0 to 1")
+        if self.tracing.endpoint:
+            from urllib.parse import urlsplit
+
+            try:
+                url = urlsplit(self.tracing.endpoint)
+                ok = url.scheme in ("http", "https") and bool(url.hostname) and (url.port or 1) > 0
+            except ValueError:  # a port that is not a number, or out of range
+                ok = False
+            if not ok:
+                raise ConfigError(f"{source}: [tracing] endpoint: expected an http:// or https:// URL with a "
+                                  "host (OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces)")
+        if self.tracing.max_queue_size < 1:
+            raise ConfigError(f"{source}: [tracing] max_queue_size: must be at least 1")
 
     # typed views used everywhere
     server: Section
@@ -263,9 +296,11 @@ class Config:
     stats: Section
     rules: Section
     cache: Section
+    throttle: Section
     slowlog: Section
     tls: Section
     advisor: Section
+    tracing: Section
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {s: getattr(self, s).as_dict() for s in SCHEMA}

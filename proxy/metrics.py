@@ -45,15 +45,24 @@ _FINE_TO_LE = [
 _CACHE_FAMILIES = {"hit": "hits", "miss": "misses", "bypass": "bypasses", "invalidation": "invalidations"}
 _ALWAYS_GAUGES = (st.CLIENT_CONNECTIONS, st.SERVER_CONNECTIONS)
 _ALWAYS_COUNTERS = (st.BYTES_RECEIVED, st.BYTES_SENT, st.SLOW_QUERIES)
+# statistics events of throttle rules (Stats.rule_event with these as the action); in observe mode,
+# what the rule would have done
+_THROTTLE_FAMILIES = {
+    "queued": "Statements a throttle rule made wait before running, by rule and mode (enforce|observe)",
+    "throttled": "Statements a throttle rule refused (SQLSTATE 53400), by rule and mode (enforce|observe)",
+}
 # family names the collector defines itself: a counter or gauge of the same name is not exported
 _RESERVED = {"queries", "query_duration_seconds", "query_cache_hits", "query_cache_misses", "errors", "rule_hits",
-             "workers", "fingerprints", *(f"cache_{p}" for p in _CACHE_FAMILIES.values())}
+             "rule_queued", "rule_throttled", "workers", "fingerprints", *(f"cache_{p}" for p in _CACHE_FAMILIES.values())}
 _HELP = {
     st.CLIENT_CONNECTIONS: "Client connections open now",
     st.SERVER_CONNECTIONS: "Upstream server connections open now",
     st.BYTES_RECEIVED: "Bytes received from clients",
     st.BYTES_SENT: "Bytes sent to clients",
     st.SLOW_QUERIES: "Statements slower than slowlog.threshold_ms",
+    "throttle_waiting": "Statements waiting now for a throttle rule to admit them",
+    "throttle_redis_errors": "Redis calls of the throttle that failed or were too slow",
+    "throttle_local_fallbacks": "Throttle admissions decided by a worker alone while Redis could not answer",
 }
 
 
@@ -110,9 +119,15 @@ class MergedStatsCollector(Collector):
                                       value=everything.cache.get(event, 0))
         rules = CounterMetricFamily("pgfront_rule_hits", "Rule matches by rule, action and mode (enforce|observe)",
                                     labels=["rule", "action", "mode"])
+        throttle = {event: CounterMetricFamily(f"pgfront_rule_{event}", help_, labels=["rule", "mode"])
+                    for event, help_ in _THROTTLE_FAMILIES.items()}
         for (rule, action, mode), n in sorted(everything.rules.items()):
-            rules.add_metric([rule, action, mode], n)
+            if action in throttle:
+                throttle[action].add_metric([rule, mode], n)
+            else:
+                rules.add_metric([rule, action, mode], n)
         yield rules
+        yield from throttle.values()
         yield GaugeMetricFamily("pgfront_workers", "Worker processes reporting", value=merged.workers)
         info = GaugeMetricFamily("pgfront_build_info", "pgfront's version and which relay core runs (compiled or pure)",
                                  labels=["version", "core"])

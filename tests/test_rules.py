@@ -211,7 +211,7 @@ def test_structural_mistakes(tmp_path):
         rewrite = { from = "SELECT * FROM t WHERE a = $1 AND b = $2", to = "SELECT a FROM t WHERE a = $1" }
         """)
     assert got == [
-        "1: rule 'no-actions': no action: give at least one of block, limit, cache, rewrite, timeout, log",
+        "1: rule 'no-actions': no action: give at least one of block, limit, cache, rewrite, timeout, throttle, log",
         "5: rule 'no-match': no match table (use match = {} to match every statement)",
         "12: rule 'block-and-cache': block cannot be combined with cache: a blocked statement never runs "
         "(only log may go with block)",
@@ -528,7 +528,7 @@ def test_counters_count_every_execution(tmp_path):
     assert rows["paginate-orders"] == {
         "name": "paginate-orders", "file": "rules.toml", "line": 3, "match": "kind=select tables=orders",
         "actions": "limit(max_rows=1000, max_offset=10000)", "mode": "enforce", "final": False,
-        "description": "", "hits": 3, "observed_hits": 0,
+        "description": "", "hits": 3, "observed_hits": 0, "queued": 0, "throttled": 0,
     }
     assert (rows["no-unbounded-delete"]["hits"], rows["cache-reports"]["hits"]) == (1, 0)
     # 3, not 4: the blocked DELETE stopped evaluation before the observe rule

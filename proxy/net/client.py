@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 from proxy.log import log
 from proxy.net.bytepath import _HIGH_WATER, BytePath
-from proxy.net.cachewait import CacheWaits
 from proxy.net.pooled import PooledClient
 from proxy.net.serverlink import ServerLink
 from proxy.net.startup import StartupSteps
+from proxy.net.waits import StreamWaits
 from proxy.relay.records import (
     _ERR,
     _K,
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 _ids = itertools.count(1)
 
 
-class ClientConnection(StartupSteps, PooledClient, CacheWaits, BytePath, asyncio.Protocol):
+class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asyncio.Protocol):
     """One client connection: transport, startup and authentication around its conversation."""
 
     def __init__(self, app: App) -> None:
@@ -110,10 +110,13 @@ class ClientConnection(StartupSteps, PooledClient, CacheWaits, BytePath, asyncio
         if self.startup_timer:
             self.startup_timer.cancel()
         self.app.drop_cancel_key(self)
-        for p in self.expect:
+        for p in (*self.expect, *self.finished):
             if p.fill is not None:
                 self.app.cache.abandon(p.fill)
                 p.fill = None
+            if p.permit is not None:  # throttle slots of statements that will never be answered
+                p.permit.release()
+                p.permit = None
         if self.pool is not None:
             if self.server is not None:
                 self._leave_pool()

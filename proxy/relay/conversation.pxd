@@ -8,6 +8,7 @@ from proxy.relay.replies cimport ReplyTracker
 
 cdef class Conversation(ReplyTracker):
     cdef public object phase, user, database, application_name, cframer, last_bind, lookup_job, last_parse
+    cdef public object throttle_job, admitted
     cdef public dict statements, portals, hot_queries
     cdef public bint pinned, in_batch, restore_at_sync
     cdef public Py_ssize_t stmt_epoch, queries

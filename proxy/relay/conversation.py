@@ -31,6 +31,7 @@ from proxy.relay.records import (
     _PLAIN_P,
     _PLAIN_S,
     _Q,
+    _REFUSED_EXECUTE,
     _RESTORE_TIMEOUT,
     _S,
     _SAVE_AND_SET_TIMEOUT,
@@ -69,6 +70,8 @@ class Conversation(ReplyTracker):
         self.portals: dict[str, Stmt] = {}
         self.last_bind: tuple | None = None
         self.lookup_job: tuple | None = None
+        self.throttle_job: tuple | None = None  # (limits, grant): rule limits a statement waits on
+        self.admitted = None  # the outcome of that wait: a Grant, or our ErrorResponse refusing it
         self.pinned = False  # session state seen in transaction mode: keep the server
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.last_parse: tuple | None = None  # (body, stmt, rules) of the last Parse forwarded unchanged
@@ -143,6 +146,23 @@ class Conversation(ReplyTracker):
                     p = Pending(_E, stmt.info, now)
                     p.stmt = stmt
                     d = stmt.decision
+                    if d is not None and d.throttle:
+                        refused = self._admitted(p, stmt.info, d)
+                        if refused is _SUSPEND:
+                            self.to_server(data[first:a] if out is None else b"".join(out))
+                            self._suspend_client(frames, data, frames.index((t, a, b), start))
+                            return
+                        if refused is not None:  # fails on the server (skipping to Sync); the client sees ours
+                            self.app.rules.executed(self, d, stmt.info)
+                            p.error = refused
+                            self.special += 1
+                            expect.append(p)
+                            self.queries += 1
+                            self.in_batch = True
+                            if out is None:
+                                out = [data[first:a]]
+                            out.append(_REFUSED_EXECUTE)
+                            continue
                     if d is not None:
                         self.app.rules.executed(self, d, stmt.info)
                     if stmt.notices:
@@ -321,10 +341,16 @@ class Conversation(ReplyTracker):
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
+                refused = self._admitted(p, info, decision) if decision.throttle else None
+                if refused is _SUSPEND:
+                    self.queries -= 1  # counted when the Query is taken up again
+                    return _SUSPEND
                 rules.executed(self, decision, info, sql)
-                if decision.block:
-                    code, message = decision.block
-                    p.error = pq.error_response(code, message)
+                if decision.block or refused is not None:
+                    if refused is None:
+                        code, message = decision.block
+                        refused = pq.error_response(code, message)
+                    p.error = refused
                     self.special += 1
                     sent = pq.query(_BLOCKED_SQL)
                 else:
@@ -466,6 +492,27 @@ class Conversation(ReplyTracker):
         return sent
 
 
+    def _admitted(self, p: Pending, info: StatementInfo, decision: Decision) -> bytes | None:
+        """Rule limits (throttle) on this statement: None when it may run now (its slots in p.permit),
+        _SUSPEND when it must wait (`throttle_job`; the shell comes back to the same message with
+        `admitted` set), or the ErrorResponse refusing it."""
+        outcome = self.admitted
+        if outcome is not None:  # taken up again after the wait
+            self.admitted = None
+            if isinstance(outcome, bytes):
+                return outcome
+            p.permit = outcome
+            return None
+        throttler = self.app.throttler
+        limits = throttler.limits(decision.throttle, self.user, self.application_name, info.fingerprint)
+        grant, now = throttler.admit_now(limits)
+        p.permit = grant
+        if not now:
+            self.throttle_job = (limits, grant)
+            return _SUSPEND
+        return None
+
+
     def _check_offset(self, decision: Decision, body: bytes) -> bytes | None:
         """The error for an OFFSET $n bound above a rule's max_offset, or None."""
         n = decision.offset_check[0]
@@ -485,6 +532,9 @@ class Conversation(ReplyTracker):
 
     def _done(self, p: Pending) -> QueryStats | None:
         """A statement finished: statistics, slow log. Returns its statistics entry, if any."""
+        if p.permit is not None:  # its rule limits' slots go to the next statement
+            p.permit.release()
+            p.permit = None
         info = p.info
         if info is None:
             if p.text is None:

@@ -17,6 +17,7 @@ class RelayContext(Protocol):
     shapes: Any  # ShapeCache: text -> StatementInfo
     rules: Any  # RulesAdapter, or None without rule files
     cache: Any  # ResultCache, or None with the cache off
+    throttler: Any  # throttle.Throttler: admits statements under rule limits (with rule files loaded)
     stats: Any  # Stats, or None
     slowlog: Any
     slow_threshold: float | None

@@ -46,6 +46,8 @@ class HotHits(Conversation):
 
     def _remember(self, request: bytes, info: StatementInfo, decision: Decision, key: bytes,
                   batch: tuple | None) -> None:
+        if decision.throttle:
+            return  # every execution must be admitted by its rule limits
         hot = self.hot_queries
         if len(hot) >= _HOT_QUERIES:
             hot.clear()

@@ -48,6 +48,9 @@ _LOCAL = 0  # Pending kind for replies pgfront produces itself
 # are exactly Postgres's own; the server's syntax error is then replaced by the rule's error.
 _BLOCKED_SQL = "pgfront blocked statement"
 _SUSPEND = b"suspend for a cache look-up"  # compared by identity
+# An Execute of a portal no server has: makes a refused Execute fail *on the server* (as _BLOCKED_SQL
+# does for a Parse or Query), so the batch is skipped to its Sync exactly as Postgres would.
+_REFUSED_EXECUTE = pq.msg(b"E", b"pgfront refused portal\0" + b"\0\0\0\0")
 
 # A rule's timeout runs the statement under that statement_timeout, then puts the client's own back.
 # Both are swallowed Query messages placed at a Sync boundary, so they never split an implicit
@@ -79,7 +82,8 @@ class Pending:
     """One expected reply (or a reply of our own, kind _LOCAL) in client order."""
 
     __slots__ = ("kind", "forward", "info", "t0", "rows", "sqlstate", "error", "local", "notices",
-                 "copy_ends", "stmt", "bind", "prep", "show_errors", "fill", "ttl", "part", "whole", "text")
+                 "copy_ends", "stmt", "bind", "prep", "show_errors", "fill", "ttl", "part", "whole", "text",
+                 "permit")
 
     def __init__(self, kind: int, info: StatementInfo | None = None, t0: float = 0.0) -> None:
         self.kind = kind
@@ -101,6 +105,7 @@ class Pending:
         self.part = 0  # statements of a multi-statement Query completed so far
         self.whole = False  # a local reply to a simple Query: ReadyForQuery follows it
         self.text: str | None = None  # a Query whose shape is looked up only for its statistics
+        self.permit = None  # throttle.Grant: the rule limits' slots this statement holds until it ends
 
 
 def special(p: Pending) -> bool:

@@ -151,6 +151,9 @@ class ReplyTracker:
         p = self._pop()
         if p.prep is not None and self.server is not None:
             self.server.state.prepared.discard(p.prep)  # that Parse never prepared anything
+        if p.permit is not None:  # a throttled statement the server skipped: its slots are free again
+            p.permit.release()
+            p.permit = None
 
 
     def _plan_changed(self, stmt: Stmt) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.rules.model import RuleCounter
 
@@ -37,6 +38,8 @@ class Decision:
     row_limit: int | None = None  # the LIMIT pgfront imposed, when it changed one
     # OFFSET $n: (n, max_offset, rule name); check the bound value with offset_error() at Bind
     offset_check: tuple[int, int, str] | None = None
+    # (rule name, Throttle, observed, RuleCounter) of every matching throttle rule: admit before running
+    throttle: tuple[tuple[str, Any, bool, RuleCounter], ...] = ()
     hit_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
     observed_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
 

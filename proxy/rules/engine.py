@@ -64,10 +64,13 @@ class _Plan:
     offset: tuple[int, str] | None = None  # (max_offset, rule)
     text: str | None = None  # the statement after this plan's rewrites and limit; None = unchanged
     limited: LimitResult | None = None
+    throttle: list[tuple[str, Any, bool, RuleCounter]] = field(default_factory=list)
 
     def add(self, rule: Rule) -> bool:
         """Take rule's actions; True when evaluation must stop here."""
         self.matched.extend((rule.name, a, rule.observe) for a in rule.actions)
+        if rule.throttle is not None:  # observed too: it counts what it would have held back
+            self.throttle.append((rule.name, rule.throttle, rule.observe, rule.counter))
         if rule.observe:
             self.observed.append(rule.counter)
             return False
@@ -229,6 +232,7 @@ class RuleSet:
             matched=tuple(dict.fromkeys(m for p in plans for m in p.matched)),
             row_limit=None if block else row_limit,
             offset_check=offset_check if single and not block else None,
+            throttle=() if block else tuple(dict.fromkeys(t for p in plans for t in p.throttle)),
             hit_counters=tuple(dict.fromkeys(c for p in plans for c in p.hits)),
             observed_counters=tuple(dict.fromkeys(c for p in plans for c in p.observed)),
         )
@@ -259,6 +263,8 @@ class RuleSet:
             "description": r.description,
             "hits": r.counter.hits,
             "observed_hits": r.counter.observed_hits,
+            "queued": r.counter.queued,
+            "throttled": r.counter.throttled,
         } for r in self.rules]
 
     def clear_cache(self) -> None:

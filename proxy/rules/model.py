@@ -19,14 +19,16 @@ from typing import Any
 from proxy.config import parse_duration
 from proxy.rules.match import Match, _suggest, compile_match
 from proxy.rules.rewrite import RenameTables, TemplateError, TemplateRewrite
+from proxy.throttle.spec import THROTTLE_KEYS, Throttle, parse_throttle
 
 RULE_KEYS = ("name", "description", "match", "mode", "final", "enabled")
-ACTIONS = ("block", "limit", "cache", "rewrite", "timeout", "log")
+ACTIONS = ("block", "limit", "cache", "rewrite", "timeout", "throttle", "log")
 ACTION_KEYS = {
     "block": ("message", "sqlstate"),
     "limit": ("max_rows", "max_offset"),
     "cache": ("ttl", "stale_while_revalidate", "allow_rls", "allow_catalog"),
     "rewrite": ("from", "to", "rename_table"),
+    "throttle": THROTTLE_KEYS,
 }
 MODES = ("enforce", "observe")
 DEFAULT_BLOCK_SQLSTATE = "42501"  # insufficient_privilege
@@ -96,6 +98,8 @@ class RuleCounter:
 
     hits: int = 0
     observed_hits: int = 0
+    queued: int = 0  # statements its throttle made wait (in observe mode: would have)
+    throttled: int = 0  # statements its throttle refused (in observe mode: would have)
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +117,7 @@ class Rule:
     cache: Cache | None = None
     rewrite: Rewrite | None = None
     timeout: float | None = None
+    throttle: Throttle | None = None
     log: bool = False
     spec: dict[str, Any] = field(default_factory=dict)  # the actions as written, for describe()
     counter: RuleCounter = field(default_factory=RuleCounter)
@@ -313,6 +318,9 @@ class _Checker:
 
     def _timeout(self, value: Any) -> float | None:
         return self._duration(value, "timeout", "timeout")
+
+    def _throttle(self, value: Any) -> Throttle | None:
+        return parse_throttle(value, self.problem)
 
     def _log(self, value: Any) -> bool:
         if not isinstance(value, bool):

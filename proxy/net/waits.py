@@ -1,6 +1,7 @@
-"""Where the client's stream waits for Redis: a cache look-up before a cached read goes on (the
-client's later bytes wait, in order), and an invalidation before a commit reaches the client (the
-server's later bytes wait). A mixin of `ClientConnection`, whose state it uses.
+"""Where a client's stream waits: for a cache look-up before a cached read goes on, or for a rule's
+throttle to admit a statement (the client's later bytes wait, in order), and for an invalidation
+before a commit reaches the client (the server's later bytes wait). A mixin of `ClientConnection`,
+whose state it uses.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import asyncio
 from proxy.log import log
 from proxy.relay.pooling import rename_bind
 from proxy.relay.records import _B, _E, _LOCAL, _Q, READY, special
+from proxy.throttle.spec import THROTTLE_SQLSTATE
+from proxy.throttle.throttler import Refusal
 from proxy.wire import protocol as pq
 
 
-class CacheWaits:
-    """Cache waits of a ClientConnection (see `proxy.net.client`)."""
+class StreamWaits:
+    """The waits of a ClientConnection (see `proxy.net.client`)."""
 
     def _suspend_server(self) -> None:
         frames, data, i, effect = self.server_suspend
@@ -45,7 +48,31 @@ class CacheWaits:
 
     def _suspend_client(self, frames: list, data: bytes, i: int) -> None:
         self.client_suspended = True  # later bytes wait in client_backlog (reading pauses if it grows)
-        asyncio.ensure_future(self._lookup_then_resume(frames, data, i))  # a flight others may share: not cancelled
+        if self.throttle_job is not None:
+            self._task(self._admit_then_resume(frames, data, i))  # cancelled (slots given back) if the client goes
+        else:
+            asyncio.ensure_future(self._lookup_then_resume(frames, data, i))  # a flight others may share: not cancelled
+
+    async def _admit_then_resume(self, frames: list, data: bytes, i: int) -> None:
+        """The statement at frames[i] waits for its rule limits; then the relay takes it up again, with
+        the grant (or the refusal) in `admitted`."""
+        limits, grant = self.throttle_job
+        self.throttle_job = None
+        try:
+            outcome = await self.app.throttler.admit(limits, grant)
+        except BaseException:
+            grant.release()
+            raise
+        if self.phase is not READY:
+            grant.release()
+            return
+        if isinstance(outcome, Refusal):
+            log.info("statement throttled", extra={"client": self.id, "rule": outcome.rule, "reason": outcome.why})
+            outcome = pq.error_response(THROTTLE_SQLSTATE, outcome.message)
+        self.admitted = outcome
+        self.client_suspended = False
+        self._relay_client(frames, data, i)
+        self._resume_client()
 
     async def _lookup_then_resume(self, frames: list, data: bytes, i: int) -> None:
         kind, p, sql, info, decision, raw = self.lookup_job
@@ -97,6 +124,10 @@ class CacheWaits:
             self.to_server(raw)
         self.client_suspended = False
         self._relay_client(frames, data, i + 1)
+        self._resume_client()
+
+    def _resume_client(self) -> None:
+        """After a wait: local replies queued meanwhile go out, and the client's later bytes go on."""
         if self.phase is READY and not self.client_suspended:
             if self.expect and self.expect[0].kind == _LOCAL:
                 replies: list = []

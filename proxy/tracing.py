@@ -1,0 +1,270 @@
+"""OpenTelemetry spans for statements, exported over OTLP/HTTP (the [tracing] section of config.toml).
+
+One span per statement, made after the fact: the relay already knows the statement's start and end, so
+Tracing.statement() builds a finished span with explicit timestamps instead of keeping a live span open
+across awaits. The decision is split from the work: sample() runs for every statement and costs an
+attribute load and one random() call when it says no; statement() runs only for the sampled ones.
+
+With `endpoint` empty, from_config() returns None and the relay makes no call at all: tracing off costs
+one `is None` test. A statement whose sqlcommenter comment carries a W3C `traceparent` follows that
+parent's sampled flag (parent-based sampling) and its span becomes a child of the client's span.
+
+The SDK provider is private to this object (the global provider is left alone), export runs on the
+BatchSpanProcessor's thread, and export failures are logged by the SDK and never reach the caller.
+Build a Tracing in each worker process, after the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+
+from proxy.config import Section
+from proxy.sql.sqlcommenter import traceparent
+
+_TRACE_KEYS = frozenset({"traceparent", "tracestate"})
+_OK_CLASSES = ("00", "01", "02")  # success, warning, no data: not errors
+_MAX_ATTRIBUTE_LENGTH = 8192  # a normalized statement can be huge (generated SQL); keep spans bounded
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+
+
+def traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL for a configured endpoint: a bare http(s)://host:port gets /v1/traces.
+
+    Raises ValueError with a readable message for anything that is not an http(s) URL with a host.
+    """
+    try:
+        parts = urlsplit(endpoint.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise ValueError(f"[tracing] endpoint {endpoint!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"[tracing] endpoint {endpoint!r}: expected http(s)://HOST:PORT[/v1/traces]")
+    path = parts.path if parts.path not in ("", "/") else "/v1/traces"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+class _CountingExporter(SpanExporter):
+    """The OTLP exporter, counting what it delivered and what it failed to (it runs on the SDK's thread)."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.exported = 0
+        self.failed = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:  # noqa: BLE001 - an exporter bug must not kill the export thread
+            logging.getLogger(__name__).exception("span export failed")
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
+        else:
+            self.failed += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class _QueueFullFilter(logging.Filter):
+    """The SDK logs one warning per span dropped on a full queue; Tracing counts them instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Queue full")
+
+
+_queue_full_filter = _QueueFullFilter()
+
+
+class Tracing:
+    """Statement spans for one process. Counters: spans (made), sampled_out, dropped (export queue full,
+    approximate); describe() adds the exporter's exported and export_failures."""
+
+    def __init__(self, section: Section, *, service_instance: str | None = None) -> None:
+        from proxy import __version__
+
+        self.endpoint = traces_url(section.endpoint)
+        self.sample_ratio = float(section.sample_ratio)
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"[tracing] sample_ratio must be between 0 and 1, got {self.sample_ratio}")
+        max_queue = int(section.max_queue_size)
+        if max_queue < 1:
+            raise ValueError(f"[tracing] max_queue_size must be at least 1, got {max_queue}")
+        self.spans = 0
+        self.sampled_out = 0
+        self.dropped = 0
+        self._random = random.random  # a bound method: one attribute load on the hot path
+
+        host = socket.gethostname()
+        resource = Resource.create({
+            "service.name": section.service_name or "pgfront",
+            "service.version": __version__,
+            "service.instance.id": service_instance or f"{host}:{os.getpid()}",
+            "host.name": host,
+            "process.pid": os.getpid(),
+        })
+        try:
+            exporter = OTLPSpanExporter(endpoint=self.endpoint, headers=dict(section.headers),
+                                        timeout=float(section.export_timeout))
+        except Exception as e:  # noqa: BLE001 - whatever the SDK rejects, say which setting it was
+            raise ValueError(f"[tracing] cannot export to {self.endpoint}: {e}") from e
+        self._exporter = _CountingExporter(exporter)
+        self._processor = BatchSpanProcessor(
+            self._exporter, max_queue_size=max_queue, max_export_batch_size=min(512, max_queue),
+            export_timeout_millis=float(section.export_timeout) * 1000.0)
+        # the processor drops spans silently (bar a log line) when its queue is full: read its length to
+        # count them (approximately: the export thread may pop between our look and the append); a
+        # private attribute, so without it (another SDK version) drops go uncounted
+        self._queue: Any = getattr(getattr(self._processor, "_batch_processor", None), "_queue", None)
+        self._max_queue = max_queue
+        logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_queue_full_filter)
+
+        # our own sample() decides; the SDK sampler must record whatever it is handed
+        self._provider = TracerProvider(sampler=ALWAYS_ON, resource=resource,
+                                        span_limits=SpanLimits(max_attribute_length=_MAX_ATTRIBUTE_LENGTH))
+        self._provider.add_span_processor(self._processor)
+        self._tracer = self._provider.get_tracer("pgfront", __version__)
+        self._root = Context()  # an empty context: spans without a traceparent are roots, whatever is current
+        # perf_counter() -> epoch nanoseconds, measured once: spans get wall-clock times without a
+        # time_ns() call per statement
+        self._epoch_offset_ns = time.time_ns() - int(time.perf_counter() * 1e9)
+
+    @classmethod
+    def from_config(cls, section: Section, *, service_instance: str | None = None) -> Tracing | None:
+        """A Tracing when [tracing] endpoint is set, else None (tracing off: the relay makes no call)."""
+        if not section.endpoint:
+            return None
+        return cls(section, service_instance=service_instance)
+
+    # ---- hot path ----
+
+    def sample(self, tags: dict[str, str] | None) -> SpanContext | bool | None:
+        """Whether this statement gets a span: the client's parent SpanContext, True, or None for no.
+
+        A valid sqlcommenter traceparent decides by its sampled flag; otherwise sample_ratio does.
+        """
+        if tags and "traceparent" in tags:
+            parent = traceparent(tags)
+            if parent is not None:
+                trace_id, span_id, sampled = parent
+                if not sampled:
+                    self.sampled_out += 1
+                    return None
+                state = tags.get("tracestate")
+                return SpanContext(trace_id, span_id, is_remote=True, trace_flags=_SAMPLED,
+                                   trace_state=TraceState.from_header([state]) if state else None)
+        if self._random() < self.sample_ratio:
+            return True
+        self.sampled_out += 1
+        return None
+
+    def statement(self, sampled: SpanContext | bool | None, *, start: float, end: float, fingerprint: str,
+                  normalized: str, kind: str, tables: Sequence[str] | frozenset[str], database: str,
+                  user: str, application_name: str, rules: Sequence[tuple[str, str, bool]],
+                  cache: str | None, queue_seconds: float, rows: int, sqlstate: str | None,
+                  tags: dict[str, str] | None) -> None:
+        """Export one finished span for a statement that sample() chose (a falsy `sampled` is ignored).
+
+        start/end are time.perf_counter() values; queue_seconds is the part of them spent waiting for a
+        server connection; rules are (name, action, observed-only) for every rule that matched.
+        """
+        if not sampled:
+            return
+        operation = kind.upper()
+        first = min(tables) if tables else None
+        attributes: dict[str, Any] = {
+            "db.system.name": "postgresql",
+            "db.namespace": database,
+            "db.operation.name": operation,
+            "db.query.text": normalized,
+            "db.response.returned_rows": rows,
+            "db.user": user,
+            "user.name": user,
+            "pgfront.fingerprint": fingerprint,
+            "pgfront.upstream_seconds": max(0.0, end - start - queue_seconds),
+            "pgfront.application_name": application_name,
+        }
+        if first is not None:
+            attributes["db.collection.name"] = first
+        if sqlstate:
+            attributes["db.response.status_code"] = sqlstate
+        if rules:
+            attributes["pgfront.rules"] = [f"{name}:{action}:observe" if observed else f"{name}:{action}"
+                                           for name, action, observed in rules]
+        if cache:
+            attributes["pgfront.cache"] = cache
+        if queue_seconds > 0:
+            attributes["pgfront.queue_seconds"] = queue_seconds
+        if tags:
+            for key, value in tags.items():
+                if key not in _TRACE_KEYS:
+                    attributes["pgfront.tag." + key] = value
+
+        if sampled is True:
+            context = self._root
+        else:
+            context = set_span_in_context(NonRecordingSpan(sampled), self._root)
+        offset = self._epoch_offset_ns
+        span = self._tracer.start_span(f"{operation} {first}" if first else operation, context=context,
+                                       kind=SpanKind.SERVER, attributes=attributes,
+                                       start_time=int(start * 1e9) + offset)
+        if sqlstate and not sqlstate.startswith(_OK_CLASSES):
+            span.set_status(Status(StatusCode.ERROR, f"SQLSTATE {sqlstate}"))
+        queue = self._queue
+        if queue is not None and len(queue) >= self._max_queue:
+            self.dropped += 1
+        span.end(end_time=int(end * 1e9) + offset)
+        self.spans += 1
+
+    # ---- admin ----
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and counters, for SHOW TRACING / metrics."""
+        queue = self._queue
+        return {
+            "endpoint": self.endpoint,
+            "sample_ratio": self.sample_ratio,
+            "spans": self.spans,
+            "sampled_out": self.sampled_out,
+            "dropped": self.dropped,
+            "exported": self._exporter.exported,
+            "export_failures": self._exporter.failed,
+            "queued": len(queue) if queue is not None else None,
+        }
+
+    def force_flush(self, timeout: float = 30.0) -> bool:
+        """Export every span made so far; False when that did not finish within timeout seconds."""
+        return self._provider.force_flush(int(timeout * 1000))
+
+    def shutdown(self) -> None:
+        """Flush and stop the export thread; later spans are dropped by the SDK."""
+        self._provider.shutdown()
