@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="count instructions per query with valgrind's callgrind instead of timing")
     hot.add_argument("--core", nargs="+", default=["compiled", "pure"], choices=["compiled", "pure"],
                      help="with --instructions: which relay cores to count (default both)")
+    hot.add_argument("--tracing", type=float, metavar="RATIO",
+                     help="with OpenTelemetry tracing on at this sample ratio, exporting to an OTLP receiver "
+                          "run by this command (the export's cost is counted too)")
     hot.set_defaults(func=cmd_hotpath)
     return ap
 
@@ -101,6 +104,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_hotpath(args: argparse.Namespace) -> int:
+    if args.tracing is not None:
+        return _with_tracing(args)
     if args.instructions:
         from .instructions import main as instructions
 
@@ -108,6 +113,25 @@ def cmd_hotpath(args: argparse.Namespace) -> int:
     from .hotpath import main as hotpath
 
     return hotpath(args.mode or HOT_MODES, args.n, args.profile, args.config)
+
+
+def _with_tracing(args: argparse.Namespace) -> int:
+    """hotpath with [tracing] on: spans go to a real OTLP/HTTP receiver in this process (the counted or
+    timed relay runs in its own process under callgrind, or here)."""
+    import tempfile
+
+    from tests.otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(f'[tracing]\nendpoint = "{receiver.url}"\nsample_ratio = {args.tracing}\n'
+                    '[rules]\nfiles = []\nwatch = false\n')
+        args.config, args.tracing = f.name, None
+        return cmd_hotpath(args)
+    finally:
+        receiver.stop()
+        print(f"tracing: {len(receiver.spans())} spans received", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,10 @@ def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Clie
     from proxy import stats as st
 
     app.stats = st.Stats(cfg.stats.max_fingerprints)
+    if cfg.tracing.endpoint:
+        from proxy.tracing import Tracing
+
+        app.tracing = Tracing.from_config(cfg.tracing)
     s = ClientConnection(app)
     s.transport = NullTransport()  # type: ignore[assignment]
     link = ServerLink()
@@ -110,6 +114,9 @@ def driver(mode: str, config: str | None, stack: ExitStack) -> tuple[ClientConne
         return hit_driver(mode[4:], stack)
     out = _driver(mode, config)
     stack.callback(asyncio.get_event_loop().close)
+    tracing = out[0].app.tracing
+    if tracing is not None:  # the spans' export (protobuf, HTTP) is counted too: flushed before the end
+        stack.callback(tracing.shutdown)
     return out
 
 

@@ -27,7 +27,11 @@ def count(mode: str, n: int, config: str | None, cwd: Path, pure: bool = False) 
         code = f"from benchmarks.hotpath import drive; drive({mode!r}, {n}, {config!r})"
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", sys.executable, "-c", code]
         env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(cwd),
-               "PGFRONT_PURE_PYTHON": "1" if pure else ""}
+               "PGFRONT_PURE_PYTHON": "1" if pure else "",
+               # with tracing on: callgrind runs the relay ~50x slower than real time, so the span
+               # exporter's 5 s timer would send batches ~50x smaller than at a real query rate; without
+               # it, batches go out full (512 spans), as they do at a production rate
+               "OTEL_BSP_SCHEDULE_DELAY": "3600000"}
         res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     m = _COLLECTED.search(res.stderr)
     if res.returncode != 0 or m is None:

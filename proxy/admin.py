@@ -59,8 +59,8 @@ def _dict_rows(rows: list[dict[str, Any]], columns: Sequence[str] | None = None)
 # -- commands ----------------------------------------------------------------------------------
 
 _QUERY_COLUMNS = ["fingerprint", "calls", "total_ms", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms", "rows",
-                  "errors", "cache_hits", "cache_misses", "rewrites", "blocks", "database", "user", "first_seen",
-                  "last_seen", "query"]
+                  "errors", "cache_hits", "cache_misses", "rewrites", "blocks", "throttled", "database", "user",
+                  "first_seen", "last_seen", "tags", "query"]
 
 
 def show_queries(app: App, args: list[str]) -> bytes:
@@ -127,10 +127,15 @@ def show_pools(app: App, _args: list[str]) -> bytes:
     return _dict_rows(list(pools.values()), ["database", "user", "pool_mode", "cl_active", "sv_active", "sv_idle"])
 
 
+_SECRET_KEYS = {("tracing", "headers")}  # shown with their values masked (exporter tokens)
+
+
 def show_config(app: App, _args: list[str]) -> bytes:
     rows = []
     for section, values in app.cfg.as_dict().items():
         for key, value in values.items():
+            if (section, key) in _SECRET_KEYS and value:
+                value = {k: "********" for k in value} if isinstance(value, dict) else "********"
             rows.append((section, key, value))
     return table(["section", "key", "value"], rows)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 from typing import Any
 
@@ -23,8 +25,6 @@ async def attach(app: App) -> list[asyncio.Task]:
     tasks = [asyncio.ensure_future(publisher.run(cfg.stats.flush_interval)),
              asyncio.ensure_future(_housekeeping(app))]
     if cfg.auth.mode != "passthrough":
-        import os
-
         from proxy.pool import PoolManager
 
         app.pools = PoolManager(app)
@@ -38,6 +38,10 @@ async def attach(app: App) -> list[asyncio.Task]:
 
         app.cache = ResultCache(cfg, app.upstream.dsn(user="postgres", database="postgres"))
         await app.cache.start()
+    if cfg.tracing.endpoint:
+        from proxy.tracing import Tracing  # the SDK's import costs ~70 ms: only when tracing is on
+
+        app.tracing = Tracing.from_config(cfg.tracing, service_instance=f"{socket.gethostname()}:{os.getpid()}")
     if cfg.slowlog.threshold_ms > 0:
         from proxy.slowlog import SlowLog
 
@@ -76,15 +80,12 @@ def make_throttler(cfg, stats: st.Stats | None) -> Any:
 
 def rules_base_dir(cfg) -> str:
     """Relative rule paths are relative to the config file's directory (else the working directory)."""
-    import os
-
     return os.path.dirname(os.path.abspath(cfg.source)) if cfg.source != "<defaults>" else os.getcwd()
 
 
 def load_rule_holder(cfg):
     """A RuleHolder for the configured files, or None when no rule file is configured or found."""
     import glob
-    import os
 
     from proxy.rules import RuleHolder
 
@@ -111,6 +112,10 @@ def _gauges(app: App) -> None:
     s.set_gauge("server_connections", sum(1 for x in app.sessions if x.has_server))
     s.set_counter("bytes_received", sum(x.bytes_in for x in app.sessions) + app.closed_bytes[0])
     s.set_counter("bytes_sent", sum(x.bytes_out for x in app.sessions) + app.closed_bytes[1])
+    if app.tracing is not None:
+        for name, value in app.tracing.describe().items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and name != "sample_ratio":
+                (s.set_gauge if name == "queued" else s.set_counter)(f"tracing_{name}", value)
     if app.throttler is not None:
         t = app.throttler
         s.set_gauge("throttle_waiting", t.waiting)
@@ -156,6 +161,8 @@ async def detach(app: App) -> None:
         await app.cache.close()
     if app.throttler is not None:
         await app.throttler.close()
+    if app.tracing is not None:  # flushes what is queued: may take a while, off the event loop
+        await asyncio.get_running_loop().run_in_executor(None, app.tracing.shutdown)
     if app.pools is not None:
         app.pools.close_all()
     if app.slowlog is not None:
@@ -176,6 +183,8 @@ async def detach(app: App) -> None:
 _RESTART_ONLY = {("server", "listen"), ("server", "workers"), ("server", "upstream"), ("server", "run_dir"),
                  ("metrics", "listen"), ("auth", "mode"), ("cache", "enabled"), ("cache", "redis_url"),
                  ("cache", "replication_listener"), ("cache", "replication_slot"), ("throttle", "redis_url"),
+                 ("tracing", "endpoint"), ("tracing", "sample_ratio"), ("tracing", "service_name"),
+                 ("tracing", "headers"), ("tracing", "export_timeout"), ("tracing", "max_queue_size"),
                  ("tls", "cert_file"),
                  ("tls", "key_file"), ("tls", "upstream_sslmode"), ("tls", "upstream_ca_file"), ("rules", "watch"),
                  ("server", "log_format"), ("slowlog", "path"), ("slowlog", "dsn")}

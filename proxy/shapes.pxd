@@ -17,3 +17,6 @@ cdef Py_ssize_t _closing(const unsigned char *one, const Py_UCS4 *wide, Py_ssize
                          Py_UCS4 quote, bint escapes) noexcept
 
 cdef bint _word(Py_UCS4 c) noexcept
+
+@cython.locals(n=cython.Py_ssize_t)
+cpdef bint commented(str sql)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 from proxy.sql import StatementInfo, analyze
+from proxy.sql.sqlcommenter import split_comment
 
 try:
     import cython
@@ -179,6 +180,15 @@ def _scan_key(sql: str) -> str:
 shape_key = _scan_key if _COMPILED else _regex_key
 
 
+def commented(sql: str) -> bool:
+    """Whether sql ends as a sqlcommenter comment does ("*/", or "*/;"): the test in C before the
+    comment is looked at (`proxy.sql.sqlcommenter.split_comment`), on every statement."""
+    n = len(sql)
+    if n and sql[n - 1] == ";":
+        n -= 1
+    return n >= 2 and sql[n - 1] == "/" and sql[n - 2] == "*"
+
+
 class ShapeCache:
     """Bounded map from statement text (and from its shape key) to the analysed StatementInfo."""
 
@@ -194,6 +204,12 @@ class ShapeCache:
         info = self._by_text.get(sql)
         if info is not None:
             return info
+        if commented(sql):
+            # a sqlcommenter comment (tags, a per-request traceparent) is not part of the statement: the
+            # shape is the text's without it, or every traced request would be a new shape to parse
+            text, comment = split_comment(sql)
+            if comment is not None:
+                return self.get(text)
         key = shape_key(sql)
         info = self._by_key.get(key)
         if info is None:

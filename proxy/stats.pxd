@@ -5,7 +5,7 @@ import cython
 
 
 cdef class QueryStats:
-    cdef public object fingerprint, query, database, user, errors, hist, cache, rules, encoded
+    cdef public object fingerprint, query, database, user, errors, hist, cache, rules, tags, encoded
     cdef public long long calls, rows
     cdef public double total, min, max, first_seen, last_seen
 

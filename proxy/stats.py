@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from proxy.sql.sqlcommenter import tags_text
+
 try:  # about 10x faster for snapshots of thousands of fingerprints; the standard library works too
     import orjson
 
@@ -108,7 +110,7 @@ class QueryStats:
     """Statistics of one fingerprint (or of the folded "other" entry)."""
 
     __slots__ = ("fingerprint", "query", "database", "user", "calls", "errors", "rows", "total", "min",
-                 "max", "hist", "cache", "rules", "first_seen", "last_seen", "encoded")
+                 "max", "hist", "cache", "rules", "tags", "first_seen", "last_seen", "encoded")
 
     def __init__(self, fingerprint: str, query: str = "", now: float = 0.0) -> None:
         self.fingerprint = fingerprint
@@ -124,6 +126,7 @@ class QueryStats:
         self.hist: dict[int, int] = {}  # bucket_of(seconds) -> count
         self.cache: dict[str, int] = {}  # CACHE_EVENTS -> count
         self.rules: dict[tuple[str, str, str], int] = {}  # (rule, action, enforce|observe) -> count
+        self.tags: dict[str, int] = {}  # sqlcommenter tags as text ("controller=x route=y") -> calls
         self.first_seen = now
         self.last_seen = now
         self.encoded: bytes | None = None  # JSON of this entry, cleared on change: idle entries cost no flush
@@ -137,7 +140,7 @@ class QueryStats:
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
         for target, source in ((self.errors, other.errors), (self.hist, other.hist), (self.cache, other.cache),
-                               (self.rules, other.rules)):
+                               (self.rules, other.rules), (self.tags, other.tags)):
             for key, n in source.items():
                 target[key] = target.get(key, 0) + n
         same = other.fingerprint == self.fingerprint
@@ -164,7 +167,7 @@ class QueryStats:
                 "calls": self.calls, "errors": self.errors, "rows": self.rows, "total": self.total,
                 "min": self.min if self.calls else None, "max": self.max,
                 "hist": [x for item in self.hist.items() for x in item],  # flat [k, n, k, n, ...]
-                "cache": self.cache, "rules": [[*key, n] for key, n in self.rules.items()],
+                "cache": self.cache, "rules": [[*key, n] for key, n in self.rules.items()], "tags": self.tags,
                 "first_seen": self.first_seen, "last_seen": self.last_seen,
             })
         return self.encoded
@@ -178,6 +181,7 @@ class QueryStats:
         hist = d["hist"]
         q.hist = dict(zip(hist[::2], hist[1::2], strict=True))
         q.rules = {(rule, action, mode): n for rule, action, mode, n in d["rules"]}
+        q.tags = d.get("tags") or {}
         return q
 
     def copy(self) -> QueryStats:
@@ -210,6 +214,8 @@ class QueryStats:
             "cache_bypasses": self.cache.get("bypass", 0),
             "rewrites": by_action.get("rewrite", 0),
             "blocks": by_action.get("block", 0),
+            "throttled": by_action.get("throttled", 0),
+            "tags": "; ".join(f"{t} ({n})" for t, n in sorted(self.tags.items(), key=lambda x: -x[1])[:3]),
             "first_seen": _iso(self.first_seen),
             "last_seen": _iso(self.last_seen),
             "database": self.database,
@@ -223,6 +229,10 @@ def _iso(ts: float) -> str:
 
 def _rank_key(q: QueryStats) -> tuple[float, int, float]:
     return (q.total, q.calls, q.last_seen)
+
+
+MAX_TAGS = 8
+OTHER_TAGS = "(other tags)"
 
 
 # -- one worker's live statistics -------------------------------------------------------------------
@@ -289,6 +299,18 @@ class Stats:
         q.encoded = None
         self.changes += 1
         return q
+
+    def tags_seen(self, q: QueryStats, tags: dict[str, str]) -> None:
+        """A statement of q's fingerprint carried these sqlcommenter tags (SHOW QUERIES shows the most
+        frequent; a fingerprint keeps at most MAX_TAGS distinct sets, the rest count as OTHER_TAGS)."""
+        text = tags_text(tags)
+        if not text:
+            return
+        seen = q.tags
+        if text not in seen and len(seen) >= MAX_TAGS:
+            text = OTHER_TAGS
+        seen[text] = seen.get(text, 0) + 1
+        q.encoded = None
 
     def cache_event(self, fingerprint: str, event: str, q: QueryStats | None = None) -> None:
         """event: hit | miss | bypass | invalidation (q: the fingerprint's entry, when at hand)."""

@@ -18,7 +18,7 @@ from proxy.top import derive, render_table
 
 ROW_KEYS = {
     "fingerprint", "query", "calls", "total_ms", "mean_ms", "min_ms", "max_ms", "p50_ms", "p95_ms", "p99_ms",
-    "rows", "errors", "error_classes", "cache_hits", "cache_misses", "cache_bypasses", "rewrites", "blocks",
+    "rows", "errors", "error_classes", "cache_hits", "cache_misses", "cache_bypasses", "rewrites", "blocks", "throttled", "tags",
     "first_seen", "last_seen", "database", "user",
 }
 

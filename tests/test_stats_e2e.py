@@ -37,8 +37,8 @@ def queries(p) -> dict[str, dict[str, str]]:
     res = psql(p.port, "SHOW QUERIES 1000", dbname="pgfront", extra_args=["-F", "\t", "-P", "footer=off"])
     lines = [x for x in res.stdout.splitlines() if x]
     header = ["fingerprint", "calls", "total_ms", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms", "rows",
-              "errors", "cache_hits", "cache_misses", "rewrites", "blocks", "database", "user", "first_seen",
-              "last_seen", "query"]
+              "errors", "cache_hits", "cache_misses", "rewrites", "blocks", "throttled", "database", "user",
+              "first_seen", "last_seen", "tags", "query"]
     rows = [dict(zip(header, x.split("\t"), strict=False)) for x in lines]
     return {r["query"].rstrip(";"): r for r in rows}
 

@@ -144,6 +144,40 @@ def test_concurrency_limit_queues_then_refuses_with_53400(pgfront_factory, pg, t
     assert (int(row[-2]), int(row[-1])) == (3, 3), row  # queued 3, throttled 3
 
 
+def test_concurrency_holds_across_workers_and_instances(pgfront_factory, pg, redis_server, tmp_path):
+    rules = SLOTS_RULE.replace("concurrency = 2", "concurrency = 3").replace('"400ms"', '"20s"')
+    config = _rules(tmp_path, rules) + f'[throttle]\nredis_url = "{redis_server.url}"\n'
+    a = pgfront_factory(config=config, args=["--workers", "2"])
+    b = pgfront_factory(config=config, args=["--workers", "2"])
+    direct = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+
+    async def scenario() -> tuple[int, list]:
+        conns = [await asyncpg.connect((a if i % 2 else b).dsn()) for i in range(10)]
+        peak = 0
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, await _running(direct, "slot_probe"))
+                await asyncio.sleep(0.02)
+
+        async def client(c: asyncpg.Connection) -> None:
+            for _ in range(3):
+                await c.fetchval("SELECT pg_sleep(0.15) AS slot_probe")
+
+        watcher = asyncio.ensure_future(watch())
+        results = await asyncio.gather(*(client(c) for c in conns), return_exceptions=True)
+        stop.set()
+        await watcher
+        await asyncio.gather(*(c.close() for c in conns))
+        return peak, results
+
+    peak, results = asyncio.run(scenario())
+    assert [r for r in results if r is not None] == []  # nothing failed
+    assert peak == 3, f"{peak} statements ran at once under a limit of 3 shared by 4 workers"
+
+
 def test_queued_statement_runs_when_a_slot_frees(pgfront_factory, tmp_path):
     rules = SLOTS_RULE.replace('queue = "400ms"', 'queue = "5s"')
     p = pgfront_factory(config=_rules(tmp_path, rules))

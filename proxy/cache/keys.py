@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from hashlib import blake2b
 
+from proxy.sql.sqlcommenter import split_comment
+
 KEY_BYTES = 20
 
 # Settings that never change a result's bytes; every other setting a session sets or the server reports is
@@ -82,10 +84,14 @@ def make_key(
 ) -> bytes:
     """Digest of (session prefix, protocol, statement text, parameter OIDs, values and formats, result formats).
 
-    Parameter type OIDs from Parse are keyed because they change the result (`SELECT $1` as int4 or text).
+    A trailing sqlcommenter comment is not keyed. Parameter type OIDs from Parse are keyed because they change the result (`SELECT $1` as int4 or text).
     NULL is encoded apart from the empty string. `extended` keeps the two reply shapes apart: a simple
     Query's entry holds RowDescription + DataRows + CommandComplete, an Execute's DataRows + CommandComplete.
     """
+    if sql.endswith("*/") or sql.endswith("*/;"):
+        # a trailing sqlcommenter comment (tags, a per-request traceparent) cannot change the result:
+        # keyed without it, a traced app's repeated reads hit the same entry
+        sql = split_comment(sql)[0]
     h = blake2b(prefix, digest_size=KEY_BYTES)
     h.update(b"E" if extended else b"Q")
     h.update(_field(sql.encode()))

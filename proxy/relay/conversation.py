@@ -45,7 +45,9 @@ from proxy.relay.records import (
     _f,
 )
 from proxy.relay.replies import ReplyTracker
+from proxy.shapes import commented
 from proxy.sql import analyze
+from proxy.sql.sqlcommenter import parse_tags, split_comment, tags_text
 from proxy.wire import protocol as pq
 from proxy.wire.framer import Framer
 
@@ -72,6 +74,10 @@ class Conversation(ReplyTracker):
         self.lookup_job: tuple | None = None
         self.throttle_job: tuple | None = None  # (limits, grant): rule limits a statement waits on
         self.admitted = None  # the outcome of that wait: a Grant, or our ErrorResponse refusing it
+        self.tags: dict[str, str] | None = None  # sqlcommenter tags of the statement being decided
+        self.tracing = app.tracing  # fixed for the worker's life ([tracing] keys take a restart)
+        self.trace_gap = self.tracing.gap() if self.tracing is not None else 0  # statements to the next span
+        self.tag_key = ""  # the same as text (rules' decisions are cached under it)
         self.pinned = False  # session state seen in transaction mode: keep the server
         self.in_batch = False  # extended-protocol messages sent since the last Sync
         self.last_parse: tuple | None = None  # (body, stmt, rules) of the last Parse forwarded unchanged
@@ -145,7 +151,8 @@ class Conversation(ReplyTracker):
                 if stmt is not None:
                     p = Pending(_E, stmt.info, now)
                     p.stmt = stmt
-                    d = stmt.decision
+                    p.tags = stmt.tags
+                    d = p.decision = stmt.decision
                     if d is not None and d.throttle:
                         refused = self._admitted(p, stmt.info, d)
                         if refused is _SUSPEND:
@@ -320,15 +327,19 @@ class Conversation(ReplyTracker):
         sql = sql_bytes.decode(pq.ENC, pq.ERRORS)
         self.queries += 1
         self.stmt_epoch += 1  # a Query destroys the unnamed statement
+        tags = _tags(sql) if commented(sql) else None
         if self.app.rules is None and self.cstate is None and not self.pooled_tx:
             # nothing decides on the statement before it is sent: its shape is looked up for the
             # statistics after the reply has gone out, off the path the client waits on
             p = Pending(_Q, None, now)
             p.text = sql
+            p.tags = tags
             self.expect.append(p)
             return None
         info = self.app.shapes.get(sql)
         p = Pending(_Q, info, now)
+        p.tags = tags
+        self._set_tags(tags)
         if self.pooled_tx:
             refusal = self._pooled_statement(sql, info)
             if refusal is not None:
@@ -341,6 +352,7 @@ class Conversation(ReplyTracker):
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
+                p.decision = decision
                 refused = self._admitted(p, info, decision) if decision.throttle else None
                 if refused is _SUSPEND:
                     self.queries -= 1  # counted when the Query is taken up again
@@ -446,6 +458,9 @@ class Conversation(ReplyTracker):
         info = self.app.shapes.get(sql)
         stmt = Stmt(name, sql, info, sql)
         stmt.oids = oids
+        if commented(sql):
+            stmt.tags = _tags(sql)
+        self._set_tags(stmt.tags)
         p = _PLAIN_P
         sent = None  # the Parse sent instead of the client's
         prefix = b""  # pgfront's own messages sent before it (a rule's timeout)
@@ -501,6 +516,8 @@ class Conversation(ReplyTracker):
             self.admitted = None
             if isinstance(outcome, bytes):
                 return outcome
+            p.queued = p.t0 - outcome.since  # timed from its arrival: the client waited all along
+            p.t0 = outcome.since
             p.permit = outcome
             return None
         throttler = self.app.throttler
@@ -508,9 +525,17 @@ class Conversation(ReplyTracker):
         grant, now = throttler.admit_now(limits)
         p.permit = grant
         if not now:
+            grant.since = p.t0
             self.throttle_job = (limits, grant)
             return _SUSPEND
         return None
+
+
+    def _set_tags(self, tags: dict[str, str] | None) -> None:
+        """The sqlcommenter tags rules see for the statement about to be decided."""
+        if tags is not None or self.tags is not None:
+            self.tags = tags
+            self.tag_key = tags_text(tags)
 
 
     def _check_offset(self, decision: Decision, body: bytes) -> bytes | None:
@@ -558,6 +583,46 @@ class Conversation(ReplyTracker):
         q = None
         if stats is not None:
             q = stats.record(info.fingerprint, info.normalized, self.database, self.user, seconds, rows, sqlstate)
+            if p is not None and p.tags:
+                stats.tags_seen(q, p.tags)
+        if p is not None and self.tracing is not None:
+            tags = p.tags
+            if tags is not None and "traceparent" in tags:  # the client's trace decides
+                self._trace(p, info, seconds, rows, sqlstate, self.tracing.sample(tags))
+            else:
+                self.trace_gap -= 1
+                if self.trace_gap <= 0:
+                    self.trace_gap = self.tracing.gap()
+                    self._trace(p, info, seconds, rows, sqlstate, True)
         if p is not None and app.slow_threshold is not None and seconds >= app.slow_threshold and app.slowlog is not None:
             app.slowlog_capture(self, p, info, seconds)
         return q
+
+
+    def _trace(self, p: Pending, info: StatementInfo, seconds: float, rows: int, sqlstate: str | None,
+               sampled: object) -> None:
+        """The span of a statement sampled for tracing (`[tracing] endpoint`); `sampled` is what
+        Tracing.sample() says (the client's span to be a child of, True, or None: no span)."""
+        if not sampled:
+            return
+        tracing = self.tracing
+        d = p.decision
+        if p.kind == _LOCAL:
+            cache = "hit"
+        elif p.ttl is not None:
+            cache = "miss"
+        elif d is not None and d.cache_ttl is not None:
+            cache = "bypass"
+        else:
+            cache = None
+        tracing.statement(sampled, start=p.t0, end=p.t0 + seconds, fingerprint=info.fingerprint,
+                          normalized=info.normalized, kind=info.kind, tables=info.tables, database=self.database,
+                          user=self.user, application_name=self.application_name,
+                          rules=d.matched if d is not None else (), cache=cache, queue_seconds=p.queued, rows=rows,
+                          sqlstate=sqlstate, tags=p.tags)
+
+
+def _tags(sql: str) -> dict[str, str] | None:
+    """The tags of a statement ending in a sqlcommenter comment (None when it is another comment)."""
+    body = split_comment(sql)[1]
+    return parse_tags(body) if body is not None else None

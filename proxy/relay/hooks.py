@@ -18,6 +18,7 @@ class RelayContext(Protocol):
     rules: Any  # RulesAdapter, or None without rule files
     cache: Any  # ResultCache, or None with the cache off
     throttler: Any  # throttle.Throttler: admits statements under rule limits (with rule files loaded)
+    tracing: Any  # tracing.Tracing, or None: spans for sampled statements
     stats: Any  # Stats, or None
     slowlog: Any
     slow_threshold: float | None

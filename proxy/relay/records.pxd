@@ -4,12 +4,12 @@
 # the .py classes (with __slots__) are the same records.
 
 cdef class Stmt:
-    cdef public object name, sql, info, notices, sent_sql, decision, oids, server_name
+    cdef public object name, sql, info, notices, sent_sql, decision, oids, server_name, tags
 
 
 cdef class Pending:
     cdef public int kind, copy_ends, part
     cdef public bint forward, show_errors, whole
-    cdef public double t0
+    cdef public double t0, queued
     cdef public Py_ssize_t rows
-    cdef public object info, sqlstate, error, local, notices, stmt, bind, prep, fill, ttl, text, permit
+    cdef public object info, sqlstate, error, local, notices, stmt, bind, prep, fill, ttl, text, permit, tags, decision

@@ -64,7 +64,7 @@ _RESTORE_TIMEOUT = pq.query("SELECT set_config('statement_timeout', "
 class Stmt:
     """A prepared statement (named or unnamed) as the client knows it."""
 
-    __slots__ = ("name", "sql", "info", "notices", "sent_sql", "decision", "oids", "server_name")
+    __slots__ = ("name", "sql", "info", "notices", "sent_sql", "decision", "oids", "server_name", "tags")
 
     def __init__(self, name: str, sql: str, info: StatementInfo | None, sent_sql: str,
                  notices: tuple[bytes, ...] = ()) -> None:
@@ -76,6 +76,7 @@ class Stmt:
         self.decision: Decision | None = None
         self.oids: list[int] = []
         self.server_name = name
+        self.tags: dict[str, str] | None = None  # sqlcommenter tags of its text
 
 
 class Pending:
@@ -83,7 +84,7 @@ class Pending:
 
     __slots__ = ("kind", "forward", "info", "t0", "rows", "sqlstate", "error", "local", "notices",
                  "copy_ends", "stmt", "bind", "prep", "show_errors", "fill", "ttl", "part", "whole", "text",
-                 "permit")
+                 "permit", "tags", "decision", "queued")
 
     def __init__(self, kind: int, info: StatementInfo | None = None, t0: float = 0.0) -> None:
         self.kind = kind
@@ -106,6 +107,9 @@ class Pending:
         self.whole = False  # a local reply to a simple Query: ReadyForQuery follows it
         self.text: str | None = None  # a Query whose shape is looked up only for its statistics
         self.permit = None  # throttle.Grant: the rule limits' slots this statement holds until it ends
+        self.tags: dict[str, str] | None = None  # the statement's sqlcommenter tags
+        self.decision: Decision | None = None  # the rules' decision on it (for its trace span)
+        self.queued = 0.0  # seconds it waited for its rule limits
 
 
 def special(p: Pending) -> bool:

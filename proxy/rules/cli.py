@@ -81,8 +81,13 @@ def explain_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 1
     if args.enforce:
         ruleset = RuleSet([replace(r, observe=False) for r in ruleset.rules], ruleset.files)
-    ctx = MatchContext(args.user, args.database, args.application_name, args.in_transaction)
-    info = analyze(args.sql)
+    from proxy.sql.sqlcommenter import parse_tags, split_comment, tags_text
+
+    text, comment = split_comment(args.sql)  # a sqlcommenter comment gives the tags rules match on
+    tags = parse_tags(comment) if comment is not None else None
+    ctx = MatchContext(args.user, args.database, args.application_name, args.in_transaction, tags,
+                       tags_text(tags))
+    info = analyze(text)
     decision = ruleset.decide(info, ctx)
     show = _Printer(out)
     show("statement", info.text)
@@ -92,7 +97,8 @@ def explain_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if info.error:
         show("parse error", info.error)
     show("context", f"user={ctx.user!r} database={ctx.database!r} "
-                    f"application_name={ctx.application_name!r} in_transaction={_fact(ctx.in_transaction)}")
+                    f"application_name={ctx.application_name!r} in_transaction={_fact(ctx.in_transaction)}"
+                    + (f" tags: {ctx.tag_key}" if ctx.tag_key else ""))
     show("rules", f"{_plural(len(ruleset), 'rule')} from {_plural(len(ruleset.files), 'file')}")
     _explain_rules(ruleset, info, ctx, decision, out)
     if decision.block:

@@ -19,6 +19,8 @@ class MatchContext:
     database: str = ""
     application_name: str = ""
     in_transaction: bool = False  # inside a transaction block (ReadyForQuery status T or E)
+    tags: dict[str, str] | None = None  # the statement's sqlcommenter tags
+    tag_key: str = ""  # the same, as text (without traceparent): what decisions are cached under
 
 
 @dataclass(frozen=True, slots=True)

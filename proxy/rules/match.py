@@ -15,10 +15,11 @@ from typing import Any
 
 KINDS = frozenset({"select", "insert", "update", "delete", "merge", "ddl", "copy", "utility",
                    "transaction", "set", "empty", "unknown"})
-CONTEXT_KEYS = ("user", "database", "application_name", "in_transaction")
+# session facts a decision may depend on; tag_key: the statement's sqlcommenter tags (match.tags)
+CONTEXT_KEYS = ("user", "database", "application_name", "in_transaction", "tag_key")
 _LIST_KEYS = ("kind", "tables", "fingerprint", "user", "database", "application_name")
 _BOOL_KEYS = ("has_where", "has_limit", "in_transaction", "parsed")
-MATCH_KEYS = (*_LIST_KEYS, "pattern", *_BOOL_KEYS)
+MATCH_KEYS = (*_LIST_KEYS, "pattern", "tags", *_BOOL_KEYS)
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 Problem = Callable[[str, str], None]  # (key, message)
@@ -61,12 +62,15 @@ class Match:
     has_limit: bool | None = None
     in_transaction: bool | None = None
     parsed: bool | None = None
+    tags: tuple[tuple[str, Names], ...] | None = None  # sqlcommenter tag -> allowed values (globs)
     source: tuple[tuple[str, Any], ...] = ()  # the keys as written, for describe()
 
     @property
     def context_fields(self) -> tuple[str, ...]:
         """MatchContext attributes this match reads (they become part of the decision cache key)."""
         given = dict(self.source)
+        if "tags" in given:
+            given["tag_key"] = True
         return tuple(k for k in CONTEXT_KEYS if k in given)
 
     @property
@@ -98,7 +102,16 @@ class Match:
             return False
         if self.application_names is not None and ctx.application_name not in self.application_names:
             return False
+        if self.tags is not None and not self._tags_match(getattr(ctx, "tags", None) or {}):
+            return False
         return self.in_transaction is None or bool(ctx.in_transaction) == self.in_transaction
+
+    def _tags_match(self, tags: dict[str, str]) -> bool:
+        for key, names in self.tags or ():
+            value = tags.get(key)
+            if value is None or value not in names:
+                return False
+        return True
 
     def _any_table(self, names: frozenset[str]) -> bool:
         """"orders" matches orders in any schema; "public.orders" matches public.orders and an
@@ -142,6 +155,10 @@ def compile_match(table: Any, problem: Problem) -> Match | None:
                 problem(key, f"match.{key} must be true or false, not {value!r}")
                 ok = False
             values[key] = value
+        elif key == "tags":
+            tags = _check_tags(value, problem)
+            ok = tags is not None and ok
+            values[key] = tags
         elif key == "pattern":
             if not isinstance(value, str):
                 problem(key, f"match.pattern must be a string (a regular expression), not {value!r}")
@@ -175,8 +192,25 @@ def compile_match(table: Any, problem: Problem) -> Match | None:
         has_limit=values.get("has_limit"),
         in_transaction=values.get("in_transaction"),
         parsed=values.get("parsed"),
+        tags=values.get("tags"),
         source=tuple(table.items()),
     )
+
+
+def _check_tags(value: Any, problem: Problem) -> tuple[tuple[str, Names], ...] | None:
+    """match.tags: { controller = "orders", route = ["/api/*", "/v2/*"] } (sqlcommenter tags, AND)."""
+    if not isinstance(value, dict) or not value:
+        problem("tags", f"match.tags must be a table of sqlcommenter tags, like tags = {{ route = \"/api/*\" }}, "
+                        f"not {value!r}")
+        return None
+    out = []
+    for tag, want in value.items():
+        items = [want] if isinstance(want, str) else want
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+            problem("tags", f"match.tags.{tag} must be a string or a non-empty list of strings, not {want!r}")
+            return None
+        out.append((tag, Names(items)))
+    return tuple(out)
 
 
 def _check_list(key: str, items: list[str], problem: Problem) -> bool:

@@ -56,10 +56,11 @@ class Grant:
     """The concurrency slots one statement holds. release() gives them back, once; a slot an observing
     check takes after that (it runs in the background) goes straight back."""
 
-    __slots__ = ("throttler", "local", "shared", "released")
+    __slots__ = ("throttler", "local", "shared", "released", "since")
 
     def __init__(self, throttler: Throttler) -> None:
         self.throttler = throttler
+        self.since = 0.0  # when its statement arrived (perf_counter), if it had to wait
         self.local: list[LocalSlots] = []
         self.shared: list[tuple[str, str]] = []  # (key, lease member)
         self.released = False
