@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with OpenTelemetry tracing on at this sample ratio, exporting to an OTLP receiver "
                           "run by this command (the export's cost is counted too)")
     hot.set_defaults(func=cmd_hotpath)
+    tr = sub.add_parser("tracing", help="pgfront's CPU per query with OpenTelemetry tracing on vs off, "
+                                        "under pgbench -S, alternating runs")
+    tr.add_argument("--ratio", type=float, default=0.01, help="sample_ratio of the traced pgfront (default 0.01)")
+    tr.add_argument("--rounds", type=int, default=5, help="runs of each target per mode (default 5)")
+    tr.add_argument("--seconds", type=float, default=8, help="length of each pgbench run (default 8)")
+    tr.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
+    tr.add_argument("--mode", nargs="+", default=HOT_MODES, choices=HOT_MODES,
+                    help="pgbench protocol modes (default all three)")
+    tr.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
+    tr.set_defaults(func=cmd_tracing)
     return ap
 
 
@@ -132,6 +142,13 @@ def _with_tracing(args: argparse.Namespace) -> int:
     finally:
         receiver.stop()
         print(f"tracing: {len(receiver.spans())} spans received", file=sys.stderr)
+
+
+def cmd_tracing(args: argparse.Namespace) -> int:
+    from .tracing_cost import main as tracing_cost
+
+    return tracing_cost(args.mode, ratio=args.ratio, rounds=args.rounds, seconds=args.seconds,
+                        clients=args.clients, json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,8 @@ async def attach(app: App) -> list[asyncio.Task]:
         from proxy.tracing import Tracing  # the SDK's import costs ~70 ms: only when tracing is on
 
         app.tracing = Tracing.from_config(cfg.tracing, service_instance=f"{socket.gethostname()}:{os.getpid()}")
+    if cfg.mirror_targets or cfg.capture.path:
+        app.observers = await _observers(cfg, app.run_dir, app.worker_id)
     if cfg.slowlog.threshold_ms > 0:
         from proxy.slowlog import SlowLog
 
@@ -63,6 +65,24 @@ async def attach(app: App) -> list[asyncio.Task]:
         app.metrics_server = await start_metrics_server(host, port, app.merged_stats, lambda: _health(app),
                                                         top_n=cfg.metrics.top_n)
     return tasks
+
+
+async def _observers(cfg, run_dir: str, worker_id: int) -> Any:
+    """The sinks of observed statements: the shadow targets rules mirror to, and the capture file."""
+    from proxy.shadow.observe import ObservedSinks
+
+    sinks = ObservedSinks()
+    if cfg.mirror_targets:
+        from proxy.shadow.mirror import Mirrors
+
+        sinks.mirror = Mirrors.from_config(cfg.mirror_targets)
+        await sinks.mirror.start(run_dir, worker_id)
+    if cfg.capture.path:
+        from proxy.shadow.capture import CaptureWriter
+
+        sinks.capture = CaptureWriter.from_config(cfg.capture)
+        sinks.capture.start(worker_id)
+    return sinks
 
 
 def make_throttler(cfg, stats: st.Stats | None) -> Any:
@@ -161,6 +181,12 @@ async def detach(app: App) -> None:
         await app.cache.close()
     if app.throttler is not None:
         await app.throttler.close()
+    observers = app.observers
+    if observers is not None:
+        if observers.mirror is not None:
+            await observers.mirror.close()
+        if observers.capture is not None:
+            await observers.capture.close()
     if app.tracing is not None:  # flushes what is queued: may take a while, off the event loop
         await asyncio.get_running_loop().run_in_executor(None, app.tracing.shutdown)
     if app.pools is not None:
@@ -185,6 +211,7 @@ _RESTART_ONLY = {("server", "listen"), ("server", "workers"), ("server", "upstre
                  ("cache", "replication_listener"), ("cache", "replication_slot"), ("throttle", "redis_url"),
                  ("tracing", "endpoint"), ("tracing", "sample_ratio"), ("tracing", "service_name"),
                  ("tracing", "headers"), ("tracing", "export_timeout"), ("tracing", "max_queue_size"),
+                 ("capture", "path"), ("capture", "share"), ("capture", "max_size"),
                  ("tls", "cert_file"),
                  ("tls", "key_file"), ("tls", "upstream_sslmode"), ("tls", "upstream_ca_file"), ("rules", "watch"),
                  ("server", "log_format"), ("slowlog", "path"), ("slowlog", "dsn")}

@@ -154,6 +154,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keep": Key("int", 5, "rotated slow-plan files kept (.1 ... .N)"),
         "queue_size": Key("int", 100, "plan captures waiting at most; more are dropped and counted"),
     },
+    "capture": {
+        "path": Key("str", "", "write a sampled capture of statements (parameters, timing, sessions) to this path, "
+                               "one file per worker (PATH.N); pgfront replay reads it; empty = off"),
+        "share": Key("float", 1.0, "share of statements captured (0 to 1)"),
+        "max_size": Key("size", "100MiB", "stop capturing when a worker's file reaches this size"),
+    },
     "tls": {
         "cert_file": Key("str", "", "server certificate for client TLS; empty = refuse SSLRequest"),
         "key_file": Key("str", "", "private key for cert_file"),
@@ -240,6 +246,7 @@ class Config:
     def __init__(self, raw: dict[str, dict[str, Any]], source: str = "<defaults>") -> None:
         self.source = source
         self.raw = raw
+        self.mirror_targets = _mirror_targets(raw.get("mirror", {}), source)
         for section, keys in SCHEMA.items():
             given = raw.get(section, {})
             values = {}
@@ -271,6 +278,8 @@ class Config:
             raise ConfigError(f"{source}: [auth] file: mode = userlist needs a userlist file")
         if self.tls.upstream_sslmode not in ("disable", "prefer", "require", "verify-ca", "verify-full"):
             raise ConfigError(f"{source}: [tls] upstream_sslmode: unknown mode {self.tls.upstream_sslmode!r}")
+        if not 0.0 <= self.capture.share <= 1.0:
+            raise ConfigError(f"{source}: [capture] share: expected a number from 0 to 1")
         if not 0.0 <= self.tracing.sample_ratio <= 1.0:
             raise ConfigError(f"{source}: [tracing] sample_ratio: expected a number from 0 to 1")
         if self.tracing.endpoint:
@@ -297,6 +306,7 @@ class Config:
     rules: Section
     cache: Section
     throttle: Section
+    capture: Section
     slowlog: Section
     tls: Section
     advisor: Section
@@ -306,8 +316,43 @@ class Config:
         return {s: getattr(self, s).as_dict() for s in SCHEMA}
 
 
+# [mirror.NAME] tables: shadow targets named by the rules' `mirror` action, as many as wanted
+MIRROR_KEYS = {
+    "url": Key("str", "", "the shadow PostgreSQL (postgresql://user:password@host:port/dbname)"),
+    "queue_size": Key("int", 1000, "mirrored statements waiting per worker; more are dropped and counted"),
+    "connections": Key("int", 2, "connections to the shadow per worker"),
+    "timeout": Key("duration", "5s", "a statement slower than this on the shadow is cancelled and counted as an error"),
+}
+
+
+def _mirror_targets(raw: Any, source: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: mirror targets go in [mirror.NAME] tables")
+    targets = {}
+    for name, body in raw.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [mirror.{name}] must be a table with a url")
+        for key in body:
+            if key not in MIRROR_KEYS:
+                raise ConfigError(f"{source}: [mirror.{name}] unknown key {key!r} (known: {', '.join(MIRROR_KEYS)})")
+        values = {}
+        for key, spec in MIRROR_KEYS.items():
+            try:
+                values[key] = _coerce(spec.kind, body.get(key, spec.default))
+            except ValueError as e:
+                raise ConfigError(f"{source}: [mirror.{name}] {key}: {e}") from None
+        if not values["url"].startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"{source}: [mirror.{name}] url: expected postgresql://..., got {values['url']!r}")
+        if values["queue_size"] < 1 or values["connections"] < 1:
+            raise ConfigError(f"{source}: [mirror.{name}]: queue_size and connections must be at least 1")
+        targets[name] = values
+    return targets
+
+
 def _check_known(raw: dict[str, Any], source: str) -> None:
     for section, body in raw.items():
+        if section == "mirror":
+            continue  # [mirror.NAME] tables: checked by _mirror_targets
         if section not in SCHEMA:
             raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SCHEMA)})")
         if not isinstance(body, dict):
@@ -358,4 +403,10 @@ def render_defaults() -> str:
             out.append(f"# {key.doc}")
             out.append(f"{name} = {fmt(key.default)}")
         out.append("")
+    out.append("# Shadow targets for the rules' mirror action, one [mirror.NAME] table each, e.g.:")
+    out.append("# [mirror.shadow]")
+    for name, key in MIRROR_KEYS.items():
+        out.append(f"# # {key.doc}")
+        out.append(f"# {name} = {fmt(key.default or 'postgresql://postgres@shadow-host:5432/app')}")
+    out.append("")
     return "\n".join(out)

@@ -101,6 +101,7 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         if self.phase is CLOSED:
             return
         busy = bool(self.expect) or self.tx_status != pq.IDLE
+        was = self.phase
         self.phase = CLOSED
         for task in list(self.tasks):
             task.cancel()
@@ -110,6 +111,8 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         if self.startup_timer:
             self.startup_timer.cancel()
         self.app.drop_cancel_key(self)
+        if was is READY and self.observers is not None and self.observers.capture is not None:
+            self.observers.capture.session_ended(self.id, time.time())
         for p in (*self.expect, *self.finished):
             if p.fill is not None:
                 self.app.cache.abandon(p.fill)
@@ -135,6 +138,9 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         self.phase = READY
         if self.app.cache is not None:
             self.cstate = self.app.cache.session(self.database, self.user, self.params)
+        if self.observers is not None and self.observers.capture is not None:
+            self.observers.capture.session_started(self.id, self.database, self.user, self.application_name,
+                                                   time.time())
         self.app.session_ready(self)
 
     def _task(self, coro) -> None:

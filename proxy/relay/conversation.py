@@ -45,6 +45,7 @@ from proxy.relay.records import (
     _f,
 )
 from proxy.relay.replies import ReplyTracker
+from proxy.shadow.observe import Observed
 from proxy.shapes import commented
 from proxy.sql import analyze
 from proxy.sql.sqlcommenter import parse_tags, split_comment, tags_text
@@ -76,6 +77,7 @@ class Conversation(ReplyTracker):
         self.admitted = None  # the outcome of that wait: a Grant, or our ErrorResponse refusing it
         self.tags: dict[str, str] | None = None  # sqlcommenter tags of the statement being decided
         self.tracing = app.tracing  # fixed for the worker's life ([tracing] keys take a restart)
+        self.observers = app.observers  # mirror and capture sinks, or None (neither configured)
         self.trace_gap = self.tracing.gap() if self.tracing is not None else 0  # statements to the next span
         self.tag_key = ""  # the same as text (rules' decisions are cached under it)
         self.pinned = False  # session state seen in transaction mode: keep the server
@@ -178,6 +180,8 @@ class Conversation(ReplyTracker):
                     lb = self.last_bind
                     if lb is not None and lb[0] is stmt and portal == "":
                         p.bind = lb
+                    if self.observers is not None:
+                        self._watch(p, stmt.info, d, stmt.sent_sql)
                     if self.cstate is None:
                         expect.append(p)
                     elif (d is not None and d.cache_ttl is not None and not d.timeout and p.bind is not None
@@ -328,7 +332,7 @@ class Conversation(ReplyTracker):
         self.queries += 1
         self.stmt_epoch += 1  # a Query destroys the unnamed statement
         tags = _tags(sql) if commented(sql) else None
-        if self.app.rules is None and self.cstate is None and not self.pooled_tx:
+        if self.app.rules is None and self.cstate is None and not self.pooled_tx and self.observers is None:
             # nothing decides on the statement before it is sent: its shape is looked up for the
             # statistics after the reply has gone out, off the path the client waits on
             p = Pending(_Q, None, now)
@@ -349,6 +353,7 @@ class Conversation(ReplyTracker):
                 return pq.query(_BLOCKED_SQL)
         rules = self.app.rules
         sent = None
+        decision = None
         if rules is not None:
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
@@ -366,6 +371,8 @@ class Conversation(ReplyTracker):
                     self.special += 1
                     sent = pq.query(_BLOCKED_SQL)
                 else:
+                    if self.observers is not None:
+                        self._watch(p, info, decision, decision.sql or sql)
                     if decision.sql is not None:
                         sent = pq.query(decision.sql)
                     if decision.notices:
@@ -393,6 +400,9 @@ class Conversation(ReplyTracker):
                         else:
                             self.lookup_job = (_Q, p, decision.sql, analyze(decision.sql), decision, sent)
                         return _SUSPEND
+        if self.observers is not None and p.error is None and p.observe is None and (
+                rules is None or decision is None):
+            self._watch(p, info, None, sql)
         if self.cstate is not None and p.error is None:
             self.cstate.sent(info)
         self.expect.append(p)
@@ -565,7 +575,10 @@ class Conversation(ReplyTracker):
             if p.text is None:
                 return None
             info = p.info = self.app.shapes.get(p.text)
-        return self._record(info, p.t0, p.rows, p.sqlstate, p)
+        q = self._record(info, p.t0, p.rows, p.sqlstate, p)
+        if p.observe is not None:
+            self._observed(p, info)
+        return q
 
 
     def _account(self) -> None:
@@ -620,6 +633,39 @@ class Conversation(ReplyTracker):
                           user=self.user, application_name=self.application_name,
                           rules=d.matched if d is not None else (), cache=cache, queue_seconds=p.queued, rows=rows,
                           sqlstate=sqlstate, tags=p.tags)
+
+
+    def _watch(self, p: Pending, info: StatementInfo, decision: Decision | None, sql: str) -> None:
+        """Mirror rules or the capture may take this statement: then its rows are digested on the way."""
+        watch = self.observers.watch(decision.mirror if decision is not None else (), info.is_write, sql,
+                                     self.tx_status != pq.IDLE)
+        if watch is not None:
+            p.observe = watch
+            self.special += 1  # its DataRows are read one by one (_server_frames)
+
+
+    def _observed(self, p: Pending, info: StatementInfo) -> None:
+        """An observed statement is over: hand it to the mirror and the capture (not a cache hit: the
+        server never ran it)."""
+        watch = p.observe
+        p.observe = None
+        if p.kind == _LOCAL:
+            return
+        obs = Observed(self.id, self.database, self.user, self.application_name, info.fingerprint, info.normalized,
+                       info.kind, info.is_write, watch.sql, started=watch.started,
+                       seconds=time.perf_counter() - p.t0, rows=p.rows, sqlstate=p.sqlstate,
+                       digest=watch.digest.value(), in_transaction=watch.in_transaction, targets=watch.targets,
+                       capture=watch.capture)
+        if p.kind == _E and p.bind is not None:
+            stmt, a, b, data = p.bind
+            try:
+                _, _, obs.param_formats, obs.params, obs.result_formats = pq.parse_bind(data[a + 5:b])
+            except (ValueError, IndexError, struct.error):
+                return  # a Bind the server took but we cannot read: nothing to replay it with
+            obs.param_types = list(stmt.oids)
+        elif p.kind == _E:
+            return  # an Execute of a portal bound before: its parameters are not known here
+        self.observers.offer(obs)
 
 
 def _tags(sql: str) -> dict[str, str] | None:

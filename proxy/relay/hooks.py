@@ -19,6 +19,7 @@ class RelayContext(Protocol):
     cache: Any  # ResultCache, or None with the cache off
     throttler: Any  # throttle.Throttler: admits statements under rule limits (with rule files loaded)
     tracing: Any  # tracing.Tracing, or None: spans for sampled statements
+    observers: Any  # shadow.observe.ObservedSinks, or None: statements to mirror or capture
     stats: Any  # Stats, or None
     slowlog: Any
     slow_threshold: float | None

@@ -12,4 +12,4 @@ cdef class Pending:
     cdef public bint forward, show_errors, whole
     cdef public double t0, queued
     cdef public Py_ssize_t rows
-    cdef public object info, sqlstate, error, local, notices, stmt, bind, prep, fill, ttl, text, permit, tags, decision
+    cdef public object info, sqlstate, error, local, notices, stmt, bind, prep, fill, ttl, text, permit, tags, decision, observe

@@ -84,7 +84,7 @@ class Pending:
 
     __slots__ = ("kind", "forward", "info", "t0", "rows", "sqlstate", "error", "local", "notices",
                  "copy_ends", "stmt", "bind", "prep", "show_errors", "fill", "ttl", "part", "whole", "text",
-                 "permit", "tags", "decision", "queued")
+                 "permit", "tags", "decision", "queued", "observe")
 
     def __init__(self, kind: int, info: StatementInfo | None = None, t0: float = 0.0) -> None:
         self.kind = kind
@@ -110,11 +110,13 @@ class Pending:
         self.tags: dict[str, str] | None = None  # the statement's sqlcommenter tags
         self.decision: Decision | None = None  # the rules' decision on it (for its trace span)
         self.queued = 0.0  # seconds it waited for its rule limits
+        self.observe = None  # shadow.observe.Watch: mirrored or captured (its rows are digested)
 
 
 def special(p: Pending) -> bool:
     """Replies that are not relayed verbatim: they keep the relay in its per-message mode."""
-    return p.kind == _LOCAL or p.error is not None or bool(p.notices) or not p.forward or p.ttl is not None
+    return (p.kind == _LOCAL or p.error is not None or bool(p.notices) or not p.forward or p.ttl is not None
+            or p.observe is not None)
 
 
 # replies that need no per-message state share one entry each (saves an allocation per message)

@@ -200,6 +200,8 @@ class ReplyTracker:
                     head = expect[0]
                     if head.fill is not None:
                         self._feed(head, data[a:b], t < 0)
+                    if head.observe is not None:
+                        head.observe.row(data[a + 5:b], t < 0)
                     if head.forward:
                         out.append(data[a:b])
                 elif not plain:

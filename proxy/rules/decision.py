@@ -42,6 +42,7 @@ class Decision:
     offset_check: tuple[int, int, str] | None = None
     # (rule name, Throttle, observed, RuleCounter) of every matching throttle rule: admit before running
     throttle: tuple[tuple[str, Any, bool, RuleCounter], ...] = ()
+    mirror: tuple[Any, ...] = ()  # model.Mirror of every matching enforced mirror rule
     hit_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
     observed_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
 

@@ -65,6 +65,7 @@ class _Plan:
     text: str | None = None  # the statement after this plan's rewrites and limit; None = unchanged
     limited: LimitResult | None = None
     throttle: list[tuple[str, Any, bool, RuleCounter]] = field(default_factory=list)
+    mirror: list[Any] = field(default_factory=list)
 
     def add(self, rule: Rule) -> bool:
         """Take rule's actions; True when evaluation must stop here."""
@@ -76,6 +77,8 @@ class _Plan:
             return False
         self.hits.append(rule.counter)
         self.log = self.log or rule.log
+        if rule.mirror is not None:
+            self.mirror.append(rule.mirror)
         if rule.block is not None:
             self.block = (rule.block.sqlstate, blocked(rule.block.message, rule.name))
             return True
@@ -233,6 +236,7 @@ class RuleSet:
             row_limit=None if block else row_limit,
             offset_check=offset_check if single and not block else None,
             throttle=() if block else tuple(dict.fromkeys(t for p in plans for t in p.throttle)),
+            mirror=() if block else tuple(dict.fromkeys(m for p in plans for m in p.mirror)),
             hit_counters=tuple(dict.fromkeys(c for p in plans for c in p.hits)),
             observed_counters=tuple(dict.fromkeys(c for p in plans for c in p.observed)),
         )

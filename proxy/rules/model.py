@@ -22,13 +22,14 @@ from proxy.rules.rewrite import RenameTables, TemplateError, TemplateRewrite
 from proxy.throttle.spec import THROTTLE_KEYS, Throttle, parse_throttle
 
 RULE_KEYS = ("name", "description", "match", "mode", "final", "enabled")
-ACTIONS = ("block", "limit", "cache", "rewrite", "timeout", "throttle", "log")
+ACTIONS = ("block", "limit", "cache", "rewrite", "timeout", "throttle", "mirror", "log")
 ACTION_KEYS = {
     "block": ("message", "sqlstate"),
     "limit": ("max_rows", "max_offset"),
     "cache": ("ttl", "stale_while_revalidate", "allow_rls", "allow_catalog"),
     "rewrite": ("from", "to", "rename_table"),
     "throttle": THROTTLE_KEYS,
+    "mirror": ("to", "share", "writes"),
 }
 MODES = ("enforce", "observe")
 DEFAULT_BLOCK_SQLSTATE = "42501"  # insufficient_privilege
@@ -92,6 +93,13 @@ class Rewrite:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    to: str  # a [mirror.NAME] target
+    share: float  # of matching statements, sampled
+    writes: bool  # mirror statements that write too (for a shadow holding a copy of the data)
+
+
 @dataclass(slots=True, eq=False)
 class RuleCounter:
     """Executions a rule matched. Shared by the rule of the same name across reloads."""
@@ -118,6 +126,7 @@ class Rule:
     rewrite: Rewrite | None = None
     timeout: float | None = None
     throttle: Throttle | None = None
+    mirror: Mirror | None = None
     log: bool = False
     spec: dict[str, Any] = field(default_factory=dict)  # the actions as written, for describe()
     counter: RuleCounter = field(default_factory=RuleCounter)
@@ -321,6 +330,21 @@ class _Checker:
 
     def _throttle(self, value: Any) -> Throttle | None:
         return parse_throttle(value, self.problem)
+
+    def _mirror(self, value: Any) -> Mirror | None:
+        if not isinstance(value, dict) or not isinstance(value.get("to"), str) or not value["to"]:
+            self.problem("mirror must be a table naming a [mirror.NAME] target, like "
+                         "{ to = \"shadow\", share = 0.1 }", "mirror")
+            return None
+        share = value.get("share", 1.0)
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            self.problem(f"mirror.share must be a number above 0 and at most 1, not {share!r}", "mirror", "share")
+            return None
+        writes = value.get("writes", False)
+        if not isinstance(writes, bool):
+            self.problem(f"mirror.writes must be true or false, not {writes!r}", "mirror", "writes")
+            return None
+        return Mirror(value["to"], float(share), writes)
 
     def _log(self, value: Any) -> bool:
         if not isinstance(value, bool):
