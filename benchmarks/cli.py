@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rounds", type=int, default=5, help="runs of each target per mode (default 5)")
     tr.add_argument("--seconds", type=float, default=8, help="length of each pgbench run (default 8)")
     tr.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
+    tr.add_argument("--rate", type=float, help="pgbench -R: a fixed rate of transactions per second, below "
+                                               "saturation, where CPU per transaction is steadier (default: "
+                                               "as fast as possible)")
     tr.add_argument("--mode", nargs="+", default=HOT_MODES, choices=HOT_MODES,
                     help="pgbench protocol modes (default all three)")
     tr.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
@@ -148,7 +151,7 @@ def cmd_tracing(args: argparse.Namespace) -> int:
     from .tracing_cost import main as tracing_cost
 
     return tracing_cost(args.mode, ratio=args.ratio, rounds=args.rounds, seconds=args.seconds,
-                        clients=args.clients, json_path=args.json)
+                        clients=args.clients, rate=args.rate, json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ class Load:
     clients: int = 8
     threads: int = 2
     reconnect: bool = False  # -C: a new connection per transaction
+    rate: float | None = None  # -R: transactions per second in all (None: as fast as possible)
 
 
 @dataclass
@@ -95,6 +96,8 @@ def run(port: int, load: Load, seconds: float, *, dbname: str = "postgres", user
                 "-M", load.mode, "-l", f"--log-prefix={work / 'txn'}"]
         if load.reconnect:
             args.append("-C")
+        if load.rate:
+            args += ["-R", str(load.rate)]
         if load.builtin:
             args += ["-b", load.builtin]
         else:

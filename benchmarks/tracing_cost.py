@@ -94,8 +94,8 @@ def measure(t: Pgfront, load: pgbench.Load, seconds: float, receiver: OtlpReceiv
 
 
 def run_mode(mode: str, targets: dict[str, Pgfront], receiver: OtlpReceiver, *, rounds: int, seconds: float,
-             clients: int, ratio: float) -> dict:
-    load = pgbench.Load(mode=mode, clients=clients, threads=2)
+             clients: int, ratio: float, rate: float | None = None) -> dict:
+    load = pgbench.Load(mode=mode, clients=clients, threads=2, rate=rate)
     for key, t in targets.items():
         measure(t, load, WARMUP_S, receiver)
         log(f"{mode}: warmed up {key}")
@@ -124,7 +124,8 @@ def run_mode(mode: str, targets: dict[str, Pgfront], receiver: OtlpReceiver, *, 
 
 
 def print_mode(mode: str, m: dict, settings: dict) -> None:
-    print(f"\n{mode}: pgbench -S -M {mode} -c {settings['clients']} -j 2 -T {settings['seconds']:g}, "
+    rate = f" -R {settings['rate']:g}" if settings.get('rate') else ""
+    print(f"\n{mode}: pgbench -S -M {mode} -c {settings['clients']} -j 2 -T {settings['seconds']:g}{rate}, "
           f"{settings['rounds']} rounds, sample_ratio {settings['ratio']:g} (medians)")
     if "error" in m:
         print(f"  failed: {m['error']}")
@@ -154,13 +155,13 @@ def print_mode(mode: str, m: dict, settings: dict) -> None:
 
 
 def main(modes: list[str], *, ratio: float = 0.01, rounds: int = 5, seconds: float = 8, clients: int = 8,
-         json_path: Path | None = None) -> int:
+         rate: float | None = None, json_path: Path | None = None) -> int:
     if not 0.0 <= ratio <= 1.0 or rounds < 1 or seconds < 1 or clients < 1:
         print("error: need 0 <= --ratio <= 1, --rounds >= 1, --seconds >= 1, --clients >= 1", file=sys.stderr)
         return 2
     for name in [k for k in os.environ if k.startswith("OTEL_BSP_")]:  # pgfront inherits our environment
         del os.environ[name]
-    settings = {"ratio": ratio, "rounds": rounds, "seconds": seconds, "clients": clients, "threads": 2,
+    settings = {"ratio": ratio, "rounds": rounds, "seconds": seconds, "clients": clients, "threads": 2, "rate": rate,
                 "scale": SCALE, "settle_s": SETTLE_S, "warmup_s": WARMUP_S}
     results: dict = {"settings": settings, "modes": {}, "loadavg_at_start": round(os.getloadavg()[0], 2)}
     work = Path(tempfile.mkdtemp(prefix="pgfront-tracing-"))
@@ -185,7 +186,7 @@ def main(modes: list[str], *, ratio: float = 0.01, rounds: int = 5, seconds: flo
         for mode in modes:
             try:
                 results["modes"][mode] = run_mode(mode, targets, receiver, rounds=rounds, seconds=seconds,
-                                                  clients=clients, ratio=ratio)
+                                                  clients=clients, ratio=ratio, rate=rate)
             except RuntimeError as e:
                 failed = True
                 results["modes"][mode] = {"error": str(e)}

@@ -5,6 +5,8 @@ passwords). Commands (case-insensitive, `;`-separated):
 
   SHOW QUERIES [n] [BY total_time|calls|mean_time|p95|p99|rows|errors]   top fingerprints
   SHOW CLIENTS | SERVERS | STATS | RULES | CACHE | CONFIG | POOLS | VERSION | HELP
+  SHOW MIRROR                 shadow results per target and fingerprint: compared, mismatches, p50/p95
+  SHOW MIRRORS                per mirror target: queued, sent, dropped, compared, mismatched, errors
   RELOAD                      re-read rule files (all workers: the parent forwards SIGHUP)
   RESET STATS                 forget query statistics in every worker
   CACHE PURGE [ALL | TABLE name | FINGERPRINT fp]
@@ -154,6 +156,26 @@ def show_cache(app: App, _args: list[str]) -> bytes:
     return table(["name", "value"], sorted((k, v) for k, v in app.cache.counters().items()))
 
 
+_MIRROR_COLUMNS = ["target", "fingerprint", "query", "compared", "mismatches", "errors", "primary_p50_ms",
+                   "primary_p95_ms", "shadow_p50_ms", "shadow_p95_ms", "example", "last_error"]
+_MIRRORS_COLUMNS = ["target", "url", "workers", "connected", "queued", "sent", "dropped", "compared", "mismatched",
+                    "errors", "last_error"]
+
+
+def show_mirror(app: App, _args: list[str]) -> bytes:
+    from proxy.shadow.mirror import merged_for  # brings psycopg in: only when asked
+
+
+    return _dict_rows(merged_for(app).rows(), _MIRROR_COLUMNS)
+
+
+def show_mirrors(app: App, _args: list[str]) -> bytes:
+    from proxy.shadow.mirror import merged_for
+
+
+    return _dict_rows(merged_for(app).target_rows(), _MIRRORS_COLUMNS)
+
+
 def show_help(_app: App, _args: list[str]) -> bytes:
     lines = [line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith(("SHOW", "RELOAD",
                                                                                                "RESET", "CACHE"))]
@@ -198,7 +220,7 @@ async def cache_purge(app: App, args: list[str]) -> bytes:
 
 _SHOW = {"queries": show_queries, "stats": show_stats, "clients": show_clients, "servers": show_servers,
          "pools": show_pools, "config": show_config, "rules": show_rules, "cache": show_cache, "help": show_help,
-         "version": show_version}
+         "version": show_version, "mirror": show_mirror, "mirrors": show_mirrors}
 
 
 def execute(app: App, statement: str) -> bytes | Awaitable[bytes]:

@@ -63,7 +63,8 @@ async def attach(app: App) -> list[asyncio.Task]:
 
         host, port = cfg.metrics.listen
         app.metrics_server = await start_metrics_server(host, port, app.merged_stats, lambda: _health(app),
-                                                        top_n=cfg.metrics.top_n)
+                                                        top_n=cfg.metrics.top_n,
+                                                        mirror=_mirror_counters(app) if cfg.mirror_targets else None)
     return tasks
 
 
@@ -80,9 +81,17 @@ async def _observers(cfg, run_dir: str, worker_id: int) -> Any:
     if cfg.capture.path:
         from proxy.shadow.capture import CaptureWriter
 
-        sinks.capture = CaptureWriter.from_config(cfg.capture)
-        sinks.capture.start(worker_id)
+        sinks.capture = CaptureWriter.from_config(cfg.capture)  # None with share = 0
+        if sinks.capture is not None:
+            sinks.capture.start(worker_id)
     return sinks
+
+
+def _mirror_counters(app: App) -> Any:
+    """Each mirror target's counters, summed over the workers (for /metrics)."""
+    from proxy.shadow.mirror import merged_for
+
+    return lambda: merged_for(app).targets
 
 
 def make_throttler(cfg, stats: st.Stats | None) -> Any:

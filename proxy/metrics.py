@@ -66,6 +66,19 @@ _HELP = {
 }
 
 
+# per mirror target ([mirror.NAME]): "queued" is a gauge, the others counters (*_total)
+_MIRROR_FAMILIES = {
+    "queued": "Mirrored statements waiting now for the shadow, by target",
+    "sent": "Mirrored statements sent to the shadow, by target",
+    "dropped": "Statements not mirrored because the target's queue was full (or pgfront stopping), by target",
+    "compared": "Mirrored statements whose shadow result was compared with the primary's, by target",
+    "mismatched": "Mirrored statements whose shadow result differed from the primary's, by target",
+    "errors": "Mirrored statements the shadow failed (error, timeout, unreachable) where the primary did not, "
+              "by target",
+}
+MirrorCounters = Callable[[], dict[str, dict[str, Any]]]  # target -> {"queued": n, "sent": n, ...}
+
+
 def _duration_buckets(q: st.QueryStats) -> list[tuple[str, float]]:
     counts = [0] * (len(DURATION_BUCKETS) + 1)
     for k, n in q.hist.items():
@@ -81,9 +94,11 @@ def _duration_buckets(q: st.QueryStats) -> list[tuple[str, float]]:
 class MergedStatsCollector(Collector):
     """Metric families computed from get_merged() on each scrape."""
 
-    def __init__(self, get_merged: Callable[[], st.MergedStats], top_n: int = 50) -> None:
+    def __init__(self, get_merged: Callable[[], st.MergedStats], top_n: int = 50,
+                 mirror: MirrorCounters | None = None) -> None:
         self.get_merged = get_merged
         self.top_n = top_n
+        self.mirror = mirror
 
     def collect(self) -> Iterator[Metric]:
         merged = self.get_merged()
@@ -93,6 +108,8 @@ class MergedStatsCollector(Collector):
         for q in (*top, rest):
             everything.absorb(q)
         yield from self._totals(merged, everything)
+        if self.mirror is not None:
+            yield from _mirror_families(self.mirror())
 
     def _per_fingerprint(self, entries: list[st.QueryStats]) -> Iterator[Metric]:
         calls = CounterMetricFamily("pgfront_queries", "Statements executed, per fingerprint (top N, rest as other)",
@@ -145,15 +162,29 @@ class MergedStatsCollector(Collector):
                                       value=merged.counters.get(name, 0) + merged.gauges.get(name, 0))
 
 
+def _mirror_families(targets: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """pgfront_mirror_queued{target} and pgfront_mirror_<counter>_total{target}; nothing when no
+    target is configured."""
+    if not targets:
+        return
+    for key, help_ in _MIRROR_FAMILIES.items():
+        family = (GaugeMetricFamily if key == "queued" else CounterMetricFamily)(f"pgfront_mirror_{key}", help_,
+                                                                                 labels=["target"])
+        for name, counters in sorted(targets.items()):
+            family.add_metric([name], counters.get(key, 0))
+        yield family
+
+
 def _family(name: str) -> str:
     """pgfront_<name>, with anything Prometheus does not allow in a name made an underscore."""
     return "pgfront_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
 
-def render(get_merged: Callable[[], st.MergedStats], top_n: int = 50) -> bytes:
+def render(get_merged: Callable[[], st.MergedStats], top_n: int = 50,
+           mirror: MirrorCounters | None = None) -> bytes:
     """The /metrics body (text exposition format 0.0.4)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MergedStatsCollector(get_merged, top_n))
+    registry.register(MergedStatsCollector(get_merged, top_n, mirror))
     return generate_latest(registry)
 
 
@@ -175,12 +206,12 @@ def _json_response(status: int, payload: dict[str, Any], head: bool = False) -> 
 
 
 def _route(method: str, path: str, get_merged: Callable[[], st.MergedStats], health: Callable[[], dict],
-           top_n: int) -> bytes:
+           top_n: int, mirror: MirrorCounters | None = None) -> bytes:
     head = method == "HEAD"
     if method not in ("GET", "HEAD") or path not in ("/metrics", "/healthz"):
         return _response(404, b"not found\n", "text/plain; charset=utf-8", head)
     if path == "/metrics":
-        return _response(200, render(get_merged, top_n), CONTENT_TYPE_PLAIN_0_0_4, head)
+        return _response(200, render(get_merged, top_n, mirror), CONTENT_TYPE_PLAIN_0_0_4, head)
     try:
         report = health()
     except Exception as e:  # a failing check is an unhealthy answer, not a crash
@@ -196,8 +227,11 @@ def _is_healthy(report: dict) -> bool:
 
 
 async def start_metrics_server(host: str, port: int, get_merged: Callable[[], st.MergedStats],
-                               health: Callable[[], dict], top_n: int = 50) -> asyncio.Server:
+                               health: Callable[[], dict], top_n: int = 50,
+                               mirror: MirrorCounters | None = None) -> asyncio.Server:
     """Serve GET /metrics and GET /healthz; SO_REUSEPORT lets every worker bind the same port.
+
+    mirror() returns the mirror targets' counters merged over the workers (`shadow.mirror.merged_for`).
 
     health() returns a JSON-able dict; /healthz answers 503 when it says "healthy": false or a "status"
     other than "ok" (or raises), 200 otherwise.
@@ -212,7 +246,7 @@ async def start_metrics_server(host: str, port: int, get_merged: Callable[[], st
             else:
                 method, target, _ = request_line
                 path = target.split("?", 1)[0]
-                writer.write(_route(method, path, get_merged, health, top_n))
+                writer.write(_route(method, path, get_merged, health, top_n, mirror))
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
             pass

@@ -119,3 +119,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", dest="advisor_config", metavar="FILE", help="config.toml for targets and paths")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_report)
+    v = sub.add_parser("verify", help="build the recommended indexes on a copy, replay the capture before and "
+                                      "after, and report measured speedups and write overhead",
+                       description="Compute the recommendations as `advisor report` does, build them on --target "
+                                   "(a shadow or a copy; the primary only with --on-primary, CONCURRENTLY), "
+                                   "replay the capture before and after (--rounds each, after a warm-up), drop "
+                                   "them unless --keep, and report p50/p95 per fingerprint before and after, the "
+                                   "measured speedup beside the estimated one, the write overhead per table that "
+                                   "gained an index (--writes), and warnings for anything that got slower. "
+                                   "Exit 0 when verified (warnings are in the report), 1 when a server failed, "
+                                   "2 when refused.")
+    v.add_argument("--capture", action="extend", nargs="+", required=True, metavar="PATH",
+                   help="capture files, globs, or the [capture] path (reads PATH.N)")
+    v.add_argument("--target", required=True, metavar="URL",
+                   help="postgresql:// URL of a shadow or a copy of the database: the indexes are built there")
+    v.add_argument("--on-primary", action="store_true",
+                   help="allow the target to be the primary: indexes are built and dropped CONCURRENTLY")
+    v.add_argument("--writes", action="store_true",
+                   help="replay writes too (a copy that may be written): measures the indexes' write overhead")
+    v.add_argument("--keep", action="store_true", help="leave the indexes on the target")
+    v.add_argument("--speed", default="1", help="replay timeline speed-up: 2 = twice as fast, max = no waiting "
+                                               "(default 1: the recorded pace)")
+    v.add_argument("--concurrency", type=int, default=50, help="sessions replayed at once, at most (default 50)")
+    v.add_argument("--rounds", type=int, default=3, help="measured replays per phase, after a warm-up (default 3)")
+    v.add_argument("--timeout", type=float, default=600.0,
+                   help="cancel replayed statements slower than this many seconds (default 600; 0 = no limit)")
+    v.add_argument("--format", choices=(*FORMATS, "markdown"), default="text")
+    v.add_argument("-o", "--output", metavar="FILE", help="write the report here instead of stdout")
+    v.add_argument("--slowlog", action="append", metavar="PATH",
+                   help="slow-plan store(s) to read, rotated siblings included (default: [slowlog] path)")
+    v.add_argument("--upstream", metavar="URL", help="the primary, refused as a target without --on-primary "
+                                                     "(default: [server] upstream)")
+    v.add_argument("--catalog", metavar="URL", help="database the recommendations are computed on, with HypoPG "
+                                                    "(default: the target)")
+    v.add_argument("--min-improvement", type=float, default=None, metavar="SHARE",
+                   help="keep an index only if it cuts a query's estimated cost by this share (default: config)")
+    v.add_argument("--config", dest="advisor_config", metavar="FILE", help="config.toml for the upstream and paths")
+    v.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    v.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from proxy.advisor.verify import run_cli  # psycopg and the replay engine only when verifying
+
+    return run_cli(args)

@@ -37,6 +37,9 @@ class Options:
     slowlogs: list[Path] = field(default_factory=list)
     min_improvement: float = 0.2
     stats_url: str | None = None
+    # the database the slow-log records are about; None: the one `upstream` connects to (`advisor
+    # verify` analyses a copy that may be named otherwise than the database the workload ran on)
+    database: str | None = None
 
 
 class Progress:
@@ -140,7 +143,8 @@ async def _build(conn: asyncpg.Connection, opts: Options, progress: Progress) ->
     workload = Workload()
     total_bytes = sum(p.stat().st_size for p in opts.slowlogs if p.exists())
     progress.start("reading slow log", total_bytes)
-    workload.add_records(read_records([p for p in opts.slowlogs if p.exists()], progress.advance), database)
+    workload.add_records(read_records([p for p in opts.slowlogs if p.exists()], progress.advance),
+                         opts.database or database)
     await workload.add_pg_stat_statements(conn)
     catalog = await Catalog.load(conn)
     statements = workload.ranked()[:MAX_STATEMENTS]

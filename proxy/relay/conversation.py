@@ -638,7 +638,7 @@ class Conversation(ReplyTracker):
     def _watch(self, p: Pending, info: StatementInfo, decision: Decision | None, sql: str) -> None:
         """Mirror rules or the capture may take this statement: then its rows are digested on the way."""
         watch = self.observers.watch(decision.mirror if decision is not None else (), info.is_write, sql,
-                                     self.tx_status != pq.IDLE)
+                                     self.tx_status != pq.IDLE, self.id)
         if watch is not None:
             p.observe = watch
             self.special += 1  # its DataRows are read one by one (_server_frames)
@@ -658,11 +658,8 @@ class Conversation(ReplyTracker):
                        capture=watch.capture)
         if p.kind == _E and p.bind is not None:
             stmt, a, b, data = p.bind
-            try:
-                _, _, obs.param_formats, obs.params, obs.result_formats = pq.parse_bind(data[a + 5:b])
-            except (ValueError, IndexError, struct.error):
-                return  # a Bind the server took but we cannot read: nothing to replay it with
-            obs.param_types = list(stmt.oids)
+            obs.bind = data[a + 5:b]  # parsed by the sinks (Observed.unpack), off the relay's path
+            obs.param_types = stmt.oids
         elif p.kind == _E:
             return  # an Execute of a portal bound before: its parameters are not known here
         self.observers.offer(obs)

@@ -8,11 +8,13 @@ offers it to each sink (`ObservedSinks`): a sink never blocks the relay; a full 
 from __future__ import annotations
 
 import random
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.shadow.digest import RowDigest
+from proxy.wire.protocol import parse_bind
 
 
 @dataclass(slots=True)
@@ -40,6 +42,19 @@ class Observed:
     in_transaction: bool = False  # ran inside an explicit transaction block
     targets: tuple[str, ...] = ()  # the mirror targets its rules chose
     capture: bool = False  # the capture sampled it
+    bind: bytes | None = None  # the Bind's body, until unpack() reads the parameters from it
+
+    def unpack(self) -> bool:
+        """Fill params and formats from the Bind. The relay hands the Bind on as it came, so the parsing
+        is done by the mirror worker or the capture, not on the relay's path; False when it cannot be read."""
+        if self.bind is None:
+            return True
+        try:
+            _, _, self.param_formats, self.params, self.result_formats = parse_bind(self.bind)
+        except (ValueError, IndexError, struct.error):
+            return False
+        self.bind = None
+        return True
 
 
 class Watch:
@@ -75,12 +90,15 @@ class ObservedSinks:
         self.capture = capture  # shadow.capture.CaptureWriter
         self._random = random.random
 
-    def watch(self, mirrors: tuple[Any, ...], write: bool, sql: str, in_transaction: bool) -> Watch | None:
+    def watch(self, mirrors: tuple[Any, ...], write: bool, sql: str, in_transaction: bool,
+              session: int) -> Watch | None:
         """Whether to observe a statement: the mirror rules' targets that sample it (a write only where
-        the rule mirrors writes) and the capture's own sampling; None when neither takes it."""
+        the rule mirrors writes) and that have room for it now (a shadow that is behind drops it before
+        it costs anything), and the capture's own sampling; None when neither takes it."""
         targets: tuple[str, ...] = ()
         if mirrors and self.mirror is not None:
-            targets = tuple(m.to for m in mirrors if (m.writes or not write) and self._random() < m.share)
+            targets = tuple(m.to for m in mirrors if (m.writes or not write) and self._random() < m.share
+                            and self.mirror.admit(m.to, session))
         capture = self.capture is not None and self.capture.sample()
         if not targets and not capture:
             return None
