@@ -320,6 +320,8 @@ class ReplyTracker:
                     p.fill = None
                 if kind == _E:
                     self._pop()
+                    if t == _s:
+                        p.observe = None  # part of a result: nothing to mirror, capture or compare it by
                     self._done(p)
             elif t == _G or t == _W:
                 self.copies_started += 1
