@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pgbench protocol modes (default all three)")
     tr.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
     tr.set_defaults(func=cmd_tracing)
+    mi = sub.add_parser("mirror", help="client p95 latency with every statement mirrored to a slow (50 ms) "
+                                       "shadow vs no mirroring, under pgbench -S at a fixed rate, alternating runs")
+    mi.add_argument("--rounds", type=int, default=5, help="runs of each target per mode (default 5)")
+    mi.add_argument("--seconds", type=float, default=8, help="length of each pgbench run (default 8)")
+    mi.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
+    mi.add_argument("--rate", type=float, default=4000, help="pgbench -R: transactions per second in all, below "
+                                                             "saturation (default 4000)")
+    mi.add_argument("--mode", nargs="+", default=HOT_MODES, choices=HOT_MODES,
+                    help="pgbench protocol modes (default all three)")
+    mi.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
+    mi.set_defaults(func=cmd_mirror)
     return ap
 
 
@@ -152,6 +163,13 @@ def cmd_tracing(args: argparse.Namespace) -> int:
 
     return tracing_cost(args.mode, ratio=args.ratio, rounds=args.rounds, seconds=args.seconds,
                         clients=args.clients, rate=args.rate, json_path=args.json)
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from .mirror_cost import main as mirror_cost
+
+    return mirror_cost(args.mode, rounds=args.rounds, seconds=args.seconds, clients=args.clients, rate=args.rate,
+                       json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ class Result:
     tps: float | None = None
     transactions: int = 0
     p50_ms: float | None = None
+    p95_ms: float | None = None
     p99_ms: float | None = None
     error: str | None = None  # set when pgbench failed: the reason shown instead of numbers
     extra: dict[str, float | int | str] = field(default_factory=dict)
@@ -119,7 +120,8 @@ def run(port: int, load: Load, seconds: float, *, dbname: str = "postgres", user
             return Result(error=reason, extra={"stuck": 1} if "timeout expired" in reason else {})
         lat = read_latencies_us(str(work / "txn"))
         return Result(tps=float(tps.group(1)), transactions=int(txns.group(1)),
-                      p50_ms=percentile(lat, 0.50) / 1000, p99_ms=percentile(lat, 0.99) / 1000)
+                      p50_ms=percentile(lat, 0.50) / 1000, p95_ms=percentile(lat, 0.95) / 1000,
+                      p99_ms=percentile(lat, 0.99) / 1000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

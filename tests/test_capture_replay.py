@@ -432,7 +432,8 @@ def test_unreachable_target_and_failing_sessions(dbs, workload) -> None:
     assert report.differences == 1  # recorded fine, failed now
     one = report.fingerprints[FP["one"]]
     assert one.calls == 2 and len(one.replayed_seconds) == 1  # the statement that never ran has no latency
-    assert list(one.errors) == ["08001"] and "no password supplied" in one.error_messages["08001"]
+    # (the server's words depend on the environment: no password at hand, or a wrong one)
+    assert list(one.errors) == ["08001"] and "connection failed" in one.error_messages["08001"]
 
 
 def test_load_rejects_missing_and_corrupt_captures(tmp_path: Path) -> None:
