@@ -38,6 +38,7 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
 
 from proxy.advisor import report as report_mod
+from proxy.advisor.report_text import human_bytes
 from proxy.shadow.replay import (
     SKIPPED_KINDS,
     Capture,
@@ -108,9 +109,10 @@ def only_database(capture: Capture, database: str) -> Capture:
 
 
 def with_database(url: str, database: str) -> str:
-    """`url` naming `database` when it names none (asyncpg and psycopg would use the user's name)."""
+    """`url` naming `database` when it names none (asyncpg and psycopg would use the user's name). URLs
+    only: asyncpg, which computes the report, reads no other form."""
     if not url.startswith(("postgresql://", "postgres://")):
-        raise VerifyError(f"not a postgresql:// URL: {safe_target(url)}")
+        raise VerifyError(f"expected a postgresql:// URL, got {safe_target(url)}")
     parts = urlsplit(url)
     if parts.path.strip("/"):
         return url
@@ -161,6 +163,7 @@ class Built:
     rec: dict[str, Any]
     qualified: str  # "schema"."name", for DROP INDEX
     sql: str  # as run
+    done: bool = False
     seconds: float = 0.0
     size_bytes: int | None = None
 
@@ -209,22 +212,30 @@ async def _build(conn: psycopg.AsyncConnection, built: list[Built], progress: Pr
         t0 = time.perf_counter()
         await conn.execute(b.sql)
         b.seconds = time.perf_counter() - t0
+        b.done = True
         row = await (await conn.execute("SELECT pg_relation_size(to_regclass(%s))", [b.qualified])).fetchone()
         b.size_bytes = row[0]
         progress.advance(1)
-        progress.note(f"built {b.qualified} in {b.seconds:.1f} s ({b.size_bytes or 0:,} bytes)")
+        progress.note(f"built {b.qualified} in {b.seconds:.1f} s ({human_bytes(b.size_bytes)})")
 
 
-async def _drop(target: str, built: list[Built], concurrently: bool) -> list[str]:
-    """Drop what verify built (and any invalid leftover of a failed CONCURRENTLY build), on a connection
-    of its own: the one that built them may be what failed. Returns the indexes it could not drop."""
+async def _drop(target: str, built: list[Built], concurrently: bool, progress: Progress) -> list[str]:
+    """Drop every index verify was to build, built or not (a CONCURRENTLY build failing half-way leaves an
+    invalid one), on a connection of its own: the one that built them may be what failed. Returns the
+    indexes it could not drop."""
     left = []
-    async with await psycopg.AsyncConnection.connect(target, autocommit=True) as conn:
-        for b in built:
-            try:
-                await conn.execute(f"DROP INDEX {'CONCURRENTLY ' if concurrently else ''}IF EXISTS {b.qualified}")
-            except psycopg.Error:
-                left.append(b.qualified)
+    try:
+        async with await psycopg.AsyncConnection.connect(target, autocommit=True) as conn:
+            for b in built:
+                try:
+                    await conn.execute(f"DROP INDEX {'CONCURRENTLY ' if concurrently else ''}IF EXISTS "
+                                       f"{b.qualified}")
+                except psycopg.Error:
+                    left.append(b.qualified)
+    except (psycopg.Error, OSError):
+        left = [b.qualified for b in built if b.done]
+    if left:
+        progress.note(f"could not drop {', '.join(left)}: drop them by hand")
     return left
 
 
@@ -414,10 +425,39 @@ async def verify(opts: VerifyOptions, progress: Progress | None = None) -> dict[
     """The advisor report with the measurements of its indexes on `opts.target` (see the module doc).
     Raises VerifyError when refused, CaptureError for an unreadable capture."""
     progress = progress or Progress()
+    full, capture, database = _workload(opts)
+    target = with_database(opts.target, database)
+    sessions = len(capture.sessions)
+    progress.note(f"capture: {capture.statements} statements of database {database} in {sessions} "
+                  f"session{'s' * (sessions != 1)} over {capture.seconds:.1f} s"
+                  + (f" ({full.statements - capture.statements} of other databases left out)"
+                     if full.statements > capture.statements else ""))
+    catalog = with_database(opts.catalog or target, database)
+    progress.note(f"computing the recommendations on {safe_target(catalog)}")
+    report = await report_mod.build_report(report_mod.Options(
+        upstream=catalog, cfg=opts.cfg, slowlogs=opts.slowlogs, min_improvement=opts.min_improvement,
+        database=database), progress)
+    section = report["verify"] = _section(opts, target, database, full, capture)
+    recs = report["recommendations"]
+    if not recs:
+        section["note"] = ("no index to verify: the report recommends none (indexes left on the target by "
+                           "--keep would already serve the workload)")
+        return report
+    if opts.on_primary:
+        progress.note("on the primary: indexes are built and dropped CONCURRENTLY, writes are not replayed")
+    run = await _measure(opts, target, capture, recs, progress)
+    section["left_on_target"] = run.left
+    _summarise(section, recs, run, opts.writes)
+    return report
+
+
+def _workload(opts: VerifyOptions) -> tuple[Capture, Capture, str]:
+    """The capture as read, its sessions of the workload's database, and that database; refusals."""
     if opts.rounds < 1:
         raise VerifyError("--rounds: must be at least 1")
+    for url in (opts.target, opts.catalog or opts.target):
+        with_database(url, "")  # VerifyError unless a postgresql:// URL, before anything is read
     full = load(opts.capture)
-    with_database(opts.target, "-")  # a URL, or VerifyError
     database = workload_database(full, conninfo_to_dict(opts.target).get("dbname"))
     capture = only_database(full, database)
     if not capture.statements:
@@ -428,21 +468,14 @@ async def verify(opts: VerifyOptions, progress: Progress | None = None) -> dict[
                           "or a copy; pass --on-primary to build them there (CONCURRENTLY)")
     if opts.on_primary and opts.writes:
         raise VerifyError("--writes with --on-primary would run the captured writes a second time on the primary")
-    target = with_database(opts.target, database)
-    concurrently = opts.on_primary
-    progress.note(f"capture: {capture.statements} statements of database {database} in {len(capture.sessions)} "
-                  f"sessions over {capture.seconds:.1f} s"
-                  + (f" ({full.statements - capture.statements} of other databases left out)"
-                     if full.statements > capture.statements else ""))
-    catalog = with_database(opts.catalog or target, database)
-    progress.note(f"computing the recommendations on {safe_target(catalog)}")
-    report = await report_mod.build_report(report_mod.Options(
-        upstream=catalog, cfg=opts.cfg, slowlogs=opts.slowlogs, min_improvement=opts.min_improvement,
-        database=database), progress)
-    recs = report["recommendations"]
-    section: dict[str, Any] = {
+    return full, capture, database
+
+
+def _section(opts: VerifyOptions, target: str, database: str, full: Capture, capture: Capture) -> dict[str, Any]:
+    """report["verify"], before anything was measured."""
+    return {
         "target": safe_target(target), "database": database, "on_primary": opts.on_primary,
-        "concurrently": concurrently, "writes": opts.writes, "rounds": opts.rounds, "speed": opts.speed,
+        "concurrently": opts.on_primary, "writes": opts.writes, "rounds": opts.rounds, "speed": opts.speed,
         "concurrency": opts.concurrency, "keep": opts.keep,
         "capture": {"files": [str(p) for p in full.files], "sessions": len(capture.sessions),
                     "statements": capture.statements, "seconds": round(capture.seconds, 3),
@@ -450,55 +483,69 @@ async def verify(opts: VerifyOptions, progress: Progress | None = None) -> dict[
         "indexes": [], "left_on_target": [], "fingerprints": [], "write_overhead": [], "warnings": [],
         "replay_warnings": [], "phases": {}, "note": "",
     }
-    report["verify"] = section
-    if not recs:
-        section["note"] = "no index to verify: the report recommends none"
-        return report
-    if opts.on_primary:
-        progress.note("on the primary: indexes are built and dropped CONCURRENTLY, writes are not replayed")
+
+
+@dataclass
+class Measured:
+    built: list[Built]
+    before: list[ReplayReport]
+    after: list[ReplayReport]
+    writers: dict[str, set[int]]  # write fingerprint -> OIDs of the tables it writes
+    tables: dict[str, int]  # table that gained an index -> its OID on the target
+    left: list[str]  # indexes left on the target
+
+
+async def _measure(opts: VerifyOptions, target: str, capture: Capture, recs: list[dict[str, Any]],
+                   progress: Progress) -> Measured:
+    """BEFORE, build, AFTER, and the indexes dropped again (unless --keep), whatever happened."""
+    concurrently = opts.on_primary
     async with await psycopg.AsyncConnection.connect(target, autocommit=True) as conn:
         built = await _prepare(conn, recs, concurrently)
-        tables = sorted({r["table"] for r in recs})
-        await _analyze(conn, tables)  # both phases plan with fresh statistics, not only the AFTER one
+        names = sorted({r["table"] for r in recs})
+        await _analyze(conn, names)  # both phases plan with fresh statistics, not only the AFTER one
         before = await _phase("BEFORE", capture, target, opts, progress)
         try:
             await _build(conn, built, progress)
-            await _analyze(conn, tables)  # expression indexes get their statistics only from ANALYZE
+            await _analyze(conn, names)  # expression indexes get their statistics only from ANALYZE
             after = await _phase("AFTER", capture, target, opts, progress)
             writers = await written_tables(conn, capture) if opts.writes else {}
-            oids = {}
-            for table in tables:
-                row = await (await conn.execute("SELECT to_regclass(%s)::oid", [_ident(conn, *_split(table))])
+            tables = {}
+            for name in names:
+                row = await (await conn.execute("SELECT to_regclass(%s)::oid", [_ident(conn, *_split(name))])
                              ).fetchone()
-                oids[table] = row[0]
+                tables[name] = row[0]
         finally:
-            # every index, built or not: a CONCURRENTLY build failing half-way leaves an invalid one
             if opts.keep:
-                section["left_on_target"] = [b.qualified for b in built]
+                left = [b.qualified for b in built if b.done]
             else:
                 progress.note("dropping the indexes")
-                section["left_on_target"] = await _drop(target, built, concurrently)
+                left = await _drop(target, built, concurrently, progress)
+    return Measured(built, before, after, writers, tables, left)
 
-    normalized = {fp: f.normalized for run in before + after for fp, f in run.fingerprints.items()}
-    write_fps = {fp for run in before for fp, f in run.fingerprints.items() if f.write}
-    fingerprints = [compare_fingerprint(fp, text, fp in write_fps, before, after) for fp, text in normalized.items()]
+
+def _summarise(section: dict[str, Any], recs: list[dict[str, Any]], run: Measured, writes: bool) -> None:
+    """The figures into report["verify"] and onto each recommendation."""
+    runs = run.before + run.after
+    normalized = {fp: f.normalized for r in runs for fp, f in r.fingerprints.items()}
+    write_fps = {fp for r in runs for fp, f in r.fingerprints.items() if f.write}
+    fingerprints = [compare_fingerprint(fp, text, fp in write_fps, run.before, run.after)
+                    for fp, text in normalized.items()]
     fingerprints = [f for f in fingerprints if f["calls"]]  # skipped writes and COPY were not measured
     fingerprints.sort(key=lambda f: -(f["calls"] * (f["before_p50_ms"] or 0.0)))
     measured = {f["fingerprint"]: f for f in fingerprints}
-    overhead = write_overhead(oids, built, writers, measured, opts.writes)
-    annotate(recs, built, measured, overhead)
+    overhead = write_overhead(run.tables, run.built, run.writers, measured, writes)
+    annotate(recs, run.built, measured, overhead)
     section.update(
         indexes=[{"index_name": b.rec["index_name"], "table": b.rec["table"], "sql": b.sql,
-                  "build_seconds": round(b.seconds, 3), "size_bytes": b.size_bytes} for b in built],
+                  "build_seconds": round(b.seconds, 3), "size_bytes": b.size_bytes} for b in run.built],
         fingerprints=fingerprints, write_overhead=overhead, warnings=warnings_for(fingerprints, overhead),
-        replay_warnings=sorted({w for run in before + after for w in run.warnings}),
-        phases={name: {"wall_seconds": [round(r.wall_seconds, 3) for r in runs], "errors": sum(r.errors for r in runs),
-                       "differences": sum(r.differences for r in runs)}
-                for name, runs in (("before", before), ("after", after))},
+        replay_warnings=sorted({w for r in runs for w in r.warnings}),
+        phases={name: {"wall_seconds": [round(r.wall_seconds, 3) for r in phase],
+                       "errors": sum(r.errors for r in phase), "differences": sum(r.differences for r in phase)}
+                for name, phase in (("before", run.before), ("after", run.after))},
     )
-    if section["left_on_target"] and not opts.keep:
-        section["warnings"].append(f"could not drop {', '.join(section['left_on_target'])} from the target")
-    return report
+    if run.left and not section["keep"]:
+        section["warnings"].append(f"could not drop {', '.join(run.left)} from the target")
 
 
 # ---- the command ------------------------------------------------------------------------------------
@@ -508,10 +555,17 @@ def _progress(enabled: bool, bars: bool) -> Progress:
     from proxy.advisor.cli import RichProgress
 
     class Notes(RichProgress, Progress):
+        def start(self, label: str, total: float | None) -> None:
+            super().start(label, total)
+            assert self.active is not None
+            for task in list(self.active.tasks):  # one bar, the current phase's, not one per phase so far
+                if task.id != self.task:
+                    self.active.remove_task(task.id)
+
         def note(self, message: str) -> None:
-            if enabled:
-                self.stop()
-                self.console.print(f"pgfront advisor verify: {message}", markup=False, highlight=False)
+            if enabled:  # above a live bar, if one is running: rich keeps the bar below the lines it prints
+                self.console.print(f"pgfront advisor verify: {message}", markup=False, highlight=False,
+                                   soft_wrap=True)
 
     return Notes(enabled=enabled and bars)
 
@@ -528,7 +582,8 @@ def summary_line(report: dict[str, Any]) -> str:
         parts.append(f"{r['index_name']} measured {speed} (estimated {est})")
     left = v["left_on_target"]
     tail = f"; left on the target: {', '.join(left)}" if left else "; the indexes were dropped from the target"
-    return "; ".join(parts) + f"; {len(v['warnings'])} warnings" + tail
+    warnings = len(v["warnings"])
+    return "; ".join(parts) + f"; {warnings} warning{'s' * (warnings != 1)}" + tail
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -554,12 +609,8 @@ def run_cli(args: argparse.Namespace) -> int:
         return fail(f"--speed: expected a positive number or max, got {args.speed!r}")
     if args.concurrency < 1:
         return fail("--concurrency: must be at least 1")
-    if not args.target.startswith(("postgresql://", "postgres://")):
-        return fail("--target: expected a postgresql:// URL")
     primaries = [u for u in (cfg.server.upstream, args.upstream) if u and u != "local"]
     min_improvement = args.min_improvement if args.min_improvement is not None else float(cfg.advisor.min_improvement)
-    if args.catalog and not args.catalog.startswith(("postgresql://", "postgres://")):
-        return fail("--catalog: expected a postgresql:// URL")
     opts = VerifyOptions(
         capture=args.capture, target=args.target, cfg=cfg, slowlogs=slowlog_paths(args.slowlog, cfg),
         catalog=args.catalog, min_improvement=min_improvement, primaries=primaries, on_primary=args.on_primary,
