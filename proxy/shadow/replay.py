@@ -31,25 +31,19 @@ from psycopg import generators, pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from proxy.shadow.capture import FORMAT, VERSION, capture_paths, decode_params, encode_params
-from proxy.shadow.digest import RowDigest, same
+from proxy.shadow.digest import same
 from proxy.shadow.runner import (
     CONNECT_FAILED,
     CONNECTION_LOST,
     TIMED_OUT,
     UNSUPPORTED,
     ShadowResult,
-    digest_result,
-    result_format,
+    run_statement,
 )
-from proxy.wire.protocol import rows_from_tag
 
 SKIPPED_KINDS = frozenset({"copy", "empty"})  # COPY needs a data stream the capture does not hold
 _GRACE = 2.0  # seconds past the statement_timeout before a silent server's connection is dropped
 _CHUNK_ROWS = 1000
-_CHUNKED = hasattr(pq.PGconn, "set_chunked_rows_mode") and pq.version() >= 170000
-_S = pq.ExecStatus
-_ROWS = frozenset({_S.TUPLES_OK, _S.SINGLE_TUPLE, getattr(_S, "TUPLES_CHUNK", _S.TUPLES_OK)})
-_COPY = frozenset({_S.COPY_IN, _S.COPY_OUT, _S.COPY_BOTH})
 _IN_TRANSACTION = frozenset({pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR})
 
 
@@ -308,46 +302,12 @@ class ReplayConnection:
                                 message=str(e).strip() or type(e).__name__)
 
     async def _execute(self, conn: psycopg.AsyncConnection, st: Statement) -> ShadowResult:
-        pgconn = conn.pgconn
-        command = st.sql.encode("utf-8", "surrogateescape")
-        digest = RowDigest()
         t0 = time.perf_counter()
-        if st.params is None:  # simple Query: text results, maybe several statements
-            pgconn.send_query(command)
-        else:
-            fmt, whole = result_format(st.result_formats)
-            if not whole:  # libpq takes one format for all columns: only the row counts can compare
-                digest.spoil()
-            n = len(st.params)
-            formats = st.param_formats * n if len(st.param_formats) == 1 else st.param_formats
-            pgconn.send_query_params(command, st.params, _pad(st.param_types, n), _pad(formats, n), fmt)
-        if _CHUNKED:
-            pgconn.set_chunked_rows_mode(_CHUNK_ROWS)
-        await conn.wait(generators.send(pgconn))
-        out = ShadowResult()
-        hashing = 0.0  # digesting is ours, not the server's latency
-        while (res := await conn.wait(generators.fetch(pgconn))) is not None:
-            status = res.status
-            if status in _ROWS:
-                if res.ntuples:
-                    h0 = time.perf_counter()
-                    digest_result(res, digest)
-                    hashing += time.perf_counter() - h0
-                out.rows += rows_from_tag(res.command_status or b"")
-                res.clear()
-            elif status == _S.COMMAND_OK:
-                out.rows += rows_from_tag(res.command_status or b"")
-            elif status == _S.FATAL_ERROR:
-                if out.sqlstate is None:
-                    out.sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"XX000").decode()
-                    out.message = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode(
-                        "utf-8", "replace")
-            elif status in _COPY:
-                await self.close()  # no data to send or place to put it: give the connection up
-                return ShadowResult(sqlstate=UNSUPPORTED, message="COPY is not replayed",
-                                    seconds=time.perf_counter() - t0)
-        out.seconds = time.perf_counter() - t0 - hashing
-        out.digest = digest.value()
+        out = await run_statement(conn, st.sql, st.params, st.param_formats, st.param_types, st.result_formats,
+                                  _CHUNK_ROWS)
+        if out is None:
+            await self.close()  # a COPY: no data to send or place to put it, give the connection up
+            return ShadowResult(sqlstate=UNSUPPORTED, message="COPY is not replayed", seconds=time.perf_counter() - t0)
         return out
 
     async def apply(self, settings: dict[str, str]) -> None:
@@ -381,11 +341,6 @@ class ReplayConnection:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
-
-
-def _pad(values: Sequence[int], n: int) -> list[int]:
-    """One entry per parameter, as libpq wants: the rest unspecified (0: type OID, or text format)."""
-    return [*values[:n], *([0] * (n - len(values)))]
 
 
 def session_conninfo(target: str, session: Session) -> str:

@@ -124,6 +124,54 @@ def _param_types(oids: Sequence[int], n: int) -> list[int]:
     return [*oids[:n], *([0] * (n - len(oids)))]
 
 
+async def run_statement(conn: psycopg.AsyncConnection, sql: str, params: Sequence[bytes | None] | None,
+                        param_formats: Sequence[int], param_types: Sequence[int], result_formats: Sequence[int],
+                        chunk_rows: int = 256) -> ShadowResult | None:
+    """Run one statement on conn with raw parameter bytes (a simple Query when params is None), digesting
+    its rows as the relay does. None when it turned out to be a COPY: the connection is then unusable."""
+    pgconn = conn.pgconn
+    command = sql.encode("utf-8", "surrogateescape")
+    digest = RowDigest()
+    t0 = time.perf_counter()
+    if params is None:  # simple Query: text results, maybe several statements
+        pgconn.send_query(command)
+    else:
+        fmt, whole = result_format(result_formats)
+        if not whole:  # libpq takes one format for all columns: only the row counts can compare
+            digest.spoil()
+        n = len(params)
+        pgconn.send_query_params(command, params, _param_types(param_types, n), _param_formats(param_formats, n), fmt)
+    if _CHUNKED:
+        pgconn.set_chunked_rows_mode(chunk_rows)
+    await conn.wait(generators.send(pgconn))
+    out = ShadowResult()
+    hashing = 0.0  # time spent digesting, left out of the server's latency
+    while (res := await conn.wait(generators.fetch(pgconn))) is not None:
+        status = res.status
+        if status in _ROWS:
+            if res.ntuples:
+                h0 = time.perf_counter()
+                digest_result(res, digest)
+                hashing += time.perf_counter() - h0
+            out.rows += rows_from_tag(res.command_status or b"")
+            large = res.ntuples > _YIELD_ROWS
+            res.clear()
+            if large:
+                await asyncio.sleep(0)  # a big result must not hold the event loop the relay runs on
+        elif status == _S.COMMAND_OK:
+            out.rows += rows_from_tag(res.command_status or b"")
+        elif status == _S.FATAL_ERROR:
+            if out.sqlstate is None:
+                out.sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"XX000").decode()
+                out.message = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode(
+                    "utf-8", "replace")
+        elif status in _COPY:
+            return None
+    out.seconds = time.perf_counter() - t0 - hashing
+    out.digest = digest.value()
+    return out
+
+
 class ShadowRunner:
     """One autocommit connection to a shadow, running statements one at a time (not concurrently:
     use one runner per concurrent worker). `execute` never raises: failures come back as a SQLSTATE.
@@ -198,49 +246,13 @@ class ShadowRunner:
     async def _execute(self, conn: psycopg.AsyncConnection, sql: str, params: Sequence[bytes | None] | None,
                        param_formats: Sequence[int], param_types: Sequence[int],
                        result_formats: Sequence[int]) -> ShadowResult:
-        pgconn = conn.pgconn
-        command = sql.encode("utf-8", "surrogateescape")
-        digest = RowDigest()
         t0 = time.perf_counter()
-        if params is None:  # simple Query: text results, maybe several statements
-            pgconn.send_query(command)
-        else:
-            fmt, whole = result_format(result_formats)
-            if not whole:
-                digest.spoil()
-            n = len(params)
-            pgconn.send_query_params(command, params, _param_types(param_types, n),
-                                     _param_formats(param_formats, n), fmt)
-        if _CHUNKED:
-            pgconn.set_chunked_rows_mode(self.chunk_rows)
-        await conn.wait(generators.send(pgconn))
-        out = ShadowResult()
-        hashing = 0.0  # time spent digesting, left out of the shadow's latency
-        while (res := await conn.wait(generators.fetch(pgconn))) is not None:
-            status = res.status
-            if status in _ROWS:
-                if res.ntuples:
-                    h0 = time.perf_counter()
-                    digest_result(res, digest)
-                    hashing += time.perf_counter() - h0
-                out.rows += rows_from_tag(res.command_status or b"")
-                if res.ntuples > _YIELD_ROWS:
-                    res.clear()
-                    await asyncio.sleep(0)  # a big result must not hold the event loop the relay runs on
-            elif status == _S.COMMAND_OK:
-                out.rows += rows_from_tag(res.command_status or b"")
-            elif status == _S.FATAL_ERROR:
-                if out.sqlstate is None:
-                    out.sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"XX000").decode()
-                    out.message = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode(
-                        "utf-8", "replace")
-            elif status in _COPY:
-                # COPY needs a data stream the mirror does not have: give the connection up
-                await self._drop("COPY is not mirrored")
-                return ShadowResult(sqlstate=UNSUPPORTED, message="COPY is not mirrored",
-                                    seconds=time.perf_counter() - t0)
-        out.seconds = time.perf_counter() - t0 - hashing
-        out.digest = digest.value()
+        out = await run_statement(conn, sql, params, param_formats, param_types, result_formats, self.chunk_rows)
+        if out is None:  # COPY needs a data stream the mirror does not have: give the connection up
+            await self._drop("COPY is not mirrored")
+            return ShadowResult(sqlstate=UNSUPPORTED, message="COPY is not mirrored",
+                                seconds=time.perf_counter() - t0)
+        pgconn = conn.pgconn
         if pgconn.transaction_status in _IN_TRANSACTION:
             # a mirrored BEGIN (or a simple Query ending inside a transaction block) must not leave
             # the next statements of this connection inside it: the shadow runs them one by one
