@@ -277,3 +277,34 @@ def test_throttle_rule_errors_are_reported_with_file_and_line(tmp_path):
     assert "throttle.qps must be a number of at least 0.001" in str(e.value)
     assert "throttle.scope must be one of rule, user, fingerprint, application_name" in str(e.value)
     assert f"{path}:4" in str(e.value)
+
+
+def test_throttle_under_transaction_pooling(pgfront_factory, pg, tmp_path):
+    """In transaction pooling throttle rules do not apply yet (they fail open: a waiting statement would
+    hold its lent server): every statement runs, and the pool serves the clients afterwards."""
+    from tests.conftest import PASSWORD
+    from tests.test_pooling import pooled
+
+    path = tmp_path / "userlist.txt"
+    path.write_text(f'"postgres" "{PASSWORD}"\n')
+    rules = SLOTS_RULE.replace("concurrency = 2", "concurrency = 1").replace('"400ms"', '"300ms"')
+    p = pooled(pgfront_factory, path, size=3, extra=_rules(tmp_path, rules))
+
+    async def scenario() -> list:
+        conns = [await asyncpg.connect(p.dsn(password=PASSWORD)) for _ in range(4)]
+
+        async def client(i: int, c: asyncpg.Connection) -> str:
+            if i % 2:
+                async with c.transaction():
+                    await c.fetchval("SELECT pg_sleep(0.2) AS slot_probe")
+            else:
+                await c.execute("SELECT pg_sleep(0.2) AS slot_probe")
+            return "ran"
+
+        results = await asyncio.gather(*(client(i, c) for i, c in enumerate(conns)), return_exceptions=True)
+        assert [await c.fetchval("SELECT 5") for c in conns] == [5] * 4
+        await asyncio.gather(*(c.close() for c in conns))
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == ["ran"] * 4, results
