@@ -374,7 +374,8 @@ def _snapshot_path(run_dir: Path, worker_id: str) -> Path:
     return run_dir / f"stats-{worker_id}.json"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace path's content at once: a reader sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -396,13 +397,14 @@ def read_generation(run_dir: str | Path) -> int:
 def request_reset(run_dir: str | Path, live: Stats | None = None) -> int:
     """RESET STATS for every worker: bump the generation (and clear `live` now). Returns it."""
     generation = read_generation(run_dir) + 1
-    _write_atomic(Path(run_dir, _GENERATION_FILE), str(generation).encode())
+    write_atomic(Path(run_dir, _GENERATION_FILE), str(generation).encode())
     if live is not None:
         live.reset(generation)
     return generation
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether a worker that wrote a snapshot still runs."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -434,7 +436,7 @@ class StatsPublisher:
             return False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._flushed_changes = self.stats.changes
-        _write_atomic(self.path, self.stats.snapshot())
+        write_atomic(self.path, self.stats.snapshot())
         return True
 
     async def run(self, interval: float) -> None:
@@ -556,7 +558,7 @@ def load_merged(run_dir: str | Path, live: Stats | None = None) -> MergedStats:
             continue
         try:
             snap = _loads(path.read_bytes())
-            if not _pid_alive(snap.get("pid")):
+            if not pid_alive(snap.get("pid")):
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue

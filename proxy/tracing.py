@@ -50,7 +50,6 @@ _BATCH_SECONDS = 0.5
 _OK_CLASSES = ("00", "01", "02")  # success, warning, no data: not errors
 _MAX_ATTRIBUTE_LENGTH = 8192  # a normalized statement can be huge (generated SQL); keep spans bounded
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 
 
 def traces_url(endpoint: str) -> str:

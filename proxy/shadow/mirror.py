@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any
 from proxy.shadow.digest import same
 from proxy.shadow.observe import Observed
 from proxy.shadow.runner import CONNECT_FAILED, ShadowResult, ShadowRunner, safe_url
-from proxy.stats import bucket_of, percentile
+from proxy.stats import bucket_of, percentile, pid_alive, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +410,8 @@ class Mirrors:
         if path is None or self.changes == self._flushed:
             return False
         self._flushed = self.changes
-        _write_atomic(path, json.dumps(self.snapshot(), separators=(",", ":")).encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(self.snapshot(), separators=(",", ":")).encode())
         return True
 
     async def _publish(self) -> None:
@@ -436,7 +436,7 @@ class Mirrors:
                     continue
                 try:
                     snap = json.loads(path.read_bytes())
-                    if not _pid_alive(snap.get("pid")):
+                    if not pid_alive(snap.get("pid")):
                         with contextlib.suppress(OSError):
                             path.unlink()
                         continue
@@ -483,26 +483,4 @@ def _param_text(value: bytes | None, fmt: int) -> str | None:
     return text if len(text) <= _PARAM_MAX else text[:_PARAM_MAX] + "..."
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
