@@ -46,7 +46,7 @@ from proxy.shadow.replay import (
     ReplayReport,
     TargetError,
     load,
-    parse_speed,
+    pacing,
     percentile,
     replay,
     safe_target,
@@ -604,11 +604,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail(str(e))
     try:
-        speed = parse_speed(args.speed)
-    except ValueError:
-        return fail(f"--speed: expected a positive number or max, got {args.speed!r}")
-    if args.concurrency < 1:
-        return fail("--concurrency: must be at least 1")
+        speed = pacing(args)
+    except ValueError as e:
+        return fail(str(e))
     primaries = [u for u in (cfg.server.upstream, args.upstream) if u and u != "local"]
     min_improvement = args.min_improvement if args.min_improvement is not None else float(cfg.advisor.min_improvement)
     opts = VerifyOptions(

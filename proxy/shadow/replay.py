@@ -763,6 +763,18 @@ def parse_speed(value: str) -> float:
     return speed
 
 
+def pacing(args: Any) -> float:
+    """The speed of --speed and a checked --concurrency, as replay and advisor verify take them;
+    ValueError with the message for the user."""
+    try:
+        speed = parse_speed(args.speed)
+    except ValueError:
+        raise ValueError(f"--speed: expected a positive number or max, got {args.speed!r}") from None
+    if args.concurrency < 1:
+        raise ValueError("--concurrency: must be at least 1")
+    return speed
+
+
 class _Progress:
     """Statements done / total on stderr: a bar on a terminal, a line every few seconds otherwise."""
 
@@ -817,11 +829,9 @@ def run_cli(args: Any) -> int:
         return 2
 
     try:
-        speed = parse_speed(args.speed)
-    except ValueError:
-        return fail(f"--speed: expected a positive number or max, got {args.speed!r}")
-    if args.concurrency < 1:
-        return fail("--concurrency: must be at least 1")
+        speed = pacing(args)
+    except ValueError as e:
+        return fail(str(e))
     try:
         conninfo_to_dict(args.target)
     except psycopg.Error as e:
