@@ -69,9 +69,8 @@ def traces_url(endpoint: str) -> str:
 
 
 class _Encoded(bytes):
-    """A finished span, already encoded by `proxy.otlp`: what the SDK's batch processor queues for us.
-    The processor only reads `context.trace_flags.sampled` before queueing it. A bytes object, so the
-    thousands waiting for export are nothing the garbage collector has to look at."""
+    """An encoded span for an SDK whose batch processor has no `emit` to take plain bytes: its on_end()
+    reads `context.trace_flags.sampled` before queueing the span."""
 
     __slots__ = ()
     context = SpanContext(1, 1, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
