@@ -5,6 +5,7 @@ passwords). Commands (case-insensitive, `;`-separated):
 
   SHOW QUERIES [n] [BY total_time|calls|mean_time|p95|p99|rows|errors]   top fingerprints
   SHOW CLIENTS | SERVERS | STATS | RULES | CACHE | CONFIG | POOLS | VERSION | HELP
+  SHOW REPLICAS               the primary and each replica: state, replay position, lag, reads routed
   SHOW MIRROR                 shadow results per target and fingerprint: compared, mismatches, p50/p95
   SHOW MIRRORS                per mirror target: queued, sent, dropped, compared, mismatched, errors
   RELOAD                      re-read rule files (all workers: the parent forwards SIGHUP)
@@ -102,11 +103,39 @@ def show_clients(app: App, _args: list[str]) -> bytes:
 
 
 def show_servers(app: App, _args: list[str]) -> bytes:
-    rows = [{"worker": app.worker_id, "backend_pid": d["backend_pid"], "client": d["id"], "user": d["user"],
-             "database": d["database"], "state": d["server_state"],
-             "upstream": f"{app.upstream.host}:{app.upstream.port}"}
-            for d in (s.describe() for s in sorted(app.sessions, key=lambda s: s.id) if s.ready)]
-    return _dict_rows(rows, ["worker", "backend_pid", "client", "user", "database", "state", "upstream"])
+    rows = []
+    for s in sorted(app.sessions, key=lambda s: s.id):
+        if not s.ready:
+            continue
+        d = s.describe()
+        link = getattr(s, "server", None)
+        pool = getattr(link, "owner", None)
+        up = getattr(pool, "upstream", None) or app.upstream
+        rows.append({"worker": app.worker_id, "backend_pid": d["backend_pid"], "client": d["id"], "user": d["user"],
+                     "database": d["database"], "state": d["server_state"], "upstream": f"{up.host}:{up.port}",
+                     "role": getattr(pool, "replica", "") or "primary"})
+    return _dict_rows(rows, ["worker", "backend_pid", "client", "user", "database", "state", "upstream", "role"])
+
+
+def show_replicas(app: App, _args: list[str]) -> bytes:
+    """The primary and each [[replica]]: its state, replay position and lag, and the reads routed to it."""
+    columns = ["name", "host", "state", "in_recovery", "replay_lsn", "lag_bytes", "lag_seconds", "weight", "routed",
+               "bans", "last_error"]
+    router = app.router
+    if router is None:
+        return _dict_rows([], columns)
+    from proxy.replicas.health import format_lsn
+
+    primary = {"name": "primary", "host": f"{app.upstream.host}:{app.upstream.port}", "state": "primary",
+               "in_recovery": False, "replay_lsn": format_lsn(router.replicas.primary_lsn), "lag_bytes": 0,
+               "lag_seconds": 0.0, "weight": "", "routed": router.to_primary, "bans": 0, "last_error": ""}
+    return _dict_rows([primary, *router.replicas.describe()], columns)
+
+
+def _upstream_of(session: Any) -> str:
+    """Where a session's statements go now: "primary", or the name of the replica lent to it."""
+    replica = getattr(session, "on_replica", None)
+    return replica.target.name if replica is not None else "primary"
 
 
 def show_pools(app: App, _args: list[str]) -> bytes:
@@ -114,10 +143,10 @@ def show_pools(app: App, _args: list[str]) -> bytes:
         rows = app.pools.describe()
         for r in rows:
             key = (r["database"], r["user"])
-            r["cl_active"] = sum(1 for s in app.sessions if s.pool_key == key)
+            r["cl_active"] = sum(1 for s in app.sessions if s.pool_key == key and _upstream_of(s) == r["upstream"])
         return _dict_rows(rows, ["database", "user", "pool_mode", "cl_active", "cl_waiting", "sv_active",
                                  "sv_idle", "sv_opening", "acquired", "avg_wait_ms", "max_wait_ms", "resets",
-                                 "closed_dirty"])
+                                 "closed_dirty", "upstream"])
     pools: dict[tuple[str, str], dict[str, Any]] = {}
     for s in app.sessions:
         if not s.ready:
@@ -219,6 +248,7 @@ async def cache_purge(app: App, args: list[str]) -> bytes:
 
 
 _SHOW = {"queries": show_queries, "stats": show_stats, "clients": show_clients, "servers": show_servers,
+         "replicas": show_replicas,
          "pools": show_pools, "config": show_config, "rules": show_rules, "cache": show_cache, "help": show_help,
          "version": show_version, "mirror": show_mirror, "mirrors": show_mirrors}
 

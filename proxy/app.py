@@ -53,6 +53,7 @@ class App:
         self.cache: Any = None
         self.throttler: Any = None  # throttle.Throttler when rule files are loaded
         self.tracing: Any = None  # tracing.Tracing when [tracing] endpoint is set
+        self.router: Any = None  # replicas.routing.Router with [[replica]] entries
         self.observers: Any = None  # shadow.observe.ObservedSinks with [mirror.NAME] targets or [capture] on
         self.slowlog: Any = None
         self.slow_threshold = cfg.slowlog.threshold_ms / 1000.0 if cfg.slowlog.threshold_ms > 0 else None

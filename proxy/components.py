@@ -38,6 +38,8 @@ async def attach(app: App) -> list[asyncio.Task]:
 
         app.cache = ResultCache(cfg, app.upstream.dsn(user="postgres", database="postgres"))
         await app.cache.start()
+    if cfg.replicas and app.pools is not None:
+        app.router = await _router(app)
     if cfg.tracing.endpoint:
         from proxy.tracing import Tracing  # the SDK's import costs ~70 ms: only when tracing is on
 
@@ -66,6 +68,39 @@ async def attach(app: App) -> list[asyncio.Task]:
                                                         top_n=cfg.metrics.top_n,
                                                         mirror=_mirror_counters(app) if cfg.mirror_targets else None)
     return tasks
+
+
+async def _router(app: App) -> Any:
+    """Read routing: the replicas' health probes, and the function facts that prove a read read-only
+    (the cache's catalog when the cache is on, else one of its own)."""
+    from proxy.cache.catalog import Catalog
+    from proxy.replicas.health import ReplicaSet, ReplicaTarget
+    from proxy.replicas.routing import Router
+    from proxy.upstream import parse_upstream
+
+    cfg = app.cfg
+    primary = app.upstream.dsn(user="postgres", database="postgres")
+    targets = []
+    for r in cfg.replicas:
+        up = parse_upstream(r["url"])
+        user = up.user or app.upstream.user or "postgres"
+        password = up.password or (app.upstream.password if not up.user else None)
+        auth = f"{user}:{password}@" if password else f"{user}@"
+        host = f"[{up.host}]" if ":" in up.host else up.host
+        probe = (f"postgresql://{auth}/{up.database or 'postgres'}?host={up.host}&port={up.port}" if up.is_unix
+                 else f"postgresql://{auth}{host}:{up.port}/{up.database or 'postgres'}")
+        targets.append(ReplicaTarget(r["name"], probe, r["weight"], frozenset(r["databases"]) or None))
+    routing = cfg.routing
+    replicas = ReplicaSet(targets, primary, max_lag_bytes=routing.max_lag_bytes, max_lag_seconds=routing.max_lag_seconds,
+                          probe_interval=routing.probe_interval, connect_timeout=min(cfg.server.connect_timeout, 2.0))
+    await replicas.start()
+    if app.cache is not None:
+        router = Router(replicas, app.cache.catalog, routing)
+    else:
+        router = Router(replicas, Catalog(primary), routing, own_catalog=True)
+    router.count = app.stats_inc
+    replicas.on_change = router.state_changed
+    return router
 
 
 async def _observers(cfg, run_dir: str, worker_id: int) -> Any:
@@ -175,6 +210,8 @@ async def _housekeeping(app: App) -> None:
         await asyncio.sleep(1.0)
         idle_limit = app.cfg.server.client_idle_timeout  # read each time: a reload may change it
         _gauges(app)
+        if app.router is not None and app.stats is not None and app.worker_id == 0:
+            app.router.publish(app.stats)  # every worker probes; one reports (gauges add up over workers)
         if app.pools is not None:
             app.pools.maintain()
         if idle_limit > 0:
@@ -196,6 +233,8 @@ async def detach(app: App) -> None:
             await observers.mirror.close()
         if observers.capture is not None:
             await observers.capture.close()
+    if app.router is not None:
+        await app.router.close()
     if app.tracing is not None:  # flushes what is queued: may take a while, off the event loop
         await asyncio.get_running_loop().run_in_executor(None, app.tracing.shutdown)
     if app.pools is not None:

@@ -175,6 +175,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "min_improvement": Key("float", 0.20, "keep an index only if it cuts estimated cost by this share"),
         "deadlocks_per_hour_target": Key("float", 1.0, "scorecard: deadlocks per hour ceiling"),
     },
+    "routing": {
+        "read_your_writes": Key("bool", True, "after a client's write commits, its reads go only to replicas that "
+                                              "have replayed it (or to the primary)"),
+        "max_wait": Key("duration", "200ms", "how long a read may wait for a replica to replay the client's last "
+                                             "write before it goes to the primary"),
+        "max_lag_bytes": Key("size", "16MiB", "a replica further behind the primary's WAL than this gets no reads"),
+        "max_lag_seconds": Key("duration", "10s", "a replica whose replay is this far behind gets no reads"),
+        "probe_interval": Key("duration", "1s", "how often each replica's health and replay position are probed"),
+        "read_only_functions": Key("list", [], "functions (besides PostgreSQL's read-only built-ins and those the "
+                                              "catalog says are STABLE or IMMUTABLE) that reads may call on a replica"),
+    },
     "tracing": {
         "endpoint": Key("str", "", "OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces; empty = "
                                    "tracing off (the hot path pays nothing)"),
@@ -247,6 +258,7 @@ class Config:
         self.source = source
         self.raw = raw
         self.mirror_targets = _mirror_targets(raw.get("mirror", {}), source)
+        self.replicas = _replicas(raw.get("replica", []), source)
         for section, keys in SCHEMA.items():
             given = raw.get(section, {})
             values = {}
@@ -293,6 +305,9 @@ class Config:
             if not ok:
                 raise ConfigError(f"{source}: [tracing] endpoint: expected an http:// or https:// URL with a "
                                   "host (OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces)")
+        if self.replicas and self.auth.mode == "passthrough":
+            raise ConfigError(f"{source}: [[replica]]: routing reads to replicas needs [auth] mode = userlist or "
+                              "query and [pool] mode = transaction (pgfront logs in to each upstream itself)")
         if self.tracing.max_queue_size < 1:
             raise ConfigError(f"{source}: [tracing] max_queue_size: must be at least 1")
 
@@ -311,6 +326,7 @@ class Config:
     tls: Section
     advisor: Section
     tracing: Section
+    routing: Section
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {s: getattr(self, s).as_dict() for s in SCHEMA}
@@ -349,10 +365,46 @@ def _mirror_targets(raw: Any, source: str) -> dict[str, dict[str, Any]]:
     return targets
 
 
+# [[replica]] entries: streaming replicas of [server] upstream (the primary) that serve reads
+REPLICA_KEYS = {
+    "url": Key("str", "", "the replica (postgresql://host:port; user and password are used by pgfront's probes)"),
+    "name": Key("str", "", "its name in SHOW REPLICAS and the metrics; empty = replica1, replica2, ..."),
+    "weight": Key("float", 1.0, "its share of the reads, relative to the other replicas"),
+    "databases": Key("list", [], "databases it serves reads of; empty = all"),
+}
+
+
+def _replicas(raw: Any, source: str) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: replicas go in [[replica]] entries (an array of tables)")
+    out = []
+    for n, body in enumerate(raw, 1):
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [[replica]] #{n} must be a table with a url")
+        for key in body:
+            if key not in REPLICA_KEYS:
+                raise ConfigError(f"{source}: [[replica]] #{n}: unknown key {key!r} (known: {', '.join(REPLICA_KEYS)})")
+        values = {}
+        for key, spec in REPLICA_KEYS.items():
+            try:
+                values[key] = _coerce(spec.kind, body.get(key, spec.default))
+            except ValueError as e:
+                raise ConfigError(f"{source}: [[replica]] #{n} {key}: {e}") from None
+        if not values["url"].startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"{source}: [[replica]] #{n} url: expected postgresql://..., got {values['url']!r}")
+        if values["weight"] <= 0:
+            raise ConfigError(f"{source}: [[replica]] #{n} weight: must be above 0")
+        values["name"] = values["name"] or f"replica{n}"
+        if values["name"] in (r["name"] for r in out) or values["name"] == "primary":
+            raise ConfigError(f"{source}: [[replica]] #{n} name: {values['name']!r} is taken")
+        out.append(values)
+    return out
+
+
 def _check_known(raw: dict[str, Any], source: str) -> None:
     for section, body in raw.items():
-        if section == "mirror":
-            continue  # [mirror.NAME] tables: checked by _mirror_targets
+        if section in ("mirror", "replica"):
+            continue  # [mirror.NAME] tables and [[replica]] entries: checked by _mirror_targets and _replicas
         if section not in SCHEMA:
             raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SCHEMA)})")
         if not isinstance(body, dict):

@@ -106,7 +106,7 @@ class TempPostgres:
         self._popen_kw, uid = _demote_args()
         if uid is not None:
             os.chown(self.dir, uid, -1)
-        self._initdb()
+        self._create_data()
 
     # -- set-up ---------------------------------------------------------------------------
     def _run(self, *args: str) -> None:
@@ -114,29 +114,32 @@ class TempPostgres:
         if res.returncode != 0:
             raise RuntimeError(f"{args[0]} failed: {res.stderr.strip() or res.stdout.strip()}")
 
-    def _initdb(self) -> None:
+    def _create_data(self) -> None:
+        """initdb a new cluster into self.data (TempReplica copies its primary's instead)."""
         self._run(
             str(self.bin / "initdb"), "-D", str(self.data), "-U", self.superuser, "-A", "trust",
             "-E", "UTF8", "--locale=C", "--no-sync",
         )
-        conf = {
+        self._configure({
             "listen_addresses": "'127.0.0.1'",
-            "port": str(self.port),
-            "unix_socket_directories": f"'{self.dir}'",
             "fsync": "off",
             "synchronous_commit": "off",
             "full_page_writes": "off",
             "max_connections": "300",
             "shared_buffers": "128MB",
             "logging_collector": "off",
-        }
-        conf.update(self.settings)
-        with open(self.data / "postgresql.conf", "a") as f:
-            for k, v in conf.items():
-                f.write(f"{k} = {v}\n")
+        })
         if self.hba is not None:
             lines = ["local all all trust"] + list(self.hba)
             (self.data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
+
+    def _configure(self, conf: dict[str, str]) -> None:
+        """Append this cluster's port and socket directory, `conf`, then self.settings to postgresql.conf
+        (the server takes the last line of a setting, so this overrides what a copied file says)."""
+        lines = {"port": str(self.port), "unix_socket_directories": f"'{self.dir}'", **conf, **self.settings}
+        with open(self.data / "postgresql.conf", "a") as f:
+            for k, v in lines.items():
+                f.write(f"{k} = {v}\n")
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> TempPostgres:
@@ -230,11 +233,71 @@ class TempPostgres:
         self.psql(sql, dbname=name, user=owner)
         return self
 
+    def lsn(self, expr: str = "pg_current_wal_insert_lsn()") -> int:
+        """A pg_lsn expression evaluated on this server, as a byte position (0 when it is NULL)."""
+        return int(self.psql(f"SELECT coalesce(({expr} - '0/0'::pg_lsn)::int8, 0)").strip())
+
+    def replica(self, *, port: int | None = None, settings: dict[str, str] | None = None) -> TempReplica:
+        """A started streaming replica of this (running) cluster. The cluster needs wal_level replica or
+        logical, a free WAL sender and an hba line allowing replication connections from 127.0.0.1."""
+        return TempReplica(self, port=port, settings=settings, base_dir=str(self.dir.parent)).start()
+
     def __enter__(self) -> TempPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+class TempReplica(TempPostgres):
+    """A hot standby of a TempPostgres, streaming its WAL (no replication slot, no WAL archive).
+
+    Made with pg_basebackup -R, so it keeps its primary's settings and pg_hba.conf; only the port, the
+    socket directory, hot standby and `settings` are set anew. Stopping or killing it and starting it
+    again resumes streaming from where it stopped (as long as the primary still has that WAL).
+    """
+
+    def __init__(self, primary: TempPostgres, *, port: int | None = None, settings: dict[str, str] | None = None,
+                 base_dir: str | None = None) -> None:
+        self.primary = primary
+        super().__init__(port=port, settings=settings, superuser=primary.superuser, base_dir=base_dir)
+
+    def _create_data(self) -> None:
+        # a fast checkpoint: the default spread one makes the copy wait up to checkpoint_timeout * 0.9
+        self._run(
+            str(self.bin / "pg_basebackup"), "-D", str(self.data), "-R", "-X", "stream", "--checkpoint=fast",
+            "--no-sync", "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", self.primary.superuser,
+        )
+        self._configure({"hot_standby": "on", "hot_standby_feedback": "on"})
+
+    def pause_replay(self, timeout: float = 10.0) -> None:
+        """Pause WAL replay and wait until it has taken effect (WAL keeps arriving, it is not applied)."""
+        self.psql("SELECT pg_wal_replay_pause()")
+        self._wait_for("SELECT pg_get_wal_replay_pause_state() = 'paused'", timeout, "replay to pause")
+
+    def resume_replay(self) -> None:
+        self.psql("SELECT pg_wal_replay_resume()")
+
+    def replay_lsn(self) -> int:
+        return self.lsn("pg_last_wal_replay_lsn()")
+
+    def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Wait until this replica has replayed everything its primary had written when called."""
+        target = self.primary.lsn()
+        self._wait_for(f"SELECT pg_last_wal_replay_lsn() >= '{target >> 32:X}/{target & 0xFFFFFFFF:X}'",
+                       timeout, "the replica to catch up")
+
+    def promote(self) -> None:
+        """End recovery: the replica becomes a primary of its own (pg_promote waits for that, up to 60 s)."""
+        if self.psql("SELECT pg_promote()").strip() != "t":
+            raise RuntimeError(f"promotion failed: {self.log.read_text()[-2000:]}")
+
+    def _wait_for(self, sql: str, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while self.psql(sql).strip() != "t":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what} on port {self.port}")
+            time.sleep(0.02)
 
 
 class TempRedis:

@@ -61,6 +61,12 @@ _HELP = {
     st.BYTES_SENT: "Bytes sent to clients",
     st.SLOW_QUERIES: "Statements slower than slowlog.threshold_ms",
     "throttle_waiting": "Statements waiting now for a throttle rule to admit them",
+    "routed_transactions": "Transactions (or single statements) routed, by upstream: primary or a replica",
+    "replica_lag_bytes": "WAL bytes a replica's replay is behind the primary's insert position",
+    "replica_lag_seconds": "Seconds a replica's replay is behind (0 when caught up)",
+    "replica_usable": "1 when a replica gets reads (up, in recovery, within the lag limits), else 0",
+    "replica_bans": "Times a replica stopped getting reads (down, lagging or promoted)",
+    "replica_retries": "Reads sent elsewhere because their replica could not take them",
     "throttle_redis_errors": "Redis calls of the throttle that failed or were too slow",
     "throttle_local_fallbacks": "Throttle admissions decided by a worker alone while Redis could not answer",
 }
@@ -155,11 +161,28 @@ class MergedStatsCollector(Collector):
         # A known counter reported through set_gauge (a running total kept elsewhere) is still a counter:
         # one family per name, or the exposition would carry two TYPE lines for it.
         counters = {*_ALWAYS_COUNTERS, *merged.counters} - _RESERVED
-        for name in sorted({*_ALWAYS_GAUGES, *merged.gauges} - _RESERVED - counters):
+        labelled = {n for n in (*merged.counters, *merged.gauges) if "|" in n}
+        for name in sorted({*_ALWAYS_GAUGES, *merged.gauges} - _RESERVED - counters - labelled):
             yield GaugeMetricFamily(_family(name), _HELP.get(name, name), value=merged.gauges.get(name, 0))
-        for name in sorted(counters):
+        for name in sorted(counters - labelled):
             yield CounterMetricFamily(_family(name), _HELP.get(name, name),
                                       value=merged.counters.get(name, 0) + merged.gauges.get(name, 0))
+        yield from _labelled_families(merged, labelled)
+
+
+def _labelled_families(merged: st.MergedStats, names: set[str]) -> Iterator[Metric]:
+    """Counters and gauges named "family|label|value" (e.g. routed_queries|upstream|replica1): one family
+    each, with one sample per label value."""
+    families: dict[str, tuple[Metric, ...]] = {}
+    for name in sorted(names):
+        family, label, value = name.split("|", 2)
+        metric = families.get(family)
+        if metric is None:
+            kind = CounterMetricFamily if name in merged.counters else GaugeMetricFamily
+            metric = families[family] = (kind(_family(family), _HELP.get(family, family), labels=[label]),)
+        metric[0].add_metric([value], merged.counters.get(name, 0) + merged.gauges.get(name, 0))
+    for (metric,) in families.values():
+        yield metric
 
 
 def _mirror_families(targets: dict[str, dict[str, Any]]) -> Iterator[Metric]:

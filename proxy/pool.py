@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.log import log
 from proxy.net.serverlink import ServerLink
-from proxy.upstream import open_connection, send_cancel
+from proxy.upstream import Upstream, open_connection, parse_upstream, send_cancel
 from proxy.wire import protocol as pq
 
 if TYPE_CHECKING:
@@ -39,11 +39,14 @@ _WOKEN = object()  # a waiter's wake-up without a connection: room to open one m
 
 
 class Pool:
-    def __init__(self, manager: PoolManager, database: str, user: str, mode: str) -> None:
+    def __init__(self, manager: PoolManager, database: str, user: str, mode: str, upstream: Upstream | None = None,
+                 replica: str = "") -> None:
         self.manager = manager
         self.database = database
         self.user = user
         self.mode = mode
+        self.upstream = upstream or manager.app.upstream
+        self.replica = replica  # the [[replica]] it connects to; "" = the primary ([server] upstream)
         self.idle: deque[ServerLink] = deque()
         self.busy: set[ServerLink] = set()  # lent, resetting, or on its way to a waiter
         self.opening = 0
@@ -73,7 +76,7 @@ class Pool:
                 return self._lend(link, t0)
             waited = time.monotonic() - t0
             limit = cfg.default_pool_size + (cfg.reserve_pool_size if waited >= cfg.reserve_pool_timeout else 0)
-            if self.size < limit and self.manager.db_room(self.database):
+            if self.size < limit and self.manager.db_room(self):
                 self.opening += 1
                 try:
                     link = await self.manager.open(self)
@@ -191,7 +194,7 @@ class Pool:
             log.info("server connection closed, not returned to the pool",
                      extra={"database": self.database, "user": self.user, "reason": why, "pid": link.pid})
         if cancel and link.pid:
-            asyncio.ensure_future(send_cancel(self.manager.app.upstream, link.pid, link.secret))
+            asyncio.ensure_future(send_cancel(self.upstream, link.pid, link.secret))
         link.close()
         self.link_closed(link)
 
@@ -269,6 +272,7 @@ class Pool:
             "sv_opening": self.opening, "acquired": self.acquired,
             "avg_wait_ms": round(self.total_wait / self.acquired * 1000, 3) if self.acquired else 0.0,
             "max_wait_ms": round(self.max_wait * 1000, 3), "resets": self.resets, "closed_dirty": self.closed_dirty,
+            "upstream": self.replica or "primary",
         }
 
 
@@ -287,16 +291,24 @@ class PoolManager:
     def mode_for(self, database: str, user: str) -> str:
         return self.cfg.users.get(user) or self.cfg.databases.get(database) or self.cfg.mode
 
-    def pool(self, database: str, user: str) -> Pool:
-        key = (database, user)
+    def pool(self, database: str, user: str, replica: Any = None) -> Pool:
+        """The pool of (database, user) on the primary, or on `replica` (a `replicas.health.Replica`):
+        replica pools lend per transaction, whatever the mode, since only reads go there."""
+        key = (database, user, replica.target.name if replica is not None else "")
         p = self.pools.get(key)
         if p is None:
-            p = self.pools[key] = Pool(self, database, user, self.mode_for(database, user))
+            if replica is None:
+                p = Pool(self, database, user, self.mode_for(database, user))
+            else:
+                p = Pool(self, database, user, "transaction", parse_upstream(replica.target.url), key[2])
+            self.pools[key] = p
         return p
 
-    def db_room(self, database: str) -> bool:
+    def db_room(self, pool: Pool) -> bool:
+        """max_db_connections holds per database on each upstream."""
         limit = self.cfg.max_db_connections
-        return not limit or sum(p.size for p in self.pools.values() if p.database == database) < limit
+        return not limit or sum(p.size for p in self.pools.values()
+                                if p.database == pool.database and p.replica == pool.replica) < limit
 
     def wake_db(self, database: str) -> None:
         """A connection came back: with max_db_connections, another user's waiter may now open one."""
@@ -310,7 +322,7 @@ class PoolManager:
                         break
 
     def can_open_unattended(self, pool: Pool) -> bool:
-        return self.db_room(pool.database)
+        return self.db_room(pool)
 
     async def open(self, pool: Pool) -> ServerLink:
         """A new, logged-in server connection for the pool's role."""
@@ -321,7 +333,7 @@ class PoolManager:
         if secret is None:
             raise ConnectionError(f"no credentials for role {pool.user!r}")
         login = UpstreamLogin(pool.user, secret, self.client_keys.get(pool.user))
-        _, link = await open_connection(app.upstream, lambda: ServerLink(None, pool),
+        _, link = await open_connection(pool.upstream, lambda: ServerLink(None, pool),
                                         app.cfg.server.connect_timeout, app.upstream_sslmode, app.tls_upstream)
         params = {"user": pool.user, "database": pool.database, "application_name": "pgfront"}
         try:
@@ -332,6 +344,8 @@ class PoolManager:
             raise
         if not pool.params:
             pool.params = dict(link.params)
+        if pool.replica:
+            app.stats_inc("replica_connections_opened")
         app.stats_inc("server_connections_opened")
         return link
 

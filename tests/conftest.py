@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.devdb import TempPostgres, TempRedis, free_port
+from proxy.devdb import TempPostgres, TempRedis, TempReplica, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret-pw"
@@ -81,6 +81,38 @@ def pg() -> TempPostgres:
     cluster = _make_cluster()
     yield cluster
     cluster.cleanup()
+
+
+class Replicated:
+    """A primary made like the session cluster (same roles, `app` database) and streaming replicas of it."""
+
+    def __init__(self) -> None:
+        self.primary = _make_cluster()
+        self.replicas: list[TempReplica] = []
+        try:
+            self.replica = self.add_replica()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def add_replica(self) -> TempReplica:
+        """One more streaming replica (about half a second: a fast-checkpoint pg_basebackup of a small cluster)."""
+        r = self.primary.replica()
+        self.replicas.append(r)
+        return r
+
+    def cleanup(self) -> None:
+        for r in self.replicas:
+            r.cleanup()
+        self.primary.cleanup()
+
+
+@pytest.fixture(scope="module")
+def replicated() -> Replicated:
+    """A fresh primary with one streaming replica, per module: its tests pause replay, kill and promote."""
+    rep = Replicated()
+    yield rep
+    rep.cleanup()
 
 
 @pytest.fixture(scope="session")

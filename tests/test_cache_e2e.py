@@ -449,3 +449,34 @@ def test_extended_hits_keep_the_servers_statements_exact(pg, long_window):
     before = hits(long_window)
     assert converse(long_window.port, script) == converse(pg.port, script)
     assert hits(long_window) - before >= 8
+
+
+def test_pipelined_cached_read_under_transaction_pooling(pg, tables, redis_server, tmp_path_factory, tmp_path):
+    """Transaction pooling: a plain Query, a cached read (a miss, then hits) and another plain Query in
+    one write. The server must not go back to the pool while the cached read's look-up is under way
+    (its miss goes on to that very server): every reply comes, in order."""
+    from tests.test_throttle import _query, _raw_login
+
+    users = tmp_path / "userlist.txt"
+    users.write_text(f'"postgres" "{PASSWORD}"\n')
+    p = cached_proxy(pg, tmp_path_factory, redis_server.url,
+                     f"[auth]\nmode = 'userlist'\nfile = '{users}'\nmethod = 'trust'\n"
+                     "[pool]\nmode = 'transaction'\ndefault_pool_size = 2\n")
+    try:
+        s = _raw_login(p.port)
+        s.settimeout(10)
+        for round_ in range(3):
+            for i in range(1, 31):
+                s.sendall(_query(b"SELECT 'x'") + _query(f"SELECT name FROM cached_t WHERE id = {i}".encode())
+                          + _query(b"SELECT 'y'"))
+                buf = b""
+                while buf.count(b"Z\x00\x00\x00\x05I") < 3:
+                    chunk = s.recv(65536)
+                    assert chunk, (round_, i, buf)
+                    buf += chunk
+                assert b"E\x00" not in buf, buf
+                name = f"n{i}".encode()
+                assert buf.index(b"\x01x") < buf.index(name) < buf.index(b"\x01y"), buf
+        s.close()
+    finally:
+        p.stop()

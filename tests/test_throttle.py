@@ -279,32 +279,127 @@ def test_throttle_rule_errors_are_reported_with_file_and_line(tmp_path):
     assert f"{path}:4" in str(e.value)
 
 
-def test_throttle_under_transaction_pooling(pgfront_factory, pg, tmp_path):
-    """In transaction pooling throttle rules do not apply yet (they fail open: a waiting statement would
-    hold its lent server): every statement runs, and the pool serves the clients afterwards."""
+def test_throttle_under_transaction_pooling_outnumbered_pool(pgfront_factory, pg, tmp_path):
+    """Transaction pooling, 12 clients over 3 servers, one slot: throttled statements in autocommit
+    (simple and extended protocol) and inside transactions, one client that drops its socket while
+    queued, and plain statements meanwhile. A statement that waits for its slot outside a transaction
+    holds no server, so plain statements go on; the limit holds; what runs out of queue time gets
+    53400; nothing else fails; every connection works afterwards."""
     from tests.conftest import PASSWORD
     from tests.test_pooling import pooled
 
     path = tmp_path / "userlist.txt"
     path.write_text(f'"postgres" "{PASSWORD}"\n')
-    rules = SLOTS_RULE.replace("concurrency = 2", "concurrency = 1").replace('"400ms"', '"300ms"')
+    rules = SLOTS_RULE.replace("concurrency = 2", "concurrency = 1").replace('"400ms"', '"500ms"')
     p = pooled(pgfront_factory, path, size=3, extra=_rules(tmp_path, rules))
+    probe = "SELECT clock_timestamp() AS slot_probe, pg_sleep(0.2), clock_timestamp() AS done"
 
-    async def scenario() -> list:
-        conns = [await asyncpg.connect(p.dsn(password=PASSWORD)) for _ in range(4)]
+    async def scenario() -> tuple[list, list, float, float]:
+        conns = [await asyncpg.connect(p.dsn(password=PASSWORD)) for _ in range(12)]
+        plain = await asyncpg.connect(p.dsn(password=PASSWORD))
+        spans: list = []
+        last_throttled = 0.0
 
         async def client(i: int, c: asyncpg.Connection) -> str:
-            if i % 2:
-                async with c.transaction():
-                    await c.fetchval("SELECT pg_sleep(0.2) AS slot_probe")
-            else:
-                await c.execute("SELECT pg_sleep(0.2) AS slot_probe")
-            return "ran"
+            nonlocal last_throttled
+            try:
+                if i % 3 == 0:
+                    async with c.transaction():
+                        await c.execute("SELECT 1")  # the transaction holds its server from here
+                        row = await c.fetchrow(probe)
+                elif i % 3 == 1:
+                    await c.execute(probe)  # simple protocol
+                    row = None
+                else:
+                    row = await c.fetchrow(probe)  # extended protocol
+                if row is not None:
+                    spans.append((row[0], row[2]))
+                return "ran"
+            except asyncpg.exceptions.ConfigurationLimitExceededError as e:
+                assert e.sqlstate == "53400"
+                return "throttled"
+            finally:
+                last_throttled = max(last_throttled, time.monotonic())
 
-        results = await asyncio.gather(*(client(i, c) for i, c in enumerate(conns)), return_exceptions=True)
-        assert [await c.fetchval("SELECT 5") for c in conns] == [5] * 4
-        await asyncio.gather(*(c.close() for c in conns))
-        return results
+        async def plain_client() -> float:
+            await asyncio.sleep(0.2)  # the slot is taken and others queue for it by now
+            for _ in range(20):
+                assert await plain.fetchval("SELECT 1") == 1
+            return time.monotonic()
 
-    results = asyncio.run(scenario())
-    assert results == ["ran"] * 4, results
+        results = await asyncio.wait_for(asyncio.gather(
+            *(client(i, c) for i, c in enumerate(conns)), plain_client()), timeout=60)
+        plain_done = results[len(conns)]
+        assert [await c.fetchval("SELECT 5") for c in conns] == [5] * len(conns)
+        await asyncio.gather(*(c.close() for c in conns), plain.close())
+        return results[:len(conns)], spans, plain_done, last_throttled
+
+    results, spans, plain_done, last_throttled = asyncio.run(scenario())
+    assert set(results) <= {"ran", "throttled"}, results
+    assert "ran" in results and "throttled" in results, (" ".join(results), [(a.time(), b.time()) for a, b in spans])
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert start >= end, f"two slot_probe statements ran at once under a limit of 1: {spans}"
+    # 20 plain statements took no longer than the throttled statements queued: waiting held no server
+    assert plain_done < last_throttled
+
+
+def _tx_pool(tmp: Path, size: int) -> str:
+    """Transaction pooling with `size` servers; clients log in without a password (auth method trust)."""
+    from tests.conftest import PASSWORD
+
+    path = tmp / "userlist.txt"
+    path.write_text(f'"postgres" "{PASSWORD}"\n')
+    return (f"[auth]\nmode = 'userlist'\nfile = '{path}'\nmethod = 'trust'\n"
+            f"[pool]\nmode = 'transaction'\ndefault_pool_size = {size}\n")
+
+
+def _raw_login(port: int) -> socket.socket:
+    """A client of raw bytes (trust authentication): the startup, read up to its first ReadyForQuery."""
+    s = socket.create_connection(("127.0.0.1", port))
+    body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00"
+    s.sendall((len(body) + 4).to_bytes(4, "big") + body)
+    buf = b""
+    while b"Z\x00\x00\x00\x05I" not in buf:
+        buf += s.recv(65536)
+    return s
+
+
+def _query(sql: bytes) -> bytes:
+    return b"Q" + (len(sql) + 5).to_bytes(4, "big") + sql + b"\x00"
+
+
+def test_throttle_wait_drops_and_pipelines_under_transaction_pooling(pgfront_factory, tmp_path):
+    """Transaction pooling, two servers, one slot held by a long statement. A client pipelines plain
+    Queries around a throttled one in one write, and another queues for the slot and drops its socket.
+    Neither holds a server while it waits (a plain client is served meanwhile); the pipelined replies
+    come in order, the last ones from whichever server is lent after the wait; no slot is lost."""
+    rules = SLOTS_RULE.replace("concurrency = 2", "concurrency = 1").replace('"400ms"', '"10s"')
+    p = pgfront_factory(config=_rules(tmp_path, rules) + _tx_pool(tmp_path, 2))
+    holder = _raw_login(p.port)
+    holder.sendall(_query(b"SELECT pg_sleep(1.5) AS slot_probe"))
+    time.sleep(0.2)
+    piped = _raw_login(p.port)
+    piped.sendall(_query(b"SELECT 'a'") + _query(b"SELECT 'b' AS slot_probe") + _query(b"SELECT 'c'"))
+    gone = _raw_login(p.port)
+    gone.sendall(_query(b"SELECT 1 AS slot_probe"))
+    time.sleep(0.2)
+    gone.close()
+    with psycopg.connect(p.conninfo(), autocommit=True) as conn:  # the second server is free meanwhile
+        assert conn.execute("SELECT 42").fetchone()[0] == 42
+    holder.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        holder.recv(65536)  # the slot's holder is still running: the plain client did not wait for it
+    holder.setblocking(True)
+    buf = b""
+    piped.settimeout(10)
+    while buf.count(b"Z\x00\x00\x00\x05I") < 3:
+        chunk = piped.recv(65536)
+        assert chunk, buf
+        buf += chunk
+    assert b"E\x00" not in buf, buf
+    assert buf.index(b"\x01a") < buf.index(b"\x01b") < buf.index(b"\x01c"), buf  # DataRow values, in order
+    piped.close()
+    holder.close()
+    with psycopg.connect(p.conninfo(), autocommit=True) as conn:
+        assert conn.execute("SELECT 2 AS slot_probe").fetchone()[0] == 2  # the slot is free

@@ -6,7 +6,7 @@ from proxy.relay.hothits cimport HotHits
 
 
 cdef class BytePath(HotHits):
-    cdef public object transport, client_backlog, server_backlog
+    cdef public object transport, client_backlog, server_backlog, on_replica
     cdef public Py_ssize_t bytes_in, bytes_out
     cdef public bint client_suspended, server_paused
 

@@ -28,6 +28,7 @@ class BytePath(HotHits):
         self.client_backlog = b""
         self.server_paused = False  # an invalidation holds the server's stream (server_backlog)
         self.server_backlog = b""
+        self.on_replica = None  # the replicas.health.Replica whose connection is lent now, if any
 
     # -- client bytes ---------------------------------------------------------------------------
     def _client_bytes(self, data: bytes) -> None:
@@ -51,6 +52,8 @@ class BytePath(HotHits):
         if phase is READY and self.server is None and self.pool is not None:
             self._without_server(data)  # transaction pooling, nothing lent right now
             return
+        if self.on_replica is not None and phase is READY and self._hold_for_primary(data):
+            return  # not all reads: they wait for the replica to go back, then are routed afresh
         if phase is READY or phase is ADMIN or phase is AUTH or phase is LOCAL_AUTH:
             framer = self.cframer
             frames = framer.single(data) if data[:1] == b"Q" else None  # one whole Query: the most common read
@@ -98,6 +101,8 @@ class BytePath(HotHits):
         frames = framer.feed(data)
         if self.phase is READY:
             out = self.server_frames(frames, framer.data)
+            if self.server_fatal and self.on_replica is not None and self._replica_failed(len(data)):
+                return  # the replica shut down or crashed before the client saw a byte: taken up elsewhere
         elif self.phase is AUTH:
             out = self.auth_frames(frames, framer.data)
         else:

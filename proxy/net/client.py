@@ -70,6 +70,15 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         self.tls = False
         self.held = b""  # client bytes waiting for a server connection (transaction mode)
         self.acquiring = False
+        self.admission_wait = False  # a statement waits for its throttle rule (the server may go back)
+        # read routing (transaction pooling with [[replica]]s): see proxy.replicas.routing
+        self.route_pref = "auto"  # SET pgfront.route = primary | replica | auto
+        self.route_wrote = False  # the transaction on the primary lent now may have written
+        self.ryw_since = 0.0  # when this client's last possible write ended (monotonic); 0 = never
+        self.ryw_lsn = 0  # the primary's WAL position after it: replicas must have replayed this far
+        self.replica_held = b""  # bytes that came while a replica was lent and must not go to it
+        self.route_sent: list[bytes] | None = None  # the client's bytes since a replica was lent
+        self.route_mark = 0  # bytes_out when it was lent: nothing received since means a safe retry
         self.wanted: dict[str, str] = {}  # settings a pooled server connection must have for this client
         self.upstream_params: dict[str, str] = {}
         self.upstream_login = None  # an auth.UpstreamLogin when pgfront logs in for the client
@@ -120,6 +129,9 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
             if p.permit is not None:  # throttle slots of statements that will never be answered
                 p.permit.release()
                 p.permit = None
+        if self.admitted is not None and not isinstance(self.admitted, bytes):
+            self.admitted.release()  # admitted while its server was borrowed again: never to run
+            self.admitted = None
         if self.pool is not None:
             if self.server is not None:
                 self._leave_pool()
@@ -303,6 +315,8 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         self.app.stats_inc("server_connections_closed")
         if self.phase is ADMIN:
             return  # the upstream link only served to authenticate the admin user
+        if self.on_replica is not None and self._replica_failed(0):
+            return
         # the server went away without a FATAL of its own (crash, kill -9, network)
         self.fatal("08006", "server closed the connection unexpectedly (upstream connection lost)")
 

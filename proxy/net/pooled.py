@@ -10,11 +10,14 @@ statement the pool prepared before, a Sync), and its other bytes wait, in order,
 from __future__ import annotations
 
 import struct
+import time
 from typing import TYPE_CHECKING
 
+from proxy.log import log
 from proxy.net.serverlink import UpstreamRefused
 from proxy.relay.pooling import REPORTED, drops_statements, session_feature, settings_query, wanted_settings
-from proxy.relay.records import _H, _P, _S, CLOSED, Stmt
+from proxy.relay.records import _H, _P, _Q, _S, CLOSED, READY, Stmt
+from proxy.replicas.routing import WAIT, route_reply, route_setting
 from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError
 
@@ -67,9 +70,13 @@ class PooledClient:
         return {k: v for k, v in self.wanted.items() if k.lower() in REPORTED}
 
 
-    def _attach(self, link: ServerLink) -> None:
+    def _attach(self, link: ServerLink, replica: object = None, sent: bytes = b"") -> None:
         link.holder = self
         self.server = link
+        self.on_replica = replica
+        if replica is not None:  # what it is sent is kept, to go elsewhere if it fails before answering
+            self.route_sent = [sent]
+            self.route_mark = self.bytes_out
         state = link.state
         self.tx_status = state.tx
         if self.client_slow:
@@ -93,9 +100,23 @@ class PooledClient:
     def _maybe_release(self) -> None:
         """Transaction mode: hand the server back once nothing is open on it."""
         if (self.pooled_tx and not self.pinned and not self.expect and self.tx_status == pq.IDLE
-                and not self.in_batch and not self.skip_until_sync and not self.server_in_copy and not self.held):
+                and not self.in_batch and not self.skip_until_sync and not self.server_in_copy and not self.held
+                and (not self.client_suspended or self.admission_wait)):
+            # a cache look-up's miss goes on to this very server; a statement waiting for its rule's
+            # admission can borrow another (`_admit_then_resume`), so it need not hold one meanwhile
             link, self.server = self.server, None
-            self.pool.give_back(link)
+            (link.owner or self.pool).give_back(link)  # its own pool: the primary's, or a replica's
+            if self.on_replica is not None:
+                self.on_replica = None
+                self.route_sent = None
+                if self.replica_held:  # what the client sent meanwhile that a replica must not see
+                    data, self.replica_held = self.replica_held, b""
+                    self.resume_client_reading("replica")
+                    self._wait_for_server(data)
+            elif self.route_wrote:  # read-your-writes: this client's reads wait for its write's replay
+                self.route_wrote = False
+                self.ryw_since = time.monotonic()
+                self.ryw_lsn = 0
 
 
     def _without_server(self, data: bytes) -> None:
@@ -132,6 +153,11 @@ class PooledClient:
                 stmt.server_name = self.pool.server_name(sql, oids)
                 self.statements[name] = stmt
                 replies.append(pq.PARSE_COMPLETE)
+            elif t == _Q and self.app.router is not None:
+                value = route_setting(bytes(buf[a + 5:b - 1]).decode(pq.ENC, pq.ERRORS))
+                if value is None:
+                    break
+                replies.append(route_reply(self, value))  # pgfront's own setting: no server needed
             elif t == _S:
                 replies.append(pq.ready_for_query(pq.IDLE))
             elif t == _H:
@@ -152,36 +178,118 @@ class PooledClient:
         if not self.held and data[:1] == b"X":
             self.close()  # a Terminate needs no server
             return
+        route = None
         if not self.held and not self.acquiring:
-            link = self.pool.lend_idle()
+            router = self.app.router
+            if router is not None and self.pooled_tx:
+                route = router.pick(self, data)
+            pool = self.pool if route is None or route is WAIT else self.app.pools.pool(self.database, self.user, route)
+            link = pool.lend_idle() if route is not WAIT else None
             if link is not None:  # no wait: carry straight on with this chunk
-                self._attach(link)
+                self._attach(link, route, data)
                 self._client_bytes(data)
                 return
         self.held += data
         if not self.acquiring:
             self.acquiring = True
             self.pause_client_reading("pool-wait")
-            self._task(self._acquire_for_held())
+            self._task(self._acquire_for_held(route))
 
 
-    async def _acquire_for_held(self) -> None:
+    async def _acquire_for_held(self, route: object = None) -> None:
         from proxy.pool import PoolTimeout
 
-        try:
-            link = await self.pool.acquire()
-        except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
-            self.acquiring = False
-            self._pool_failed(e)
-            return
+        router = self.app.router
+        if route is WAIT:
+            route = await router.pick_later(self)
+        while True:
+            pool = self.pool if route is None else self.app.pools.pool(self.database, self.user, route)
+            try:
+                link = await pool.acquire()
+            except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
+                if route is not None:  # the replica cannot take it: the primary can
+                    log.info("replica unavailable, read goes to the primary",
+                             extra={"client": self.id, "replica": route.target.name, "reason": str(e)})
+                    router.retry_elsewhere(route)
+                    router.replicas.suspect(route, str(e))
+                    route = None
+                    continue
+                self.acquiring = False
+                self._pool_failed(e)
+                return
+            if self.phase is CLOSED:
+                pool.give_back(link)
+                self.acquiring = False
+                return
+            if route is not None and not router.still_read_only(self, self.held, continuing=False):
+                pool.give_back(link)  # more arrived meanwhile, and it is not all reads
+                route = None
+                continue
+            break
         self.acquiring = False
-        if self.phase is CLOSED:
-            self.pool.give_back(link)
-            return
-        self._attach(link)
         data, self.held = self.held, b""
+        self._attach(link, route, data)
         self.resume_client_reading("pool-wait")
         self._client_bytes(data)
+
+    def _replica_failed(self, received: int) -> bool:
+        """The replica lent went away (its connection lost, or a FATAL: shut down, crashed) after sending
+        `received` bytes of which none reached the client: the client's bytes since it was lent are
+        routed afresh (to the primary, or another replica), as if nothing had happened. False when the
+        client already saw part of the reply (it then gets the error, as from any server)."""
+        replica, sent = self.on_replica, self.route_sent
+        if (sent is None or self.bytes_out - received != self.route_mark or self.client_suspended
+                or self.server_paused or self.cframer._skip or self.phase is not READY):
+            return False
+        log.info("replica lost mid-read, the read goes elsewhere", extra={"client": self.id,
+                                                                          "replica": replica.target.name})
+        self.app.router.retry_elsewhere(replica)
+        self.app.router.replicas.suspect(replica, "a client's connection to it failed")
+        for p in (*self.expect, *self.finished):
+            if p.fill is not None:
+                self.app.cache.abandon(p.fill)
+                p.fill = None
+            if p.permit is not None:
+                p.permit.release()
+                p.permit = None
+        self.expect.clear()
+        self.finished.clear()
+        self.special = 0
+        self.in_batch = self.skip_until_sync = self.server_fatal = self.restore_at_sync = False
+        self.server_in_copy = self.copy_failed = False
+        self.copies_started = self.copy_ends_sent = 0
+        self.tx_status = pq.IDLE
+        link, self.server = self.server, None
+        self.on_replica = None
+        self.route_sent = None
+        if link is not None and link.holder is self:
+            link.holder = None
+            link.close()
+        self.cframer.take_partial()  # its bytes are in `sent` too
+        data = b"".join(sent) + self.replica_held
+        self.replica_held = b""
+        self.resume_client_reading("replica")
+        self._wait_for_server(data)
+        return True
+
+    def _hold_for_primary(self, data: bytes) -> bool:
+        """Bytes that arrive while a replica is lent, outside a transaction: those that are not all
+        complete reads wait until the replica goes back, and then are routed afresh. True if held."""
+        framer = self.cframer
+        if not framer._skip and (self.replica_held or (
+                self.tx_status == pq.IDLE and not self.app.router.still_read_only(self, bytes(framer._buf) + data))):
+            if not self.replica_held and self.in_batch:
+                # a batch left open (Parse, Describe, Flush) and then not a read: end it on the replica with a
+                # Sync of ours (its named statements are prepared again wherever the rest goes)
+                self._swallowed(_S)
+                self.in_batch = False
+                self.to_server(pq.SYNC)
+            self.replica_held += data
+            self.pause_client_reading("replica")
+            return True
+        if self.route_sent is not None:
+            self.route_sent.append(data)  # kept until the replica goes back: a retry sends it again
+        return False
 
 
     def _pool_failed(self, e: Exception) -> None:
@@ -200,4 +308,4 @@ class PooledClient:
         pending = bool(self.expect) or self.server_in_copy or self.in_batch or self.server_paused
         if self.pinned:
             link.state.dirty.add("pinned")
-        self.pool.give_back(link, pending=pending)
+        (link.owner or self.pool).give_back(link, pending=pending)

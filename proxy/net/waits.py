@@ -7,12 +7,13 @@ whose state it uses.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from proxy.log import log
 from proxy.relay.pooling import rename_bind
 from proxy.relay.records import _B, _E, _LOCAL, _Q, READY, special
 from proxy.throttle.spec import THROTTLE_SQLSTATE
-from proxy.throttle.throttler import Refusal
+from proxy.throttle.throttler import Grant, Refusal
 from proxy.wire import protocol as pq
 
 
@@ -49,6 +50,9 @@ class StreamWaits:
     def _suspend_client(self, frames: list, data: bytes, i: int) -> None:
         self.client_suspended = True  # later bytes wait in client_backlog (reading pauses if it grows)
         if self.throttle_job is not None:
+            self.admission_wait = True
+            if self.pool is not None and self.server is not None:
+                self._maybe_release()  # transaction pooling: nothing open on the server, others may use it
             self._task(self._admit_then_resume(frames, data, i))  # cancelled (slots given back) if the client goes
         else:
             asyncio.ensure_future(self._lookup_then_resume(frames, data, i))  # a flight others may share: not cancelled
@@ -58,11 +62,23 @@ class StreamWaits:
         the grant (or the refusal) in `admitted`."""
         limits, grant = self.throttle_job
         self.throttle_job = None
+        throttler = self.app.throttler
+        start = time.monotonic()
         try:
-            outcome = await self.app.throttler.admit(limits, grant)
+            outcome = await throttler.admit(limits, grant, start)
+            if self.server is None and self.pool is not None and isinstance(outcome, Grant):
+                if not await self._borrow_server(grant):
+                    return
+                self.admission_wait = False  # from here the statement goes on to this server
+                if grant.released:  # no server was free: the slots again, now that one is held
+                    grant = Grant(throttler)
+                    grant.since = outcome.since
+                    outcome = await throttler.admit(limits, grant, start, slots_only=True)
         except BaseException:
             grant.release()
             raise
+        finally:
+            self.admission_wait = False
         if self.phase is not READY:
             grant.release()
             return
@@ -73,6 +89,36 @@ class StreamWaits:
         self.client_suspended = False
         self._relay_client(frames, data, i)
         self._resume_client()
+
+    async def _borrow_server(self, grant: Grant) -> bool:
+        """Transaction pooling: the statement waited without a server and is admitted; borrow one.
+
+        A statement holds its slots only while it holds a server. One that held a slot while it waited
+        for a server, which clients inside transactions hold while they wait for that slot, would stall
+        them all until their queue time ran out. So with no server free at once the slots go back
+        (`grant` released) and the server comes first; the caller then takes the slots again (the rate
+        is not charged twice, and the queue time still runs from the statement's arrival). False: the
+        client is gone, or no server came (the client was told)."""
+        from proxy.pool import PoolTimeout
+
+        link = self.pool.lend_idle()
+        if link is None:
+            grant.release()
+            try:
+                link = await self.pool.acquire()
+            except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
+                self._pool_failed(e)
+                return False
+            if self.phase is not READY:
+                self.pool.give_back(link)
+                return False
+        else:
+            if self.phase is not READY:
+                self.pool.give_back(link)
+                grant.release()
+                return False
+        self._attach(link)
+        return True
 
     async def _lookup_then_resume(self, frames: list, data: bytes, i: int) -> None:
         kind, p, sql, info, decision, raw = self.lookup_job
@@ -90,9 +136,12 @@ class StreamWaits:
         except Exception as e:  # noqa: BLE001 - a cache problem means: ask the server
             log.warning("cache lookup failed", extra={"client": self.id, "reason": str(e)})
             res = None
+        if res is not None and res.event == "miss" and (self.phase is not READY or self.on_replica is not None):
+            # a replica's rows never fill the cache: they may be older than the versions the fill was
+            # keyed under (the replica has not necessarily replayed the last invalidation)
+            cache.abandon(res)
+            res = None
         if self.phase is not READY:
-            if res is not None and res.event == "miss":
-                cache.abandon(res)
             return
         event = res.event if res is not None else "bypass"
         if event == "hit":

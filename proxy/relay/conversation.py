@@ -155,7 +155,7 @@ class Conversation(ReplyTracker):
                     p.stmt = stmt
                     p.tags = stmt.tags
                     d = p.decision = stmt.decision
-                    if d is not None and d.throttle and not self.pooled_tx:
+                    if d is not None and d.throttle:
                         refused = self._admitted(p, stmt.info, d)
                         if refused is _SUSPEND:
                             self.to_server(data[first:a] if out is None else b"".join(out))
@@ -358,9 +358,7 @@ class Conversation(ReplyTracker):
             decision = rules.decide_for(self, sql, info)
             if decision is not None:
                 p.decision = decision
-                # not in transaction pooling yet: a statement waiting there held its lent server and
-                # the pool could stall (seen in tests); until that is solved, throttle rules fail open
-                refused = self._admitted(p, info, decision) if decision.throttle and not self.pooled_tx else None
+                refused = self._admitted(p, info, decision) if decision.throttle else None
                 if refused is _SUSPEND:
                     self.queries -= 1  # counted when the Query is taken up again
                     return _SUSPEND

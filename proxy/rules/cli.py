@@ -72,6 +72,7 @@ def _rule_paths(args: argparse.Namespace) -> list[str]:
 
 def explain_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    from proxy.replicas.routing import explain_route
     from proxy.sql import analyze
 
     try:
@@ -115,9 +116,20 @@ def explain_main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if decision.offset_check is not None:
         n, limit, rule = decision.offset_check
         show("offset", f"${n} is checked at Bind against {limit} (rule {rule!r})")
+    show("route", explain_route(info, decision.route, args.in_transaction, _read_only_functions(args)))
     if decision.log:
         show("log", "yes")
     return 0
+
+
+def _read_only_functions(args: argparse.Namespace) -> list[str]:
+    """[routing] read_only_functions of the config file, if one is given or here."""
+    config = args.config or ("config.toml" if os.path.exists("config.toml") else None)
+    if not config:
+        return []
+    from proxy.config import load
+
+    return list(load(config).routing.read_only_functions)
 
 
 def _explain_rules(ruleset: RuleSet, info: Any, ctx: MatchContext, decision: Any, out: TextIO) -> None:

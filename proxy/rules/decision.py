@@ -43,6 +43,7 @@ class Decision:
     # (rule name, Throttle, observed, RuleCounter) of every matching throttle rule: admit before running
     throttle: tuple[tuple[str, Any, bool, RuleCounter], ...] = ()
     mirror: tuple[Any, ...] = ()  # model.Mirror of every matching enforced mirror rule
+    route: str | None = None  # the first matching enforced route rule's: "primary" or "replica"
     hit_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
     observed_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
 

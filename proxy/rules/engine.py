@@ -66,6 +66,7 @@ class _Plan:
     limited: LimitResult | None = None
     throttle: list[tuple[str, Any, bool, RuleCounter]] = field(default_factory=list)
     mirror: list[Any] = field(default_factory=list)
+    route: str | None = None
 
     def add(self, rule: Rule) -> bool:
         """Take rule's actions; True when evaluation must stop here."""
@@ -79,6 +80,8 @@ class _Plan:
         self.log = self.log or rule.log
         if rule.mirror is not None:
             self.mirror.append(rule.mirror)
+        if self.route is None:
+            self.route = rule.route
         if rule.block is not None:
             self.block = (rule.block.sqlstate, blocked(rule.block.message, rule.name))
             return True
@@ -237,6 +240,7 @@ class RuleSet:
             offset_check=offset_check if single and not block else None,
             throttle=() if block else tuple(dict.fromkeys(t for p in plans for t in p.throttle)),
             mirror=() if block else tuple(dict.fromkeys(m for p in plans for m in p.mirror)),
+            route=None if block else next((p.route for p in plans if p.route is not None), None),
             hit_counters=tuple(dict.fromkeys(c for p in plans for c in p.hits)),
             observed_counters=tuple(dict.fromkeys(c for p in plans for c in p.observed)),
         )

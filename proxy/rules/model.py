@@ -22,7 +22,7 @@ from proxy.rules.rewrite import RenameTables, TemplateError, TemplateRewrite
 from proxy.throttle.spec import THROTTLE_KEYS, Throttle, parse_throttle
 
 RULE_KEYS = ("name", "description", "match", "mode", "final", "enabled")
-ACTIONS = ("block", "limit", "cache", "rewrite", "timeout", "throttle", "mirror", "log")
+ACTIONS = ("block", "limit", "cache", "rewrite", "timeout", "throttle", "mirror", "route", "log")
 ACTION_KEYS = {
     "block": ("message", "sqlstate"),
     "limit": ("max_rows", "max_offset"),
@@ -127,6 +127,7 @@ class Rule:
     timeout: float | None = None
     throttle: Throttle | None = None
     mirror: Mirror | None = None
+    route: str | None = None  # "primary" or "replica": overrides read routing ([[replica]])
     log: bool = False
     spec: dict[str, Any] = field(default_factory=dict)  # the actions as written, for describe()
     counter: RuleCounter = field(default_factory=RuleCounter)
@@ -345,6 +346,12 @@ class _Checker:
             self.problem(f"mirror.writes must be true or false, not {writes!r}", "mirror", "writes")
             return None
         return Mirror(value["to"], float(share), writes)
+
+    def _route(self, value: Any) -> str | None:
+        if value not in ("primary", "replica"):
+            self.problem(f"route must be \"primary\" or \"replica\", not {value!r}", "route")
+            return None
+        return value
 
     def _log(self, value: Any) -> bool:
         if not isinstance(value, bool):

@@ -161,21 +161,25 @@ class Throttler:
                 return grant, False
         return grant, True
 
-    async def admit(self, limits: list[Limit], grant: Grant) -> Grant | Refusal:
+    async def admit(self, limits: list[Limit], grant: Grant, start: float | None = None,
+                    slots_only: bool = False) -> Grant | Refusal:
         """Wait until every enforced limit admits the statement (granted slots go into grant), or the
-        refusal of the first that cannot within its queue time (grant's slots are then given back)."""
-        start = time.monotonic()
+        refusal of the first that cannot within its queue time (grant's slots are then given back).
+        The queue time runs from `start` (time.monotonic(), default now); `slots_only` takes the
+        concurrency slots again for a statement whose rate was already admitted."""
+        if start is None:
+            start = time.monotonic()
         for lim in limits:
-            if lim.observe:
+            if lim.observe or (slots_only and not lim.spec.concurrency):
                 continue
-            refusal = await self._admit_one(lim, grant, start)
+            refusal = await self._admit_one(lim, grant, start, slots_only)
             if refusal is not None:
                 self._count(lim, "throttled")
                 grant.release()
                 return refusal
         return grant
 
-    async def _admit_one(self, lim: Limit, grant: Grant, start: float) -> Refusal | None:
+    async def _admit_one(self, lim: Limit, grant: Grant, start: float, slots_only: bool = False) -> Refusal | None:
         spec, key = lim.spec, lim.key
         if self._waiting.get(key, 0) >= spec.max_queue:
             return Refusal(lim.rule, spec, f"{spec.max_queue} statements already waiting")
@@ -183,7 +187,7 @@ class Throttler:
         self._waiting[key] = self._waiting.get(key, 0) + 1
         self.waiting += 1
         try:
-            if spec.qps:
+            if spec.qps and not slots_only:
                 wait = await self._reserve(key, spec, spec.queue - (time.monotonic() - start))
                 if wait is None:
                     return Refusal(lim.rule, spec, f"over {spec.qps:g} statements per second, and it could not "

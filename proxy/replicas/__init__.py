@@ -1,0 +1,1 @@
+"""Read replicas: health and replay positions (`health.ReplicaSet`), and routing reads to them (`routing`)."""

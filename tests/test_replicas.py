@@ -1,0 +1,229 @@
+"""Read routing to a streaming replica, end to end: a real primary, a real hot standby made with
+pg_basebackup -R (the `replicated` fixture), pgfront in transaction pooling in front of both, and
+real clients (asyncpg, psycopg, psql).
+
+`SELECT inet_server_port()` is a read that says which server answered it. The tests that pause replay,
+kill or promote the replica run in that order at the end of the module (the fixture is per module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.conftest import PASSWORD, Pgfront, psql
+
+PORT_SQL = "SELECT inet_server_port()"
+
+
+def _proxy(replicated, tmp_path, extra: str = "", replicas: list | None = None, rules: Path | None = None) -> Pgfront:
+    users = tmp_path / "userlist.txt"
+    users.write_text(f'"postgres" "{PASSWORD}"\n"app" "{PASSWORD}"\n')
+    entries = "".join(f'[[replica]]\nurl = "postgresql://postgres@127.0.0.1:{r.port}/postgres"\n'
+                      for r in (replicas or [replicated.replica]))
+    config = (f"[auth]\nmode = 'userlist'\nfile = '{users}'\nmethod = 'trust'\n"
+              "[pool]\nmode = 'transaction'\ndefault_pool_size = 10\n"
+              f"[rules]\nfiles = [{repr(str(rules)) if rules else ''}]\nwatch = false\n"
+              "[routing]\nprobe_interval = '200ms'\nmax_wait = '300ms'\n" + extra + entries)
+    return Pgfront(f"postgresql://127.0.0.1:{replicated.primary.port}", config).start()
+
+
+def _replicas(p: Pgfront) -> dict[str, dict[str, str]]:
+    out = psql(p.port, "SHOW REPLICAS", dbname="pgfront", extra_args=["-F", "\t"]).stdout.splitlines()
+    rows = [line.split("\t") for line in out if "\t" in line]
+    head = ["name", "host", "state", "in_recovery", "replay_lsn", "lag_bytes", "lag_seconds", "weight", "routed",
+            "bans", "last_error"]
+    return {r[0]: dict(zip(head, r, strict=False)) for r in rows}
+
+
+def _warm(p: Pgfront, replica_port: int) -> None:
+    """Until the catalog has said that inet_server_port() cannot write, a read calling it goes to the
+    primary (and counts as a possible write): read on a throwaway connection until the replica answers."""
+    deadline = time.monotonic() + 10
+    with psycopg.connect(p.conninfo(), autocommit=True) as conn:
+        while conn.execute(PORT_SQL).fetchone()[0] != replica_port and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _wait_state(p: Pgfront, name: str, state: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _replicas(p).get(name, {}).get("state") == state:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} never became {state}: {_replicas(p)}")
+
+
+@pytest.fixture(scope="module")
+def table(replicated):
+    replicated.primary.psql("CREATE TABLE IF NOT EXISTS ryw (id bigint PRIMARY KEY, who int); "
+                            "CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY, name text); "
+                            "INSERT INTO items SELECT g, 'item' || g FROM generate_series(1, 100) g "
+                            "ON CONFLICT DO NOTHING; CREATE SEQUENCE IF NOT EXISTS seq")
+    replicated.replica.wait_caught_up(30)
+
+
+@pytest.fixture(scope="module")
+def proxy(replicated, table, tmp_path_factory):
+    p = _proxy(replicated, tmp_path_factory.mktemp("replicas"))
+    _wait_state(p, "replica1", "ok")
+    yield p
+    p.stop()
+
+
+def test_reads_go_to_the_replica_writes_never(replicated, proxy):
+    primary, replica = replicated.primary.port, replicated.replica.port
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        await asyncio.to_thread(_warm, proxy, replica)
+        conn = await asyncpg.connect(proxy.dsn())
+        try:
+            reads = [await conn.fetchval(PORT_SQL) for _ in range(100)]  # extended protocol
+            simple = []
+            for _ in range(20):
+                simple.append(int((await conn.fetch("SELECT inet_server_port() AS p"))[0]["p"]))
+            # writes, and everything in an explicit transaction, go to the primary
+            await conn.execute("INSERT INTO items VALUES (1000, 'w') ON CONFLICT (id) DO UPDATE SET name = 'w'")
+            async with conn.transaction():
+                in_tx = await conn.fetchval(PORT_SQL)
+            assert in_tx == primary
+            assert await conn.fetchval("SELECT nextval('seq') > 0")  # a read that writes: the primary
+            for sql in ("SELECT * FROM items WHERE id = 1 FOR UPDATE", "SELECT inet_server_port(), nextval('seq')"):
+                row = await conn.fetchrow(sql)
+                assert row is not None
+            return reads, simple
+        finally:
+            await conn.close()
+
+    reads, simple = asyncio.run(scenario())
+    assert set(reads) == {replica}, reads  # a provable read, no write of this client's: the replica
+    assert set(simple) == {replica}, simple
+    log = replicated.replica.log.read_text()
+    assert "read-only transaction" not in log, log[-3000:]  # no write ever reached the replica
+    rows = _replicas(proxy)
+    assert int(rows["replica1"]["routed"]) >= 120 and rows["replica1"]["state"] == "ok", rows
+
+
+def test_read_your_writes_with_replay_paused_and_resumed(replicated, proxy):
+    """Many clients write, then read their own write at once. With replay paused the replica never has
+    it: their reads must go to the primary; once replay resumes they go back to the replica."""
+    replica = replicated.replica
+    violations: list[tuple[int, int]] = []
+    ports: list[int] = []
+
+    async def client(n: int, rounds: int) -> None:
+        conn = await asyncpg.connect(proxy.dsn())
+        try:
+            for i in range(rounds):
+                key = n * 1_000_000 + i
+                await conn.execute("INSERT INTO ryw VALUES ($1, $2)", key, n)
+                seen, port = await conn.fetchrow("SELECT count(*), inet_server_port() FROM ryw WHERE id = $1", key)
+                ports.append(port)
+                if seen != 1:
+                    violations.append((key, port))
+        finally:
+            await conn.close()
+
+    async def scenario(rounds: int, base: int) -> None:
+        await asyncio.gather(*(client(base + n, rounds) for n in range(16)))
+
+    replica.pause_replay()
+    try:
+        asyncio.run(scenario(10, 0))
+        paused_ports = set(ports)
+    finally:
+        replica.resume_replay()
+    ports.clear()
+    asyncio.run(scenario(20, 100))
+    assert violations == [], violations[:10]
+    assert paused_ports == {replicated.primary.port}, paused_ports
+    assert replica.port in ports  # replay running: reads after writes do reach the replica
+
+
+def test_set_route_primary_and_route_rule(replicated, proxy, tmp_path):
+    with psycopg.connect(proxy.conninfo(), autocommit=True) as conn:
+        assert conn.execute(PORT_SQL).fetchone()[0] == replicated.replica.port
+        conn.execute("SET pgfront.route = primary")
+        assert {conn.execute(PORT_SQL).fetchone()[0] for _ in range(5)} == {replicated.primary.port}
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute("SET pgfront.route = sideways")
+        conn.execute("RESET pgfront.route")
+        assert conn.execute(PORT_SQL).fetchone()[0] == replicated.replica.port
+    rules = tmp_path / "route.toml"
+    rules.write_text('[[rule]]\nname = "reports-on-primary"\nmatch = { pattern = "report_probe" }\n'
+                     'route = "primary"\n')
+    p = _proxy(replicated, tmp_path, rules=rules)
+    try:
+        _wait_state(p, "replica1", "ok")
+        _warm(p, replicated.replica.port)
+        with psycopg.connect(p.conninfo(), autocommit=True) as conn:
+            assert conn.execute("SELECT inet_server_port() AS report_probe").fetchone()[0] == replicated.primary.port
+            assert conn.execute(PORT_SQL).fetchone()[0] == replicated.replica.port
+    finally:
+        p.stop()
+
+
+def test_rules_explain_shows_the_route(tmp_path):
+    import contextlib
+    import io
+
+    from proxy.cli import main
+
+    rules = tmp_path / "none.toml"
+    rules.write_text('[[rule]]\nname = "log-ddl"\nmatch = { kind = "ddl" }\nlog = true\n')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["rules", "explain", "--rules", str(rules), "SELECT * FROM items WHERE id = 1"])
+    assert "route" in out.getvalue() and "replica" in out.getvalue(), out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["rules", "explain", "--rules", str(rules), "SELECT nextval('seq')"])
+    assert "primary (function nextval)" in out.getvalue(), out.getvalue()
+
+
+def test_cache_with_replica_serves_no_stale_read(replicated, table, redis_server, tmp_path):
+    """The cache on, reads routed to a replica whose replay is paused: a read after a write through
+    pgfront never returns the old value, from the cache or from the replica."""
+    rules = tmp_path / "cache.toml"
+    rules.write_text('[[rule]]\nname = "cache-items"\nmatch = { tables = ["items"] }\ncache = { ttl = "60s" }\n')
+    cache = f"[cache]\nenabled = true\nredis_url = '{redis_server.url}'\n"
+    p = _proxy(replicated, tmp_path, extra=cache, rules=rules)
+    _wait_state(p, "replica1", "ok")
+    _warm(p, replicated.replica.port)
+    stale: list[tuple[int, str, str]] = []
+    try:
+        with psycopg.connect(p.conninfo(), autocommit=True) as writer, \
+                psycopg.connect(p.conninfo(), autocommit=True) as other:
+            for rnd in range(3):
+                pause = rnd == 1
+                if pause:
+                    replicated.replica.pause_replay()
+                try:
+                    for i in range(1, 21):
+                        value = f"v{rnd}-{i}"
+                        writer.execute("UPDATE items SET name = %s WHERE id = %s", (value, i))
+                        for conn in (writer, other):  # the writer (read-your-writes) and another client
+                            got = conn.execute("SELECT name FROM items WHERE id = %s", (i,)).fetchone()[0]
+                            if conn is writer and got != value:
+                                stale.append((i, value, got))
+                finally:
+                    if pause:
+                        replicated.replica.resume_replay()
+    finally:
+        p.stop()
+    assert stale == [], stale[:5]
+
+
+def test_promoted_replica_is_noticed(replicated, proxy):
+    """Last: promoting breaks replication. pgfront notices, and sends no more reads there."""
+    replicated.replica.promote()
+    _wait_state(proxy, "replica1", "promoted")
+    with psycopg.connect(proxy.conninfo(), autocommit=True) as conn:
+        assert {conn.execute(PORT_SQL).fetchone()[0] for _ in range(10)} == {replicated.primary.port}
+    metrics_rows = psql(proxy.port, "SHOW POOLS", dbname="pgfront").stdout
+    assert "replica1" in metrics_rows
