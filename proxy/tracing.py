@@ -53,7 +53,7 @@ _MAX_ATTRIBUTE_LENGTH = 8192  # a normalized statement can be huge (generated SQ
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
-_SHAPES = 10_000  # encoded statement shapes kept per process (see Tracing._shape)
+_SHAPE_BYTES = 8 << 20  # statement shapes' encoded parts kept per process (see Tracing._shape), about
 _DOUBLE = struct.Struct("<d")
 # pgfront.upstream_seconds with its value left off: a double, the last 8 bytes of its encoding
 _UPSTREAM_KEY = otlp.attributes({"pgfront.upstream_seconds": 0.0}, 9)[:-8]
@@ -218,6 +218,7 @@ class Tracing:
         self._random_bits = random.getrandbits
         self._batch: list[tuple] = []  # spans made and not encoded yet (see _encode_batch)
         self._shapes: dict[tuple, tuple[bytes, bytes, bytes, bytes]] = {}  # see _shape
+        self._shapes_size = 0
         # perf_counter() -> epoch nanoseconds, measured once: spans get wall-clock times without a
         # time_ns() call per statement
         self._epoch_offset_ns = time.time_ns() - int(time.perf_counter() * 1e9)
@@ -354,9 +355,12 @@ class Tracing:
                                   "db.query.text": normalized[:_MAX_ATTRIBUTE_LENGTH]}, 9),
                  otlp.attributes({"db.user": user, "pgfront.fingerprint": fingerprint}, 9) + _UPSTREAM_KEY,
                  otlp.attributes(more, 9))
-        if len(self._shapes) >= _SHAPES:
+        size = sum(map(len, shape)) + 200  # and the key's and the entry's own, about
+        if self._shapes_size + size > _SHAPE_BYTES:  # by bytes: a query text can be 8 kB
             self._shapes.clear()
+            self._shapes_size = 0
         self._shapes[key] = shape
+        self._shapes_size += size
         return shape
 
     # ---- admin ----
