@@ -4,8 +4,9 @@ The OpenTelemetry SDK's encoder builds a protobuf object per span, per attribute
 Python: about 26 us a span for pgfront's ten attributes, more than everything else tracing costs. A
 statement's span is always the same shape, and most attribute values repeat (database, user, query
 text, fingerprint), so this encoder writes the wire format itself and keeps each repeated key/value
-pair's encoding: about 4 us a span. The output is an ordinary ExportTraceServiceRequest; the tests
-decode it with the opentelemetry-proto package. Field numbers are opentelemetry-proto's
+pair's encoding: about 4 us a span. proxy.tracing goes further: it keeps the parts of a Span (span_ids,
+span_head, ...) that a statement's spans share, and joins them. The output is an ordinary
+ExportTraceServiceRequest; the tests decode it with the opentelemetry-proto package. Field numbers are opentelemetry-proto's
 (trace/v1/trace.proto, common/v1/common.proto, resource/v1/resource.proto).
 """
 
@@ -15,9 +16,9 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-_FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
 _FIXED32 = struct.Struct("<I")
+TIMES = struct.Struct("<BQBQ")  # 7: start_time_unix_nano, 8: end_time_unix_nano (fixed64 each, with their tags)
 _KINDS = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
 SERVER = 2
 _CACHE_LIMIT = 50_000  # encoded key/value pairs kept (a few MB at most)
@@ -83,26 +84,45 @@ def attributes(attrs: Mapping[str, Any], number: int) -> bytes:
 def span(trace_id: int, span_id: int, parent_id: int | None, remote_parent: bool, trace_state: str, name: str,
          kind: int, start_ns: int, end_ns: int, attrs: Mapping[str, Any], error: str | None) -> bytes:
     """One encoded Span (kind: the proto's SpanKind number; error: the status message of a failed one)."""
-    parts = [
-        b"\x0a\x10" + trace_id.to_bytes(16, "big"),  # 1: trace_id
-        b"\x12\x08" + span_id.to_bytes(8, "big"),  # 2: span_id
-    ]
+    return b"".join((span_ids(trace_id, span_id, parent_id, trace_state), span_head(name, kind),
+                     TIMES.pack(0x39, start_ns, 0x41, end_ns), attributes(attrs, 9), span_end(error, remote_parent)))
+
+
+# The parts of a Span, in field order, for an encoder that keeps some of them (proxy.tracing keeps the
+# head and most attributes of each statement): span_ids, span_head, TIMES, attributes (field 9), span_end.
+
+
+def span_ids(trace_id: int, span_id: int, parent_id: int | None, trace_state: str) -> bytes:
+    """Fields 1-4: trace_id, span_id, trace_state, parent_span_id."""
+    ids = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")
     if trace_state:
-        parts.append(_field(3, trace_state.encode()))
+        ids += _field(3, trace_state.encode())
     if parent_id is not None:
-        parts.append(b"\x22\x08" + parent_id.to_bytes(8, "big"))  # 4: parent_span_id
-    parts.append(_field(5, name.encode("utf-8", "surrogatepass")))
-    parts.append(b"\x30" + _varint(kind))  # 6: kind
-    parts.append(b"\x39" + _FIXED64.pack(start_ns))  # 7: start_time_unix_nano
-    parts.append(b"\x41" + _FIXED64.pack(end_ns))  # 8: end_time_unix_nano
-    parts.append(attributes(attrs, 9))
+        ids += b"\x22\x08" + parent_id.to_bytes(8, "big")
+    return ids
+
+
+def span_head(name: str, kind: int) -> bytes:
+    """Fields 5 and 6: name and kind."""
+    return _field(5, name.encode("utf-8", "surrogatepass")) + b"\x30" + _varint(kind)
+
+
+def span_end(error: str | None, remote_parent: bool) -> bytes:
+    """Fields 15 and 16: the status (with error, its message: the span failed) and the flags."""
     if error is not None:  # Status { string message = 2; StatusCode code = 3 (ERROR = 2) }
-        parts.append(_field(15, (_field(2, error.encode()) if error else b"") + b"\x18\x02"))
+        status = _field(15, (_field(2, error.encode()) if error else b"") + b"\x18\x02")
     else:
-        parts.append(b"\x7a\x00")  # an empty Status, as the SDK writes it
+        status = b"\x7a\x00"  # an empty Status, as the SDK writes it
     # 16: flags (fixed32): the context-has-is-remote bit, and is-remote for a remote parent
-    parts.append(b"\x85\x01" + _FIXED32.pack(0x300 if remote_parent else 0x100))
-    return b"".join(parts)
+    return status + b"\x85\x01" + _FIXED32.pack(0x300 if remote_parent else 0x100)
+
+
+def scope_span(encoded: bytes) -> bytes:
+    """An encoded Span as ScopeSpans' field 2, ready for request_wrapped()."""
+    n = len(encoded)
+    if n < 16384:  # a statement's span, but for a huge query text
+        return bytes((0x12, n & 0x7F | 0x80, n >> 7) if n >= 128 else (0x12, n)) + encoded
+    return _field(2, encoded)
 
 
 def _readable(s: Any) -> bytes:
@@ -122,8 +142,12 @@ def export_request(spans: Sequence[Any], resource: bytes, scope: bytes) -> bytes
 def request(encoded: Sequence[bytes], resource: bytes, scope: bytes) -> bytes:
     """ExportTraceServiceRequest bytes for spans already encoded by span(), of one resource (its encoded
     attributes) and one instrumentation scope (scope_fields())."""
-    scope_spans = _field(1, scope) + b"".join([_field(2, e) for e in encoded])
-    return _field(1, _field(1, resource) + _field(2, scope_spans))
+    return request_wrapped([_field(2, e) for e in encoded], resource, scope)
+
+
+def request_wrapped(scope_spans: Sequence[bytes], resource: bytes, scope: bytes) -> bytes:
+    """request() for spans already wrapped by scope_span()."""
+    return _field(1, _field(1, resource) + _field(2, _field(1, scope) + b"".join(scope_spans)))
 
 
 def scope_fields(name: str, version: str) -> bytes:

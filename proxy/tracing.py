@@ -22,6 +22,7 @@ import math
 import os
 import random
 import socket
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +51,34 @@ _BATCH_SECONDS = 0.5
 _OK_CLASSES = ("00", "01", "02")  # success, warning, no data: not errors
 _MAX_ATTRIBUTE_LENGTH = 8192  # a normalized statement can be huge (generated SQL); keep spans bounded
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+_SHAPE_BYTES = 8 << 20  # statement shapes' encoded parts kept per process (see Tracing._shape), about
+_DOUBLE = struct.Struct("<d")
+# pgfront.upstream_seconds with its value left off: a double, the last 8 bytes of its encoding
+_UPSTREAM_KEY = otlp.attributes({"pgfront.upstream_seconds": 0.0}, 9)[:-8]
+_ROWS = [otlp.attributes({"db.response.returned_rows": n}, 9) for n in range(128)]
+_ROOT_END, _CHILD_END = otlp.span_end(None, False), otlp.span_end(None, True)
+
+
+def _optional(sqlstate: str | None, rules: Sequence[tuple[str, str, bool]], cache: str | None,
+              queue_seconds: float, tags: dict[str, str] | None) -> dict[str, Any]:
+    """The attributes a span has only sometimes, in the order they follow the others."""
+    attributes: dict[str, Any] = {}
+    if sqlstate:
+        attributes["db.response.status_code"] = sqlstate
+    if rules:
+        attributes["pgfront.rules"] = [f"{name}:{action}:observe" if observed else f"{name}:{action}"
+                                       for name, action, observed in rules]
+    if cache:
+        attributes["pgfront.cache"] = cache
+    if queue_seconds > 0:
+        attributes["pgfront.queue_seconds"] = queue_seconds
+    if tags:
+        for key, value in tags.items():
+            if key not in _TRACE_KEYS:
+                attributes["pgfront.tag." + key] = value
+    return attributes
 
 
 def traces_url(endpoint: str) -> str:
@@ -104,7 +133,7 @@ class _CountingExporter(SpanExporter):
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         try:
-            ok = self._send(otlp.request(spans, self._resource, self._scope))
+            ok = self._send(otlp.request_wrapped(spans, self._resource, self._scope))
             result = SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
         except Exception:  # noqa: BLE001 - an exporter bug must not kill the export thread
             logging.getLogger(__name__).exception("span export failed")
@@ -188,6 +217,8 @@ class Tracing:
         self._resource = resource
         self._random_bits = random.getrandbits
         self._batch: list[tuple] = []  # spans made and not encoded yet (see _encode_batch)
+        self._shapes: dict[tuple, tuple[bytes, bytes, bytes, bytes]] = {}  # see _shape
+        self._shapes_size = 0
         # perf_counter() -> epoch nanoseconds, measured once: spans get wall-clock times without a
         # time_ns() call per statement
         self._epoch_offset_ns = time.time_ns() - int(time.perf_counter() * 1e9)
@@ -251,9 +282,10 @@ class Tracing:
                       rules, cache, queue_seconds, rows, sqlstate, tags))
         self.spans += 1
         if len(batch) == 1:
-            try:
-                asyncio.get_running_loop().call_later(_BATCH_SECONDS, self._encode_batch)
-            except RuntimeError:  # no event loop (a tool, a test): no batching
+            loop = asyncio._get_running_loop()  # None rather than get_running_loop()'s costly exception
+            if loop is not None:
+                loop.call_later(_BATCH_SECONDS, self._encode_batch)
+            else:  # no event loop (a tool, a test): no batching
                 self._encode_batch()
         elif len(batch) >= _BATCH_SPANS:
             self._encode_batch()
@@ -271,55 +303,65 @@ class Tracing:
                 kind: str, tables: Sequence[str] | frozenset[str], database: str, user: str,
                 application_name: str, rules: Sequence[tuple[str, str, bool]], cache: str | None,
                 queue_seconds: float, rows: int, sqlstate: str | None, tags: dict[str, str] | None) -> None:
-        operation = kind.upper()
-        first = min(tables) if tables else None
-        attributes: dict[str, Any] = {
-            "db.system.name": "postgresql",
-            "db.namespace": database,
-            "db.operation.name": operation,
-            "db.query.text": normalized if len(normalized) <= _MAX_ATTRIBUTE_LENGTH
-            else normalized[:_MAX_ATTRIBUTE_LENGTH],
-            "db.response.returned_rows": rows,
-            "db.user": user,
-            "pgfront.fingerprint": fingerprint,
-            "pgfront.upstream_seconds": max(0.0, end - start - queue_seconds),
-        }
-        if application_name:
-            attributes["pgfront.application_name"] = application_name
-        if first is not None:
-            attributes["db.collection.name"] = first
-        if sqlstate:
-            attributes["db.response.status_code"] = sqlstate
-        if rules:
-            attributes["pgfront.rules"] = [f"{name}:{action}:observe" if observed else f"{name}:{action}"
-                                           for name, action, observed in rules]
-        if cache:
-            attributes["pgfront.cache"] = cache
-        if queue_seconds > 0:
-            attributes["pgfront.queue_seconds"] = queue_seconds
-        if tags:
-            for key, value in tags.items():
-                if key not in _TRACE_KEYS:
-                    attributes["pgfront.tag." + key] = value
-
-        # The finished span is encoded on the event loop (proxy.otlp: ~4 us, a sixth of the SDK's live
-        # span and encoder), so the export thread only joins bytes: it takes the GIL from the relay for
-        # a few microseconds per batch instead of ~10 per span. The SDK's batch processor queues it and
-        # its OTLP/HTTP exporter sends it.
+        # The finished span is encoded on the event loop, so the export thread only joins bytes: it takes
+        # the GIL from the relay for a few microseconds per batch instead of ~10 per span. The SDK's batch
+        # processor queues it and its OTLP/HTTP exporter sends it. What a statement's spans share (name,
+        # and all attributes but rows, upstream time and the optional ones) is encoded once per shape and
+        # session: a span is then a join of bytes.
+        key = (fingerprint, normalized, kind, tables, database, user, application_name)
+        try:
+            shape = self._shapes.get(key)
+        except TypeError:  # tables in a list
+            key = (fingerprint, normalized, kind, tuple(tables), database, user, application_name)
+            shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shape(key)
+        head, attrs, user_attrs, more_attrs = shape
         if sampled is True:
-            trace_id, parent_id, remote, state = self._random_bits(128) or 1, None, False, ""
+            ids = otlp.span_ids(self._random_bits(128) or 1, self._random_bits(64) or 1, None, "")
+            span_end = _ROOT_END
         else:
-            trace_id, parent_id, remote = sampled.trace_id, sampled.span_id, True
-            state = sampled.trace_state.to_header() if sampled.trace_state else ""
+            ids = otlp.span_ids(sampled.trace_id, self._random_bits(64) or 1, sampled.span_id,
+                                sampled.trace_state.to_header() if sampled.trace_state else "")
+            span_end = _CHILD_END
+        if sqlstate is not None and not sqlstate.startswith(_OK_CLASSES):
+            span_end = otlp.span_end(f"SQLSTATE {sqlstate}", sampled is not True)
+        optional = b""
+        if sqlstate or rules or cache or queue_seconds > 0 or tags:
+            optional = otlp.attributes(_optional(sqlstate, rules, cache, queue_seconds, tags), 9)
         offset = self._epoch_offset_ns
-        error = f"SQLSTATE {sqlstate}" if sqlstate is not None and not sqlstate.startswith(_OK_CLASSES) else None
-        span = otlp.span(trace_id, self._random_bits(64) or 1, parent_id, remote, state,
-                         f"{operation} {first}" if first else operation, otlp.SERVER,
-                         int(start * 1e9) + offset, int(end * 1e9) + offset, attributes, error)
+        span = otlp.scope_span(b"".join((
+            ids, head, otlp.TIMES.pack(0x39, int(start * 1e9) + offset, 0x41, int(end * 1e9) + offset),
+            attrs, _ROWS[rows] if 0 <= rows < 128 else otlp.attributes({"db.response.returned_rows": rows}, 9),
+            user_attrs, _DOUBLE.pack(max(0.0, end - start - queue_seconds)), more_attrs, optional, span_end)))
         queue = self._queue
         if queue is not None and len(queue) >= self._max_queue:
             self.dropped += 1
         self._emit(span)
+
+    def _shape(self, key: tuple) -> tuple[bytes, bytes, bytes, bytes]:
+        """The encoded parts of the spans of one statement shape in one session (see _encode)."""
+        fingerprint, normalized, kind, tables, database, user, application_name = key
+        operation = kind.upper()
+        first = min(tables) if tables else None
+        more: dict[str, Any] = {}
+        if application_name:
+            more["pgfront.application_name"] = application_name
+        if first is not None:
+            more["db.collection.name"] = first
+        shape = (otlp.span_head(f"{operation} {first}" if first else operation, otlp.SERVER),
+                 otlp.attributes({"db.system.name": "postgresql", "db.namespace": database,
+                                  "db.operation.name": operation,
+                                  "db.query.text": normalized[:_MAX_ATTRIBUTE_LENGTH]}, 9),
+                 otlp.attributes({"db.user": user, "pgfront.fingerprint": fingerprint}, 9) + _UPSTREAM_KEY,
+                 otlp.attributes(more, 9))
+        size = sum(map(len, shape)) + 200  # and the key's and the entry's own, about
+        if self._shapes_size + size > _SHAPE_BYTES:  # by bytes: a query text can be 8 kB
+            self._shapes.clear()
+            self._shapes_size = 0
+        self._shapes[key] = shape
+        self._shapes_size += size
+        return shape
 
     # ---- admin ----
 

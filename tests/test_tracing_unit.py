@@ -7,12 +7,15 @@ which decodes them with opentelemetry-proto.
 from __future__ import annotations
 
 import itertools
+import random
 import time
 import timeit
 
 import pytest
+from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-from proxy import config
+from proxy import config, otlp
+from proxy import tracing as tracing_module
 from proxy.config import ConfigError
 from proxy.devdb import free_port
 from proxy.sql import sqlcommenter
@@ -344,6 +347,78 @@ def test_receiver_accepts_gzip(otlp_receiver):
         assert reply.status == 200
     [got] = otlp_receiver.spans()
     assert got["name"] == "gz" and got["trace_id"] == bytes(range(16)).hex() and got["parent_span_id"] == ""
+
+
+def _reference_span(sampled, trace_id: int, span_id: int, offset: int, *, start, end, fingerprint, normalized, kind,
+                    tables, database, user, application_name, rules, cache, queue_seconds, rows, sqlstate,
+                    tags) -> bytes:
+    """A statement's span as Tracing encoded it before it kept the parts spans share: every attribute in
+    a dict, through otlp.span()."""
+    operation = kind.upper()
+    first = min(tables) if tables else None
+    attributes = {"db.system.name": "postgresql", "db.namespace": database, "db.operation.name": operation,
+                  "db.query.text": normalized[:8192], "db.response.returned_rows": rows, "db.user": user,
+                  "pgfront.fingerprint": fingerprint, "pgfront.upstream_seconds": max(0.0, end - start - queue_seconds)}
+    if application_name:
+        attributes["pgfront.application_name"] = application_name
+    if first is not None:
+        attributes["db.collection.name"] = first
+    if sqlstate:
+        attributes["db.response.status_code"] = sqlstate
+    if rules:
+        attributes["pgfront.rules"] = [f"{n}:{a}:observe" if o else f"{n}:{a}" for n, a, o in rules]
+    if cache:
+        attributes["pgfront.cache"] = cache
+    if queue_seconds > 0:
+        attributes["pgfront.queue_seconds"] = queue_seconds
+    for key, value in (tags or {}).items():
+        if key not in ("traceparent", "tracestate"):
+            attributes["pgfront.tag." + key] = value
+    if sampled is True:
+        parent_id, state = None, ""
+    else:
+        trace_id, parent_id = sampled.trace_id, sampled.span_id
+        state = sampled.trace_state.to_header() if sampled.trace_state else ""
+    error = f"SQLSTATE {sqlstate}" if sqlstate is not None and not sqlstate.startswith(("00", "01", "02")) else None
+    return otlp.span(trace_id, span_id, parent_id, sampled is not True, state,
+                     f"{operation} {first}" if first else operation, otlp.SERVER, int(start * 1e9) + offset,
+                     int(end * 1e9) + offset, attributes, error)
+
+
+def test_spans_encode_to_the_same_bytes_as_the_generic_encoder(monkeypatch):
+    monkeypatch.setattr(tracing_module, "_SHAPE_BYTES", 30_000)  # the kept shapes are dropped now and then
+    tracing = Tracing(section(endpoint=f"http://127.0.0.1:{free_port()}", sample_ratio=1.0))
+    sent: list[bytes] = []
+    tracing._emit = sent.append
+    rng = random.Random(17)
+    state = TraceState([("vendor", "x1")])
+    try:
+        for _ in range(3000):
+            sampled = rng.choice([True, SpanContext(rng.getrandbits(128) or 1, rng.getrandbits(64) or 1, True,
+                                                    TraceFlags(1), rng.choice([None, state]))])
+            start = rng.random() * 1000
+            args = dict(start=start, end=start + rng.random() / 100, fingerprint=rng.choice(["f1", "0123456789abcdef"]),
+                        normalized=rng.choice(["SELECT 1", "x" * 9000, "SELECT '\u00e9\udc80'"]),
+                        kind=rng.choice(["select", "utility"]),
+                        tables=rng.choice([(), frozenset({"a", "b"}), ("t",), ["l", "k"]]),
+                        database=rng.choice(["app", "d"]), user=rng.choice(["u", ""]),
+                        application_name=rng.choice(["", "psql"]),
+                        rules=rng.choice([(), (("r", "log", False), ("n", "block", True))]),
+                        cache=rng.choice([None, "hit", "miss", ""]), queue_seconds=rng.choice([0.0, 0.002]),
+                        rows=rng.choice([0, 1, 127, 128, 10**6, 2**40]),
+                        sqlstate=rng.choice([None, "", "00000", "23505", "02000"]),
+                        tags=rng.choice([None, {}, {"a": "b", "traceparent": "x"}, {"tracestate": "z"}]))
+            tracing._encode(sampled, **args)
+            got = sent.pop()
+            span = got[2 if got[1] < 0x80 else 3:]  # the span's random ids, read back: trace_id, span_id
+            ids = int.from_bytes(span[2:18], "big"), int.from_bytes(span[20:28], "big")
+            assert span[:2] == b"\x0a\x10" and span[18:20] == b"\x12\x08" and all(ids)
+            expected = _reference_span(sampled, *ids, tracing._epoch_offset_ns, **args)
+            assert got == otlp.scope_span(expected)
+            assert otlp.request([expected], b"", b"").endswith(otlp.scope_span(expected))
+    finally:
+        tracing.shutdown()
+    assert 0 < len(tracing._shapes) < 100
 
 
 # ---- cost (printed, not asserted: run with -s to see it) ----
