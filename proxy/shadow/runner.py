@@ -24,7 +24,6 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import generators, pq
@@ -32,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq.abc import PGresult
 
 from proxy.shadow.digest import RowDigest
+from proxy.shadow.mirror_target import safe_url
 from proxy.shadow.observe import Observed
 from proxy.wire.protocol import rows_from_tag
 
@@ -315,14 +315,3 @@ class ShadowRunner:
             with contextlib.suppress(Exception):
                 await conn.close()
 
-
-def safe_url(url: str) -> str:
-    """The URL with its password masked, for logs and the admin console."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":********@", 1)
-            return parts._replace(netloc=netloc).geturl()
-    except ValueError:
-        return "(unparsable url)"
-    return url
