@@ -7,12 +7,12 @@ event loop, which the relay shares: libpq, digesting the shadow's rows and keepi
 cost the relay ~0.4 ms of CPU per mirrored statement there (a thread would still hold the GIL). Here
 the worker only keeps count: per target connection, the statements handed on and not yet finished (at
 most the target's queue_size, shared out over its `connections`). A statement that finds no room, or
-finds the runner's socket backed up by MAX_BACKLOG bytes, is dropped and counted, so a shadow (or a
+finds the runner's socket backed up (MAX_BACKLOG bytes at most), is dropped and counted, so a shadow (or a
 runner) that is slow, failing or down costs clients nothing; `admit` asks before the relay observes a
-statement at all. Admitted statements go to the runner in batches (one write per event loop
-iteration) over a socket pair (`mirror_link`), each routed to the connection of its session, so a
-session's statements reach the shadow in their order (mirrored writes depend on it) while other
-sessions' run alongside.
+statement at all. Admitted statements go to the runner in batches (a marshal'd frame each, one write
+per event loop iteration) over a socket pair (`mirror_link`), each routed to the connection of its
+session, so a session's statements reach the shadow in their order (mirrored writes depend on it) while
+other sessions' run alongside.
 
 The runner compares: the same outcome (SQLSTATE), the same row count, and the same digest of the rows
 (an order-insensitive hash of the DataRows, see `digest`). Each (target, fingerprint) keeps its counts,
@@ -59,6 +59,7 @@ from proxy.shadow.mirror_link import (
     REPORT,
     SYNC,
     Link,
+    Route,
     pack,
 )
 from proxy.shadow.mirror_report import COUNTERS, Comparison, Latency, MirrorReport
@@ -115,7 +116,7 @@ class Mirrors:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: Link | None = None
         self._hello: asyncio.Future[None] | None = None
-        self._batch: list[tuple[Any, ...]] = []  # admitted, not yet written to the runner
+        self._batch: list[tuple[list[Route], bytes]] = []  # admitted, not yet written to the runner
         self._batch_soon: asyncio.Handle | None = None
         self._report = b""  # the runner's last REPORT (JSON)
         self._parsed: dict[str, Any] | None = None
@@ -148,13 +149,14 @@ class Mirrors:
                     continue
                 inflight = room.inflight
                 conn = obs.session % len(inflight)
-                if self.closed or inflight[conn] >= room.cap:
+                if self.closed or inflight[conn] >= room.cap or self._backed_up():
                     room.dropped += 1
                 else:
-                    inflight[conn] += 1
                     routes.append((room.index, conn))
             if routes:
-                self._batch.append(pack(obs, routes))
+                self._batch.append((routes, marshal.dumps(pack(obs, routes))))
+                for ti, ci in routes:
+                    self._rooms[ti].inflight[ci] += 1
                 if self._batch_soon is None and self._loop is not None:
                     self._batch_soon = self._loop.call_soon(self._send_batch)
             self.changes += 1
@@ -170,11 +172,16 @@ class Mirrors:
         if room is None:
             return True  # an unknown target: offer counts it (and logs it once)
         inflight = room.inflight
-        if self.closed or inflight[session % len(inflight)] >= room.cap:
+        if self.closed or inflight[session % len(inflight)] >= room.cap or self._backed_up():
             room.dropped += 1
             self.changes += 1
             return False
         return True
+
+    def _backed_up(self) -> bool:
+        """The runner is not taking what is written to it (stuck, or swamped by big statements)."""
+        link = self._link
+        return link is not None and link.paused
 
     def _unknown(self, name: str) -> None:
         if name not in self.unknown:
@@ -182,27 +189,28 @@ class Mirrors:
         self.unknown[name] = self.unknown.get(name, 0) + 1
 
     def _send_batch(self) -> None:
-        """Write what was admitted since the last time, as one frame; kept for later while the runner
-        is (re)starting, dropped when its socket is backed up."""
+        """Write what was admitted since the last time, in one write; kept for later while the runner
+        is (re)starting. A statement that would back the runner's socket up past MAX_BACKLOG bytes is
+        dropped (the runner is behind or stuck)."""
         self._batch_soon = None
         link = self._link
         if not self._batch or link is None or not link.up or self._hello is None or not self._hello.done():
             return
         batch, self._batch = self._batch, []
-        try:
-            payload = marshal.dumps(batch)
-        except ValueError:  # a value marshal cannot take (a bug): drop the batch rather than the worker
-            log.exception("mirror: a batch could not be encoded")
-            self._drop(batch)
-            return
-        if link.backlog() + len(payload) > MAX_BACKLOG:
-            self._drop(batch)
-        else:
-            link.send(BATCH, payload)
+        room = MAX_BACKLOG - link.backlog()
+        frames, dropped = [], []
+        for routes, payload in batch:
+            if len(payload) < room:
+                room -= len(payload)
+                frames.append(payload)
+            else:
+                dropped.append((routes, payload))
+        link.send_all(BATCH, frames)
+        self._drop(dropped)
 
-    def _drop(self, batch: list[tuple[Any, ...]]) -> None:
-        for rec in batch:
-            for ti, ci in rec[0]:
+    def _drop(self, batch: list[tuple[list[Route], bytes]]) -> None:
+        for routes, _ in batch:
+            for ti, ci in routes:
                 room = self._rooms[ti]
                 room.inflight[ci] -= 1
                 room.dropped += 1
@@ -269,7 +277,8 @@ class Mirrors:
                                               str(theirs.fileno()), str(os.getpid())],
                                              pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
             link = self._link = Link(self._frame, self._lost)
-            await self._loop.create_unix_connection(lambda: link, sock=mine)
+            transport, _ = await self._loop.create_unix_connection(lambda: link, sock=mine)
+            transport.set_write_buffer_limits(high=MAX_BACKLOG // 2)  # paused from there on: `_backed_up`
         except OSError as e:
             mine.close()
             log.error("mirror: cannot start the shadow runner process", extra={"reason": str(e)})
@@ -316,8 +325,8 @@ class Mirrors:
     def _forget(self) -> int:
         """The statements a dead runner held are dropped; those not yet written to it stay."""
         held = [[0] * len(r.inflight) for r in self._rooms]
-        for rec in self._batch:
-            for ti, ci in rec[0]:
+        for routes, _ in self._batch:
+            for ti, ci in routes:
                 held[ti][ci] += 1
         lost = 0
         for room, keep in zip(self._rooms, held, strict=True):

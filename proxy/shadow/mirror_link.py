@@ -2,7 +2,7 @@
 carrying frames, each a 4-byte length, a 1-byte kind and a payload.
 
 Worker to runner: INIT (JSON: targets, worker id, run_dir), PRIOR (the last snapshot of a runner that
-died, to carry its counts on), BATCH (marshal: observed statements, `pack`), COUNTS (marshal: the
+died, to carry its counts on), BATCH (marshal: an observed statement, `pack`; a batch is many in one write), COUNTS (marshal: the
 worker's own drops per target, for the runner's snapshot file), SYNC (drain, then report), QUIT.
 Runner to worker: HELLO (ready), DONE (marshal: statements finished per target and connection, which
 frees their room), REPORT (JSON: the runner's snapshot), LOG (marshal: a log record for the worker's log).
@@ -56,6 +56,7 @@ class Link(asyncio.Protocol):
         self.on_frame = on_frame
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
+        self.paused = False  # the other end is behind: the transport holds more than its high-water mark
         self._buf = bytearray()
         self.lost = asyncio.get_running_loop().create_future()
 
@@ -74,6 +75,12 @@ class Link(asyncio.Protocol):
             at += 5 + size
             self.on_frame(kind, payload)
         del buf[:at]
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -94,6 +101,15 @@ class Link(asyncio.Protocol):
             return False
         assert self.transport is not None
         self.transport.write(_HEADER.pack(len(payload), kind) + payload)
+        return True
+
+    def send_all(self, kind: int, payloads: list[bytes]) -> bool:
+        """Frames of one kind in one write."""
+        if not self.up or not payloads:
+            return False
+        assert self.transport is not None
+        header = _HEADER.pack
+        self.transport.write(b"".join([x for p in payloads for x in (header(len(p), kind), p)]))
         return True
 
     def close(self) -> None:

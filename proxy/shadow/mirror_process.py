@@ -13,6 +13,7 @@ file `run_dir/mirror-<worker>.json` itself, adding the worker's own drops (COUNT
 It lives as long as the link: EOF from the worker (a worker that exits, or is killed, closes it) or
 the worker's pid gone makes it exit at once; SIGINT and SIGTERM are ignored (a terminal's Ctrl-C or a
 service manager's stop reach the worker, which then sends QUIT: drop what is queued, count it, report).
+It runs at a lower priority than its worker (nice +10): on busy cores the relay's clients come first.
 Run as `python -m proxy.shadow.mirror_process FD WORKER_PID`.
 """
 
@@ -59,6 +60,7 @@ log = logging.getLogger("proxy.shadow.mirror")  # the worker logs these records 
 SNAPSHOT_INTERVAL = 1.0  # seconds between snapshots
 _QUIT_WAIT = 5.0  # seconds to wait for the worker to take the last report
 _SYNC = struct.Struct("!Q")
+NICE = 10  # this process's niceness above its worker's
 
 
 class _Target:
@@ -127,10 +129,9 @@ class Runner:
 
     def on_frame(self, kind: int, payload: bytes) -> None:
         if kind == BATCH:
-            for rec in marshal.loads(payload):
-                routes, obs = unpack(rec)
-                for ti, ci in routes:
-                    self.targets[ti].queues[ci].put_nowait(obs)
+            routes, obs = unpack(marshal.loads(payload))
+            for ti, ci in routes:
+                self.targets[ti].queues[ci].put_nowait(obs)
         elif kind == COUNTS:
             self.worker_dropped = list(marshal.loads(payload))
             self.changes += 1
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     fd, worker_pid = int(args[0]), int(args[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when this process stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)  # best effort: when the cores are busy, the worker's clients come first
     try:
         import uvloop
 
