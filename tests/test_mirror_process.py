@@ -14,45 +14,25 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from proxy.devdb import _alive, child_pids
 from proxy.shadow import mirror as mirror_mod
 from proxy.shadow.mirror import Mirrors, MirrorTarget
 from proxy.shadow.runner import ShadowRunner
 from tests.conftest import psql
+from tests.test_faults import wait_for
 from tests.test_mirror import PRIMARY, counters, dbs, on_primary  # noqa: F401 - dbs is a fixture
 
 LOOKUP = "SELECT id, name FROM items WHERE id = $1"
 
 
 def children(pid: int) -> list[int]:
-    """The live processes whose parent is pid."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry.name))
-    return out
+    """The live (not zombie) processes whose parent is pid."""
+    return [c for c in child_pids(pid) if _alive(c)]
 
 
 def gone(pid: int) -> bool:
     """Exited (a zombie nobody reaps counts as exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
-
-
-def wait_for(check, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.05)
+    return not _alive(pid)
 
 
 def test_a_killed_runner_is_restarted_and_counted(dbs, caplog) -> None:  # noqa: F811

@@ -34,26 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from proxy.log import _RESERVED
+from proxy.shadow import mirror_link as wire
 from proxy.shadow.digest import same
-from proxy.shadow.mirror_link import (
-    BATCH,
-    COUNTS,
-    DONE,
-    HELLO,
-    INIT,
-    LOG,
-    PRIOR,
-    QUIT,
-    REPORT,
-    SYNC,
-    Link,
-    unpack,
-)
+from proxy.shadow.mirror_link import Link, unpack
 from proxy.shadow.mirror_report import MAX_FINGERPRINTS, OTHER, Comparison, example
 from proxy.shadow.mirror_target import MirrorTarget, safe_url
 from proxy.shadow.observe import Observed
 from proxy.shadow.runner import CONNECT_FAILED, ShadowResult, ShadowRunner
-from proxy.stats import write_atomic
+from proxy.stats import pid_alive, write_atomic
 
 log = logging.getLogger("proxy.shadow.mirror")  # the worker logs these records under this name
 
@@ -128,20 +116,20 @@ class Runner:
             state.tasks = [asyncio.ensure_future(self._work(state, ti, ci)) for ci in range(len(state.queues))]
 
     def on_frame(self, kind: int, payload: bytes) -> None:
-        if kind == BATCH:
+        if kind == wire.BATCH:
             routes, obs = unpack(marshal.loads(payload))
             for ti, ci in routes:
                 self.targets[ti].queues[ci].put_nowait(obs)
-        elif kind == COUNTS:
+        elif kind == wire.COUNTS:
             self.worker_dropped = list(marshal.loads(payload))
             self.changes += 1
-        elif kind == SYNC:
+        elif kind == wire.SYNC:
             task = asyncio.ensure_future(self._sync(_SYNC.unpack(payload)[0]))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
-        elif kind == QUIT and not self.quit.done():
+        elif kind == wire.QUIT and not self.quit.done():
             self.quit.set_result(_SYNC.unpack(payload)[0])
-        elif kind == PRIOR:
+        elif kind == wire.PRIOR:
             snap = json.loads(payload)
             for state in self.targets:
                 counters = snap["targets"].get(state.target.name)
@@ -206,7 +194,7 @@ class Runner:
             self._done_soon = None
         if self._done:
             done, self._done = self._done, {}
-            self.link.send(DONE, marshal.dumps([(ti, ci, n) for (ti, ci), n in done.items()]))
+            self.link.send(wire.DONE, marshal.dumps([(ti, ci, n) for (ti, ci), n in done.items()]))
 
     # -- reports --------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -219,7 +207,7 @@ class Runner:
         self._send_done()  # first: after a SYNC's report, the worker finds nothing outstanding
         self._reported = self.changes
         snap = self.snapshot()
-        self.link.send(REPORT, _SYNC.pack(sync) + json.dumps(snap, separators=(",", ":")).encode())
+        self.link.send(wire.REPORT, _SYNC.pack(sync) + json.dumps(snap, separators=(",", ":")).encode())
         if self.path is None:
             return
         for state, dropped in zip(self.targets, self.worker_dropped, strict=False):
@@ -240,7 +228,7 @@ class Runner:
         (should its end of the link outlive it in another process)."""
         while True:
             await asyncio.sleep(SNAPSHOT_INTERVAL)
-            if os.getppid() != self.worker_pid and not _alive(self.worker_pid):
+            if os.getppid() != self.worker_pid and not pid_alive(self.worker_pid):
                 os._exit(0)
             if any(s.running or any(q.qsize() for q in s.queues) for s in self.targets):
                 self.changes += 1  # the queued gauge moves without any other change
@@ -266,16 +254,6 @@ class Runner:
         self.changes += 1
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _LinkLog(logging.Handler):
     """Hands this process's log records to the worker, which logs them as its own (its format, its
     stream, its tests' log capture)."""
@@ -290,7 +268,7 @@ class _LinkLog(logging.Handler):
                      for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")}
             if record.exc_info:
                 extra["exc"] = logging.Formatter().formatException(record.exc_info)
-            self.link.send(LOG, marshal.dumps((record.name, record.levelno, record.getMessage(), extra)))
+            self.link.send(wire.LOG, marshal.dumps((record.name, record.levelno, record.getMessage(), extra)))
         except Exception:  # noqa: BLE001 - logging must never take the runner down
             self.handleError(record)
 
@@ -302,13 +280,13 @@ async def serve(fd: int, worker_pid: int) -> None:
     def on_frame(kind: int, payload: bytes) -> None:
         if started.done():
             started.result().on_frame(kind, payload)
-        elif kind == INIT:  # the worker's first frame
+        elif kind == wire.INIT:  # the worker's first frame
             init = json.loads(payload)
             runner = Runner(link, [MirrorTarget(**t) for t in init["targets"]], init["worker"], worker_pid,
                             init["run_dir"])
             runner.start()
             started.set_result(runner)
-            link.send(HELLO)
+            link.send(wire.HELLO)
 
     link = Link(on_frame, lambda: None)
     await loop.create_unix_connection(lambda: link, sock=socket.socket(fileno=fd))
