@@ -317,8 +317,10 @@ class Mirrors:
             lost = self._forget()
             log.warning("mirror: the shadow runner process died; starting it again",
                         extra={"exit_code": code, "restarts": self.restarts, "statements_lost": lost})
-            delay = RESTART_MIN if time.monotonic() - started > 10 * RESTART_MAX else min(delay * 2, RESTART_MAX)
+            if time.monotonic() - started > 10 * RESTART_MAX:  # it ran a good while: not dying over and over
+                delay = RESTART_MIN
             await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX)
             if not self.closed:
                 await self._spawn()
 
