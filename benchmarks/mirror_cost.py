@@ -17,7 +17,8 @@ latency is its own cost through pgfront, not time spent queued behind others; th
 every round, so a change in the machine's load (a shared, noisy 2-core box) hits both alike. For
 each run it records p50/p95/p99 latency from pgbench's per-transaction logs (with -R these are
 counted from each transaction's scheduled start, so falling behind the rate shows up in them),
-the TPS, and pgfront's CPU (user + sys of its process tree) per transaction. The figure is the
+the TPS, and pgfront's CPU (user + sys of its process tree, the mirror's runner process included;
+and of the worker process alone) per transaction. The figure is the
 ratio on/off of the medians of p95; the median of each round's own ratio is shown next to it. The
 goal is reported, never asserted. Afterwards the "on" pgfront's admin console (SHOW MIRRORS) gives
 the mirror target's counters: queued, sent, dropped, compared, mismatched, errors.
@@ -78,11 +79,16 @@ class Run:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    cpu_s: float  # pgfront's CPU over the run
+    cpu_s: float  # pgfront's CPU over the run (its process tree: the worker and its mirror runner process)
+    worker_cpu_s: float  # of that, the worker process's own (the relay's event loop)
 
     @property
     def cpu_us_per_txn(self) -> float:
         return self.cpu_s / self.transactions * 1e6
+
+    @property
+    def worker_cpu_us_per_txn(self) -> float:
+        return self.worker_cpu_s / self.transactions * 1e6
 
 
 def make_shadow(pg: TempPostgres) -> float:
@@ -113,17 +119,18 @@ def mirror_counters(pg: TempPostgres, port: int) -> dict[str, dict[str, str]]:
     return {row["target"]: row for row in rows}
 
 
-def measure(t: Pgfront, load: pgbench.Load, seconds: float) -> tuple[pgbench.Result, float]:
-    """One pgbench run against t: its result and pgfront's CPU seconds over the run."""
+def measure(t: Pgfront, load: pgbench.Load, seconds: float) -> tuple[pgbench.Result, float, float]:
+    """One pgbench run against t: its result and pgfront's CPU seconds over the run (its process tree,
+    and its main process alone: with one worker, the worker)."""
     svc = t.service
     if svc is None or svc.proc is None or svc.proc.poll() is not None:
         raise RuntimeError(f"{t.label} is not running: {svc.log_tail() if svc else 'never started'}")
     assert t.pid
-    cpu0 = procstat.tree_cpu_seconds(t.pid)
+    cpu0, own0 = procstat.tree_cpu_seconds(t.pid), procstat.cpu_seconds(t.pid)
     res = pgbench.run(t.port, load, seconds)
     if not res.ok:
         raise RuntimeError(f"{t.label}: pgbench failed: {res.error}")
-    return res, procstat.tree_cpu_seconds(t.pid) - cpu0
+    return res, procstat.tree_cpu_seconds(t.pid) - cpu0, procstat.cpu_seconds(t.pid) - own0
 
 
 def run_mode(mode: str, targets: dict[str, Pgfront], pg: TempPostgres, *, rounds: int, seconds: float,
@@ -132,23 +139,23 @@ def run_mode(mode: str, targets: dict[str, Pgfront], pg: TempPostgres, *, rounds
     before = mirror_counters(pg, targets["on"].port).get("slow", {})
     offered = 0  # statements the "on" pgfront handled in this mode: each may be mirrored
     for key, t in targets.items():
-        res, _ = measure(t, load, WARMUP_S)
+        res, _, _ = measure(t, load, WARMUP_S)
         offered += res.transactions if key == "on" else 0
         log(f"{mode}: warmed up {key}")
     runs: list[Run] = []
     for i in range(rounds):
         order = ("off", "on") if i % 2 == 0 else ("on", "off")
         for key in order:
-            res, cpu = measure(targets[key], load, seconds)
+            res, cpu, own = measure(targets[key], load, seconds)
             assert res.tps is not None and res.p50_ms is not None and res.p95_ms is not None and res.p99_ms is not None
-            runs.append(r := Run(i + 1, key, res.tps, res.transactions, res.p50_ms, res.p95_ms, res.p99_ms, cpu))
+            runs.append(r := Run(i + 1, key, res.tps, res.transactions, res.p50_ms, res.p95_ms, res.p99_ms, cpu, own))
             offered += r.transactions if key == "on" else 0
             log(f"{mode} round {i + 1}/{rounds} mirror {key:3}: p50 {r.p50_ms:6.2f}  p95 {r.p95_ms:6.2f}  "
                 f"p99 {r.p99_ms:6.2f} ms  {r.tps:7,.0f} tps  {r.cpu_us_per_txn:6.1f} us CPU/txn")
     after = mirror_counters(pg, targets["on"].port).get("slow", {})
     side = {k: [r for r in runs if r.target == k] for k in ("off", "on")}
     med = {(k, f): statistics.median(getattr(r, f) for r in v)
-           for k, v in side.items() for f in ("p50_ms", "p95_ms", "p99_ms", "tps", "cpu_us_per_txn")}
+           for k, v in side.items() for f in ("p50_ms", "p95_ms", "p99_ms", "tps", "cpu_us_per_txn", "worker_cpu_us_per_txn")}
     paired = [on.p95_ms / off.p95_ms for off, on in zip(side["off"], side["on"], strict=True)]
     p95_ratio = med["on", "p95_ms"] / med["off", "p95_ms"]
     return {f"{f}_{k}": v for (k, f), v in med.items()} | {  # p50_ms_off, ..., cpu_us_per_txn_on
@@ -159,7 +166,8 @@ def run_mode(mode: str, targets: dict[str, Pgfront], pg: TempPostgres, *, rounds
         "statements_offered": offered,
         # over this mode (warm-up included); "queued" is a gauge: its value at the end
         "mirror": {c: int(after.get(c, 0)) - (0 if c == "queued" else int(before.get(c, 0))) for c in COUNTERS},
-        "runs": [asdict(r) | {"cpu_us_per_txn": r.cpu_us_per_txn} for r in runs],
+        "runs": [asdict(r) | {"cpu_us_per_txn": r.cpu_us_per_txn, "worker_cpu_us_per_txn": r.worker_cpu_us_per_txn}
+                 for r in runs],
     }
 
 
@@ -169,10 +177,10 @@ def print_mode(mode: str, m: dict, settings: dict) -> None:
     if "error" in m:
         print(f"  failed: {m['error']}")
         return
-    print(f"  {'':11} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'TPS':>8} {'CPU us/txn':>10}")
+    print(f"  {'':11} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'TPS':>8} {'CPU us/txn':>10} {'worker':>7}")
     for k in ("off", "on"):
         print(f"  {'mirror ' + k:11} {m[f'p50_ms_{k}']:7.2f} {m[f'p95_ms_{k}']:7.2f} {m[f'p99_ms_{k}']:7.2f} "
-              f"{m[f'tps_{k}']:8,.0f} {m[f'cpu_us_per_txn_{k}']:10.1f}")
+              f"{m[f'tps_{k}']:8,.0f} {m[f'cpu_us_per_txn_{k}']:10.1f} {m[f'worker_cpu_us_per_txn_{k}']:7.1f}")
     print(f"  p95 on/off {m['p95_ratio']:.3f}x (median of the rounds' own ratios {m['p95_ratio_rounds_median']:.3f}x); "
           f"CPU/txn on/off {m['cpu_ratio']:.3f}x")
     print(f"  goal: p95 within {GOAL - 1:.0%}: {'met' if m['goal_met'] else 'NOT met'} ({m['p95_ratio'] - 1:+.2%})")
