@@ -139,6 +139,10 @@ class Runner:
     # -- running and comparing ------------------------------------------------------------------------
     async def _work(self, state: _Target, ti: int, ci: int) -> None:
         queue, runner = state.queues[ci], state.runners[ci]
+        # connected before the first statement comes: that one would wait for it, and the room its
+        # connection has in the worker fill up meanwhile
+        await runner.connect()
+        self.changes += 1  # "connected" changed
         while True:
             obs = await queue.get()
             state.running += 1

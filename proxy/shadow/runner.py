@@ -273,6 +273,11 @@ class ShadowRunner:
                 log.debug("mirror: the shadow refused a setting", extra={"setting": name})
             self.applied[name] = value
 
+    async def connect(self) -> str:
+        """Open the connection now rather than at the first statement (once; a failure is retried at the
+        next statement, after the backoff). Returns a problem, or ''."""
+        return "" if self.connected else await self._connect()
+
     async def _connect(self) -> str:
         """Connect (after the backoff, if the last attempt failed). Returns a problem, or ''."""
         wait = self.retry_at - time.monotonic()
