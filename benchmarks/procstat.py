@@ -16,6 +16,10 @@ def _children(pid: int) -> list[int]:
         for tid in os.listdir(task_dir):
             text = (task_dir / tid / "children").read_text()
             kids.extend(int(c) for c in text.split())
+    except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN: every process's parent instead
+        from proxy.devdb import child_pids
+
+        return child_pids(pid) if task_dir.exists() else []
     except OSError:
         pass
     return kids

@@ -613,7 +613,7 @@ def test_targets_from_config() -> None:
     assert mirrors is not None
     assert mirrors.targets["a"].target == MirrorTarget("a", "postgresql://u@h:5/db", 1000, 3, 0.25)
     assert mirrors.targets["b"].target == MirrorTarget("b", "postgres://h/db")
-    assert len(mirrors.targets["a"].runners) == 3
+    assert len(mirrors.targets["a"].inflight) == 3  # one runner connection each, in the runner process
     assert Mirrors.from_config(config.Config({}).mirror_targets) is None
 
 

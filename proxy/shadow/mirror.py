@@ -1,255 +1,129 @@
 """Mirroring: statements a rule picked are run again, with their parameters, on a shadow server, and
 the shadow's result is compared with the primary's.
 
-The relay offers each observed statement once its reply has gone to the client (`Mirrors.offer`). Per
-target, a bounded queue takes it without ever waiting: when the queue is full the statement is dropped
-and counted, so a shadow that is slow, failing or down costs clients nothing. Each of the target's
-`connections` has its own queue and task (and `runner.ShadowRunner`); a client session's statements
-all go to the same one, so they reach the shadow in their order (mirrored writes depend on it), while
-other sessions' statements run alongside. The task runs each statement on the shadow and compares:
-the same outcome (SQLSTATE), the same row count, and the same digest of the rows (an order-insensitive
-hash of the DataRows, see `digest`). Each (target, fingerprint) keeps its counts, one example of a
-mismatch and the latency histograms of both sides (over the statements compared: p50/p95 side by side).
+The relay offers each observed statement once its reply has gone to the client (`Mirrors.offer`). The
+running and comparing is done by a child process of the worker (`mirror_process`), not on the worker's
+event loop, which the relay shares: libpq, digesting the shadow's rows and keeping the reports would
+cost the relay ~0.4 ms of CPU per mirrored statement there (a thread would still hold the GIL). Here
+the worker only keeps count: per target connection, the statements handed on and not yet finished (at
+most the target's queue_size, shared out over its `connections`). A statement that finds no room, or
+finds the runner's socket backed up (MAX_BACKLOG bytes at most), is dropped and counted, so a shadow (or a
+runner) that is slow, failing or down costs clients nothing; `admit` asks before the relay observes a
+statement at all. Admitted statements go to the runner in batches (a marshal'd frame each, one write
+per event loop iteration) over a socket pair (`mirror_link`), each routed to the connection of its
+session, so a session's statements reach the shadow in their order (mirrored writes depend on it) while
+other sessions' run alongside.
 
-A statement the shadow fails where the primary did not (an error, a timeout, the shadow unreachable)
-is counted as an error of the shadow, not as a mismatch: a shadow that is down must not read as a
-shadow returning wrong rows.
+The runner compares: the same outcome (SQLSTATE), the same row count, and the same digest of the rows
+(an order-insensitive hash of the DataRows, see `digest`). Each (target, fingerprint) keeps its counts,
+one example of a mismatch and the latency histograms of both sides (`mirror_report`). A statement the
+shadow fails where the primary did not (an error, a timeout, the shadow unreachable) is counted as an
+error of the shadow, not as a mismatch: a shadow that is down must not read as one returning wrong rows.
 
-Across workers: each worker writes a JSON snapshot `run_dir/mirror-<worker>.json` every second (like
-`stats.StatsPublisher`); `Mirrors.merged` adds every live worker's snapshot up (this worker's live
-state in place of its file), so the admin console and /metrics of any worker show the whole instance.
+The runner dies with its worker (it exits on the link's EOF), and a runner that dies is started again
+(logged, counted in `restarts`): the statements it held are counted as dropped, and the new one carries
+on from its predecessor's last report. Across workers: the runner writes its worker's JSON snapshot
+`run_dir/mirror-<worker>.json` every second (like `stats.StatsPublisher`); `Mirrors.merged` adds every
+live worker's snapshot up (this worker's live state in place of its file), so the admin console and
+/metrics of any worker show the whole instance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
+import marshal
 import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.shadow.digest import same
+from proxy.shadow.mirror_link import (
+    BATCH,
+    COUNTS,
+    DONE,
+    HELLO,
+    INIT,
+    LOG,
+    PRIOR,
+    QUIT,
+    REPORT,
+    SYNC,
+    Link,
+    Route,
+    pack,
+)
+from proxy.shadow.mirror_report import COUNTERS, Comparison, Latency, MirrorReport
+from proxy.shadow.mirror_target import MirrorTarget, safe_url
 from proxy.shadow.observe import Observed
-from proxy.shadow.runner import CONNECT_FAILED, ShadowResult, ShadowRunner, safe_url
-from proxy.stats import bucket_of, percentile, pid_alive, write_atomic
+from proxy.stats import pid_alive, write_atomic
+
+__all__ = ["COUNTERS", "Comparison", "Latency", "MirrorReport", "MirrorTarget", "Mirrors", "merged_for"]
 
 log = logging.getLogger(__name__)
 
-MAX_FINGERPRINTS = 1000  # per target and worker; further fingerprints are counted together as OTHER
-OTHER = "other"
-SNAPSHOT_INTERVAL = 1.0  # seconds between a worker's snapshots
-_SQL_MAX = 2000  # characters of an example's statement kept
-_PARAM_MAX = 200  # characters of each of an example's parameters kept
-# per-target counters; "queued" is a gauge (statements waiting now), the others only grow
-COUNTERS = ("queued", "sent", "dropped", "compared", "mismatched", "errors")
+MAX_BACKLOG = 8 * 1024 * 1024  # bytes written to the runner and not yet taken: more are dropped
+SNAPSHOT_INTERVAL = 1.0  # seconds between the worker's drop counts sent to the runner
+START_TIMEOUT = 15.0  # seconds for a runner process to start
+CLOSE_TIMEOUT = 5.0  # seconds for the runner to stop and report at shutdown
+RESTART_MIN, RESTART_MAX = 0.1, 10.0  # seconds before starting a dead runner again (doubling while it keeps dying)
+_SYNC = struct.Struct("!Q")
+_ROOT = str(Path(__file__).resolve().parent.parent.parent)  # where `proxy` is, for the runner's imports
 
 
-@dataclass(frozen=True, slots=True)
-class MirrorTarget:
-    """A [mirror.NAME] table: where its statements go, and how much each worker may queue and run."""
+class _Room:
+    """One target in the worker: how many statements each of its connections has outstanding."""
 
-    name: str
-    url: str
-    queue_size: int = 1000
-    connections: int = 2
-    timeout: float = 5.0  # seconds; a statement slower on the shadow is cancelled, counted an error
+    __slots__ = ("target", "index", "cap", "inflight", "dropped")
 
-
-# -- reports ----------------------------------------------------------------------------------------
-class Latency:
-    """A latency histogram (stats.py's log-scale buckets, so workers' histograms merge by adding)."""
-
-    __slots__ = ("hist", "count", "min", "max")
-
-    def __init__(self) -> None:
-        self.hist: dict[int, int] = {}
-        self.count = 0
-        self.min = float("inf")
-        self.max = 0.0
-
-    def add(self, seconds: float) -> None:
-        k = bucket_of(seconds)
-        self.hist[k] = self.hist.get(k, 0) + 1
-        self.count += 1
-        self.min = min(self.min, seconds)
-        self.max = max(self.max, seconds)
-
-    def absorb(self, other: Latency) -> None:
-        for k, n in other.hist.items():
-            self.hist[k] = self.hist.get(k, 0) + n
-        self.count += other.count
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
-
-    def ms(self, q: float) -> float:
-        """The q-quantile in milliseconds (0 when empty)."""
-        return round(percentile(self.hist, self.count, q, self.min, self.max) * 1e3, 3) if self.count else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"hist": [x for item in self.hist.items() for x in item], "count": self.count,
-                "min": self.min if self.count else None, "max": self.max}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Latency:
-        lat = cls()
-        flat = d["hist"]
-        lat.hist = dict(zip(flat[::2], flat[1::2], strict=True))
-        lat.count, lat.max = d["count"], d["max"]
-        lat.min = float("inf") if d["min"] is None else d["min"]
-        return lat
-
-
-class Comparison:
-    """The mirror's results for one fingerprint on one target."""
-
-    __slots__ = ("target", "fingerprint", "query", "compared", "mismatches", "errors", "primary", "shadow",
-                 "example", "last_error", "last_seen")
-
-    def __init__(self, target: str, fingerprint: str, query: str = "") -> None:
+    def __init__(self, target: MirrorTarget, index: int) -> None:
         self.target = target
-        self.fingerprint = fingerprint
-        self.query = query
-        self.compared = 0  # answered by the shadow, the results compared
-        self.mismatches = 0
-        self.errors = 0  # the shadow failed (and the primary did not, or not the same way)
-        self.primary = Latency()  # of the statements compared, on both sides
-        self.shadow = Latency()
-        self.example: dict[str, Any] | None = None  # the first mismatch
-        self.last_error = ""
-        self.last_seen = 0.0
-
-    def absorb(self, other: Comparison) -> None:
-        self.query = self.query or other.query
-        self.compared += other.compared
-        self.mismatches += other.mismatches
-        self.errors += other.errors
-        self.primary.absorb(other.primary)
-        self.shadow.absorb(other.shadow)
-        if self.example is None or (other.example is not None and other.example["at"] < self.example["at"]):
-            self.example = other.example or self.example
-        if other.last_seen >= self.last_seen:
-            self.last_seen = other.last_seen
-            self.last_error = other.last_error or self.last_error
-
-    def row(self) -> dict[str, Any]:
-        """One line of SHOW MIRROR."""
-        return {"target": self.target, "fingerprint": self.fingerprint, "query": self.query,
-                "compared": self.compared, "mismatches": self.mismatches, "errors": self.errors,
-                "primary_p50_ms": self.primary.ms(0.50), "primary_p95_ms": self.primary.ms(0.95),
-                "shadow_p50_ms": self.shadow.ms(0.50), "shadow_p95_ms": self.shadow.ms(0.95),
-                "example": self.example, "last_error": self.last_error}
-
-    def to_json(self) -> dict[str, Any]:
-        return {"target": self.target, "fingerprint": self.fingerprint, "query": self.query,
-                "compared": self.compared, "mismatches": self.mismatches, "errors": self.errors,
-                "primary": self.primary.to_json(), "shadow": self.shadow.to_json(), "example": self.example,
-                "last_error": self.last_error, "last_seen": self.last_seen}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Comparison:
-        c = cls(d["target"], d["fingerprint"], d["query"])
-        c.compared, c.mismatches, c.errors = d["compared"], d["mismatches"], d["errors"]
-        c.primary, c.shadow = Latency.from_json(d["primary"]), Latency.from_json(d["shadow"])
-        c.example, c.last_error, c.last_seen = d["example"], d["last_error"], d["last_seen"]
-        return c
-
-
-@dataclass
-class MirrorReport:
-    """Mirror counters and comparisons, of one worker or added up over all of them."""
-
-    targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> COUNTERS, url, connected, ...
-    comparisons: dict[tuple[str, str], Comparison] = field(default_factory=dict)
-    workers: int = 0
-
-    def add(self, snap: dict[str, Any]) -> None:
-        """Add one worker's snapshot (`Mirrors.snapshot()`)."""
-        self.workers += 1
-        for name, counters in snap["targets"].items():
-            mine = self.targets.setdefault(name, {"target": name, "url": counters["url"], "workers": 0,
-                                                  "connected": 0, **dict.fromkeys(COUNTERS, 0),
-                                                  "last_error": "", "last_error_at": 0.0})
-            mine["workers"] += 1
-            for key in (*COUNTERS, "connected"):
-                mine[key] += counters[key]
-            if counters["last_error_at"] > mine["last_error_at"]:
-                mine["last_error"], mine["last_error_at"] = counters["last_error"], counters["last_error_at"]
-        for d in snap["comparisons"]:
-            c = Comparison.from_json(d)
-            key = (c.target, c.fingerprint)
-            if key in self.comparisons:
-                self.comparisons[key].absorb(c)
-            else:
-                self.comparisons[key] = c
-
-    def rows(self) -> list[dict[str, Any]]:
-        """SHOW MIRROR: per target and fingerprint, the most mismatched first."""
-        ranked = sorted(self.comparisons.values(),
-                        key=lambda c: (c.target, -c.mismatches, -c.errors, -c.compared, c.fingerprint))
-        return [c.row() for c in ranked]
-
-    def target_rows(self) -> list[dict[str, Any]]:
-        """SHOW MIRRORS: per target, the counters."""
-        return [{k: v for k, v in t.items() if k != "last_error_at"}
-                for _, t in sorted(self.targets.items())]
-
-
-# -- one worker's mirrors ---------------------------------------------------------------------------
-class _Target:
-    """One target's queues, workers and results in this worker process."""
-
-    def __init__(self, target: MirrorTarget) -> None:
-        self.target = target
+        self.index = index
         n = max(1, target.connections)
-        # queue_size is the target's, shared out over its connections
-        self.queues: list[asyncio.Queue[Observed]] = [asyncio.Queue(maxsize=max(1, -(-target.queue_size // n)))
-                                                      for _ in range(n)]
-        self.runners = [ShadowRunner(target.url, target.timeout) for _ in range(n)]
-        self.tasks: list[asyncio.Task] = []
-        self.sent = self.dropped = self.compared = self.mismatched = self.errors = 0
-        self.last_error = ""
-        self.last_error_at = 0.0
-        self.comparisons: dict[str, Comparison] = {}
+        self.cap = max(1, -(-target.queue_size // n))  # queue_size is the target's, shared out over its connections
+        self.inflight = [0] * n
+        self.dropped = 0  # by this worker: no room, the runner's socket backed up, or stopping
 
-    def comparison(self, obs: Observed) -> Comparison:
-        fp = obs.fingerprint
-        c = self.comparisons.get(fp)
-        if c is None:
-            if len(self.comparisons) >= MAX_FINGERPRINTS:
-                fp = OTHER
-                c = self.comparisons.get(fp)
-            if c is None:
-                query = "(other fingerprints)" if fp == OTHER else obs.normalized
-                c = self.comparisons[fp] = Comparison(self.target.name, fp, query)
-        return c
-
-    def queued(self) -> int:
-        return sum(q.qsize() for q in self.queues)
-
-    def counters(self) -> dict[str, Any]:
-        return {"url": safe_url(self.target.url), "queued": self.queued(), "sent": self.sent,
-                "dropped": self.dropped, "compared": self.compared, "mismatched": self.mismatched,
-                "errors": self.errors, "connected": sum(r.connected for r in self.runners),
-                "last_error": self.last_error, "last_error_at": self.last_error_at}
+    def zero(self) -> dict[str, Any]:
+        """Its counters before the runner's first report."""
+        return {"url": safe_url(self.target.url), **dict.fromkeys(COUNTERS, 0), "connected": 0, "last_error": "",
+                "last_error_at": 0.0}
 
 
 class Mirrors:
-    """The worker's mirror targets: `offer` from the relay, shadow connections in background tasks."""
+    """The worker's mirror targets: `offer` from the relay, the statements run by a child process."""
 
     def __init__(self, targets: Iterable[MirrorTarget]) -> None:
-        self.targets = {t.name: _Target(t) for t in targets}
+        self.targets = {t.name: _Room(t, i) for i, t in enumerate(targets)}
+        self._rooms = list(self.targets.values())
         self.unknown: dict[str, int] = {}  # statements offered for a target no [mirror.NAME] defines
         self.closed = False
         self.run_dir: Path | None = None
         self.worker_id = "0"
-        self.changes = 0  # bumped on every update: idle workers skip their snapshot
+        self.changes = 0  # bumped on every update: `flush` skips an unchanged snapshot
         self._flushed = -1
-        self._publisher: asyncio.Task | None = None
+        self.restarts = 0  # runner processes that died and were started again
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: Link | None = None
+        self._hello: asyncio.Future[None] | None = None
+        self._batch: list[tuple[list[Route], bytes]] = []  # admitted, not yet written to the runner
+        self._batch_soon: asyncio.Handle | None = None
+        self._report = b""  # the runner's last REPORT (JSON)
+        self._parsed: dict[str, Any] | None = None
+        self._syncs = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._counted: list[int] = []  # drops last sent to the runner
+        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     def from_config(cls, targets: dict[str, dict[str, Any]]) -> Mirrors | None:
@@ -262,138 +136,288 @@ class Mirrors:
 
     # -- the relay's side: must never block, never raise ------------------------------------------
     def offer(self, obs: Observed) -> None:
-        """Queue a statement for each of its targets; a full queue drops it (and counts the drop)."""
+        """Hand a statement on for each of its targets; no room drops it (and counts the drop)."""
         try:
             targets = obs.targets
             if len(targets) > 1:  # two rules may pick the same target: it runs there once
                 targets = tuple(dict.fromkeys(targets))
+            routes = []
             for name in targets:
-                state = self.targets.get(name)
-                if state is None:
+                room = self.targets.get(name)
+                if room is None:
                     self._unknown(name)
                     continue
-                if self.closed:
-                    state.dropped += 1
-                    continue
-                queues = state.queues
-                queue = queues[obs.session % len(queues)]
-                if queue.full():  # checked first: raising QueueFull costs three times as much
-                    state.dropped += 1
+                inflight = room.inflight
+                conn = obs.session % len(inflight)
+                if self.closed or inflight[conn] >= room.cap or self._backed_up():
+                    room.dropped += 1
                 else:
-                    queue.put_nowait(obs)
+                    routes.append((room.index, conn))
+            if routes:
+                self._batch.append((routes, marshal.dumps(pack(obs, routes))))
+                for ti, ci in routes:
+                    self._rooms[ti].inflight[ci] += 1
+                if self._batch_soon is None and self._loop is not None:
+                    self._batch_soon = self._loop.call_soon(self._send_batch)
             self.changes += 1
         except Exception:  # noqa: BLE001 - the client's statement is done; the mirror is best effort
             log.debug("mirror offer failed", exc_info=True)
 
     def admit(self, name: str, session: int) -> bool:
-        """Whether a statement of this session would find room in the target's queue now; if not, it
-        counts as dropped. For the relay to ask before it starts observing a statement: when the
-        shadow is behind, the statements it would drop then cost no digesting or Observed record.
-        (One admitted may still be dropped by `offer` if the queue fills in between, and counted.)"""
-        state = self.targets.get(name)
-        if state is None:
+        """Whether a statement of this session would find room now; if not, it counts as dropped. For
+        the relay to ask before it starts observing a statement: when the shadow is behind, the
+        statements it would drop then cost no digesting or Observed record. (One admitted may still be
+        dropped by `offer` if the room fills in between, and counted.)"""
+        room = self.targets.get(name)
+        if room is None:
             return True  # an unknown target: offer counts it (and logs it once)
-        queues = state.queues
-        if self.closed or queues[session % len(queues)].full():
-            state.dropped += 1
+        inflight = room.inflight
+        if self.closed or inflight[session % len(inflight)] >= room.cap or self._backed_up():
+            room.dropped += 1
             self.changes += 1
             return False
         return True
+
+    def _backed_up(self) -> bool:
+        """The runner is not taking what is written to it (stuck, or swamped by big statements)."""
+        link = self._link
+        return link is not None and link.paused
 
     def _unknown(self, name: str) -> None:
         if name not in self.unknown:
             log.warning("mirror: a rule names a target no [mirror.NAME] table defines", extra={"target": name})
         self.unknown[name] = self.unknown.get(name, 0) + 1
 
+    def _send_batch(self) -> None:
+        """Write what was admitted since the last time, in one write; kept for later while the runner
+        is (re)starting. A statement that would back the runner's socket up past MAX_BACKLOG bytes is
+        dropped (the runner is behind or stuck)."""
+        self._batch_soon = None
+        link = self._link
+        if not self._batch or link is None or not link.up or self._hello is None or not self._hello.done():
+            return
+        batch, self._batch = self._batch, []
+        room = MAX_BACKLOG - link.backlog()
+        frames, dropped = [], []
+        for routes, payload in batch:
+            if len(payload) < room:
+                room -= len(payload)
+                frames.append(payload)
+            else:
+                dropped.append((routes, payload))
+        link.send_all(BATCH, frames)
+        self._drop(dropped)
+
+    def _drop(self, batch: list[tuple[list[Route], bytes]]) -> None:
+        for routes, _ in batch:
+            for ti, ci in routes:
+                room = self._rooms[ti]
+                room.inflight[ci] -= 1
+                room.dropped += 1
+        self.changes += 1
+
+    # -- the runner's frames --------------------------------------------------------------------------
+    def _frame(self, kind: int, payload: bytes) -> None:
+        if kind == DONE:
+            for ti, ci, n in marshal.loads(payload):
+                inflight = self._rooms[ti].inflight
+                inflight[ci] = max(0, inflight[ci] - n)
+            self.changes += 1
+        elif kind == REPORT:
+            sync = _SYNC.unpack_from(payload)[0]
+            self._report, self._parsed = payload[_SYNC.size:], None  # parsed when asked for (`snapshot`)
+            self.changes += 1
+            for n in [n for n in self._waiting if n <= sync]:
+                fut = self._waiting.pop(n)
+                if not fut.done():
+                    fut.set_result(None)
+        elif kind == LOG:
+            name, level, message, extra = marshal.loads(payload)
+            logging.getLogger(name).log(level, message, extra=extra)
+        elif kind == HELLO and self._hello is not None and not self._hello.done():
+            self._hello.set_result(None)
+
+    def _lost(self) -> None:
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("the mirror's runner process is gone"))
+        self._waiting.clear()
+
+    def _request(self, kind: int) -> asyncio.Future[None]:
+        """SYNC or QUIT: a future resolved by the runner's report that answers it."""
+        assert self._loop is not None and self._link is not None
+        n = next(self._syncs)
+        fut = self._waiting[n] = self._loop.create_future()
+        self._link.send(kind, _SYNC.pack(n))
+        return fut
+
+    def _send_counts(self) -> None:
+        counted = [room.dropped for room in self._rooms]
+        if counted != self._counted and self._link is not None and self._link.send(COUNTS, marshal.dumps(counted)):
+            self._counted = counted
+
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self, run_dir: str = "", worker_id: int = 0) -> None:
-        """Start the shadow workers (and, given a run_dir, the snapshots other workers merge)."""
+        """Start the runner process (given a run_dir, it writes the snapshots other workers merge)."""
+        self._loop = asyncio.get_running_loop()
         self.worker_id = str(worker_id)
-        for state in self.targets.values():
-            state.tasks = [asyncio.ensure_future(self._work(state, queue, runner))
-                           for queue, runner in zip(state.queues, state.runners, strict=True)]
         if run_dir:
             self.run_dir = Path(run_dir)
-            self._publisher = asyncio.ensure_future(self._publish())
+        await self._spawn()
+        self._tasks = [asyncio.ensure_future(self._supervise()), asyncio.ensure_future(self._tick())]
+
+    async def _spawn(self) -> None:
+        assert self._loop is not None
+        mine, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
+        try:
+            with theirs:
+                # started from the event loop's thread, stdin closed, its end of the pair its only extra fd
+                self.proc = subprocess.Popen([sys.executable, "-m", "proxy.shadow.mirror_process",
+                                              str(theirs.fileno()), str(os.getpid())],
+                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+            link = self._link = Link(self._frame, self._lost)
+            transport, _ = await self._loop.create_unix_connection(lambda: link, sock=mine)
+            transport.set_write_buffer_limits(high=MAX_BACKLOG // 2)  # paused from there on: `_backed_up`
+        except OSError as e:
+            mine.close()
+            log.error("mirror: cannot start the shadow runner process", extra={"reason": str(e)})
+            self._link = None
+            return
+        self._hello = self._loop.create_future()
+        targets = [{"name": r.target.name, "url": r.target.url, "queue_size": r.target.queue_size,
+                    "connections": r.target.connections, "timeout": r.target.timeout} for r in self._rooms]
+        self._link.send(INIT, json.dumps({"targets": targets, "worker": self.worker_id,
+                                          "run_dir": str(self.run_dir or "")}).encode())
+        if self._report:  # a runner before this one died: carry its counts on
+            self._link.send(PRIOR, self._report)
+        self._counted = []
+        self._send_counts()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._hello), START_TIMEOUT)
+        except TimeoutError:
+            log.error("mirror: the shadow runner process did not start", extra={"pid": self.proc.pid})
+            self._link.close()
+            return
+        except ConnectionError:
+            return
+        self._send_batch()  # what was admitted while it started
+
+    async def _supervise(self) -> None:
+        """Start the runner again whenever it dies (not when the worker stops it)."""
+        delay = RESTART_MIN
+        while not self.closed:
+            started = time.monotonic()
+            if self._link is not None:
+                await self._link.lost
+            if self.closed:
+                return
+            code = await self._reap(2.0)
+            self.restarts += 1
+            lost = self._forget()
+            log.warning("mirror: the shadow runner process died; starting it again",
+                        extra={"exit_code": code, "restarts": self.restarts, "statements_lost": lost})
+            if time.monotonic() - started > 10 * RESTART_MAX:  # it ran a good while: not dying over and over
+                delay = RESTART_MIN
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX)
+            if not self.closed:
+                await self._spawn()
+
+    def _forget(self) -> int:
+        """The statements a dead runner held are dropped; those not yet written to it stay."""
+        held = [[0] * len(r.inflight) for r in self._rooms]
+        for routes, _ in self._batch:
+            for ti, ci in routes:
+                held[ti][ci] += 1
+        lost = 0
+        for room, keep in zip(self._rooms, held, strict=True):
+            n = sum(room.inflight) - sum(keep)
+            room.dropped += n
+            room.inflight = keep
+            lost += n
+        self.changes += 1
+        return lost
+
+    async def _reap(self, wait: float) -> int | None:
+        """The runner's exit code once it exited (killed after `wait` seconds if it has not)."""
+        proc = self.proc
+        if proc is None:
+            return None
+        deadline = time.monotonic() + wait
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return await asyncio.to_thread(proc.wait, 5.0)
+        return None
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL)
+            self._send_counts()  # the worker's drops, for the runner's snapshot file
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every queued statement has been run and compared (tests, graceful stops).
-        False if `timeout` seconds went by first."""
+        """Wait until every statement handed on has been run and compared, and the runner reported
+        (tests, graceful stops). False if `timeout` seconds went by first."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(q.join() for s in self.targets.values() for q in s.queues)),
-                                   timeout)
-            return True
+            async with asyncio.timeout(timeout):
+                while not self.closed:
+                    link = self._link
+                    if link is None or not link.up or self._hello is None or not self._hello.done():
+                        await asyncio.sleep(0.05)  # the runner is (re)starting
+                        continue
+                    self._send_batch()
+                    self._send_counts()
+                    with contextlib.suppress(ConnectionError):
+                        await self._request(SYNC)
+                        if not self._batch and not any(any(r.inflight) for r in self._rooms):
+                            return True
+                return not any(any(r.inflight) for r in self._rooms)
         except TimeoutError:
             return False
 
     async def close(self) -> None:
-        """Stop: what is still queued is dropped; the last snapshot is written."""
+        """Stop: what is still queued is dropped (counted); the runner reports last and exits, and the
+        last snapshot is written."""
         self.closed = True
-        tasks = [t for s in self.targets.values() for t in s.tasks]
-        if self._publisher is not None:
-            tasks.append(self._publisher)
-        for t in tasks:
+        for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for state in self.targets.values():
-            state.tasks = []
-            for queue in state.queues:
-                while not queue.empty():
-                    queue.get_nowait()
-                    queue.task_done()
-                    state.dropped += 1
-            for runner in state.runners:
-                await runner.close()
-        self.changes += 1
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._batch_soon is not None:
+            self._batch_soon.cancel()
+            self._batch_soon = None
+        self._drop(self._batch)
+        self._batch = []
+        link = self._link
+        if link is not None and link.up:
+            self._send_counts()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(self._request(QUIT), CLOSE_TIMEOUT)
+            link.close()
+        if self.proc is not None:
+            await self._reap(CLOSE_TIMEOUT)
+        self._forget()  # anything the runner did not account for
         with contextlib.suppress(OSError):
             self.flush()
 
-    # -- the shadow's side ------------------------------------------------------------------------
-    async def _work(self, state: _Target, queue: asyncio.Queue[Observed], runner: ShadowRunner) -> None:
-        while True:
-            obs = await queue.get()
-            try:
-                self._record(state, obs, await runner.run(obs))
-            except asyncio.CancelledError:
-                state.dropped += 1  # pgfront is stopping: this one never got its answer
-                raise
-            except Exception:  # noqa: BLE001 - one bad statement must not stop this connection's worker
-                log.exception("mirror: comparing a statement failed")
-            finally:
-                queue.task_done()
-
-    def _record(self, state: _Target, obs: Observed, res: ShadowResult) -> None:
-        self.changes += 1
-        if res.sqlstate != CONNECT_FAILED:  # sent: what reached the shadow
-            state.sent += 1
-        c = state.comparison(obs)
-        c.last_seen = time.time()
-        primary_error = obs.sqlstate if obs.sqlstate != "00000" else None
-        if res.sqlstate is not None and res.sqlstate != primary_error:
-            c.errors += 1
-            state.errors += 1
-            c.last_error = state.last_error = f"{res.sqlstate}: {res.message}"
-            state.last_error_at = c.last_seen
-            return
-        c.compared += 1
-        state.compared += 1
-        c.primary.add(obs.seconds)
-        c.shadow.add(res.seconds)
-        if res.sqlstate == primary_error and res.rows == obs.rows and same(obs.digest, res.digest) is not False:
-            return
-        c.mismatches += 1
-        state.mismatched += 1
-        if c.example is None:
-            c.example = example(obs, res)
-            log.info("mirror: the shadow's result differs from the primary's",
-                     extra={"target": state.target.name, "fingerprint": obs.fingerprint, "sql": c.example["sql"],
-                            "primary": c.example["primary"], "shadow": c.example["shadow"]})
-
     # -- reports --------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
+        """This worker's numbers: the runner's last report, with this worker's drops and the statements
+        outstanding now."""
+        if self._parsed is None:
+            self._parsed = json.loads(self._report) if self._report else {"targets": {}, "comparisons": []}
+        reported = self._parsed["targets"]
+        targets = {}
+        for name, room in self.targets.items():
+            counters = dict(reported.get(name) or room.zero())
+            counters["dropped"] += room.dropped
+            counters["queued"] = sum(room.inflight)
+            targets[name] = counters
         return {"version": 1, "worker": self.worker_id, "pid": os.getpid(), "time": time.time(),
-                "targets": {name: s.counters() for name, s in self.targets.items()},
-                "comparisons": [c.to_json() for s in self.targets.values() for c in s.comparisons.values()]}
+                "targets": targets, "comparisons": self._parsed["comparisons"]}
 
     def report(self) -> MirrorReport:
         """This worker's numbers alone."""
@@ -405,7 +429,8 @@ class Mirrors:
         return self.run_dir / f"mirror-{self.worker_id}.json" if self.run_dir is not None else None
 
     def flush(self) -> bool:
-        """Write this worker's snapshot if anything changed. True if written."""
+        """Write this worker's snapshot if anything changed (the runner writes it every second; this is
+        for shutdown and tests). True if written."""
         path = self.snapshot_path()
         if path is None or self.changes == self._flushed:
             return False
@@ -413,16 +438,6 @@ class Mirrors:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(self.snapshot(), separators=(",", ":")).encode())
         return True
-
-    async def _publish(self) -> None:
-        while True:
-            await asyncio.sleep(SNAPSHOT_INTERVAL)
-            if any(s.queued() for s in self.targets.values()):
-                self.changes += 1  # the queued gauge moves without any other change
-            try:
-                self.flush()
-            except OSError as e:  # a full disk must not stop mirroring
-                log.warning("mirror snapshot not written: %s", e)
 
     @staticmethod
     def merged(run_dir: str | Path, live: Mirrors | None = None) -> MirrorReport:
@@ -457,30 +472,3 @@ def merged_for(app: Any) -> MirrorReport:
     if live is None:
         return MirrorReport()
     return Mirrors.merged(getattr(app, "run_dir", "") or "", live)
-
-
-def example(obs: Observed, res: ShadowResult) -> dict[str, Any]:
-    """What SHOW MIRROR shows of a mismatch: the statement, its parameters (text as text, binary as
-    hex), and both sides' outcomes."""
-    params = None
-    if obs.params is not None:
-        formats = obs.param_formats
-        params = [_param_text(v, formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0)
-                  for i, v in enumerate(obs.params)]
-    return {"sql": obs.sql[:_SQL_MAX], "params": params,
-            "primary": {"rows": obs.rows, "digest": obs.digest, "sqlstate": obs.sqlstate},
-            "shadow": {"rows": res.rows, "digest": res.digest, "sqlstate": res.sqlstate},
-            "at": round(time.time(), 3)}
-
-
-def _param_text(value: bytes | None, fmt: int) -> str | None:
-    if value is None:
-        return None
-    if fmt == 0:
-        text = value.decode("utf-8", "replace")
-    else:
-        text = "\\x" + value.hex()
-    return text if len(text) <= _PARAM_MAX else text[:_PARAM_MAX] + "..."
-
-
-    return True

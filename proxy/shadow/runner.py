@@ -24,7 +24,6 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import generators, pq
@@ -32,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq.abc import PGresult
 
 from proxy.shadow.digest import RowDigest
+from proxy.shadow.mirror_target import safe_url
 from proxy.shadow.observe import Observed
 from proxy.wire.protocol import rows_from_tag
 
@@ -273,6 +273,11 @@ class ShadowRunner:
                 log.debug("mirror: the shadow refused a setting", extra={"setting": name})
             self.applied[name] = value
 
+    async def connect(self) -> str:
+        """Open the connection now rather than at the first statement (once; a failure is retried at the
+        next statement, after the backoff). Returns a problem, or ''."""
+        return "" if self.connected else await self._connect()
+
     async def _connect(self) -> str:
         """Connect (after the backoff, if the last attempt failed). Returns a problem, or ''."""
         wait = self.retry_at - time.monotonic()
@@ -315,14 +320,3 @@ class ShadowRunner:
             with contextlib.suppress(Exception):
                 await conn.close()
 
-
-def safe_url(url: str) -> str:
-    """The URL with its password masked, for logs and the admin console."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":********@", 1)
-            return parts._replace(netloc=netloc).geturl()
-    except ValueError:
-        return "(unparsable url)"
-    return url
