@@ -211,7 +211,7 @@ def test_structural_mistakes(tmp_path):
         rewrite = { from = "SELECT * FROM t WHERE a = $1 AND b = $2", to = "SELECT a FROM t WHERE a = $1" }
         """)
     assert got == [
-        "1: rule 'no-actions': no action: give at least one of block, limit, cache, rewrite, timeout, throttle, mirror, log",
+        "1: rule 'no-actions': no action: give at least one of block, limit, cache, rewrite, timeout, throttle, mirror, route, log",
         "5: rule 'no-match': no match table (use match = {} to match every statement)",
         "12: rule 'block-and-cache': block cannot be combined with cache: a blocked statement never runs "
         "(only log may go with block)",

@@ -52,7 +52,7 @@ def _pgfront(pgfront_factory, tmp_path: Path, shadow_url: str, capture: str = ""
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     config = (f'[rules]\nfiles = ["{rules}"]\nwatch = false\n'
-              f'[mirror.shadow]\nurl = "{shadow_url}"\nqueue_size = 50\n')
+              f'[mirror.shadow]\nurl = "{shadow_url}"\nqueue_size = 1000\n')
     if capture:
         config += f'[capture]\npath = "{capture}"\n'
     return pgfront_factory(config=config)

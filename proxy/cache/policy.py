@@ -37,12 +37,18 @@ def _statement_refusal(info: Any) -> str:
         return "multiple statements"
     if info.kind != "select":
         return "not a read"
+    if info.volatile and not info.tables_written and not info.locking:
+        return "volatile function"
+    return select_side_effect(info)
+
+
+def select_side_effect(info: Any) -> str:
+    """Why a SELECT is more than a read (a data-modifying WITH, a locking clause, a temporary table,
+    SELECT INTO), or "": shared by the cache policy and read routing."""
     if info.tables_written:
         return "writes (data-modifying WITH)"
     if info.locking:
         return "locking clause"
-    if info.volatile:
-        return "volatile function"
     if info.temp_objects:
         return "temporary table"
     if "into" in info.text.lower() and _select_into(info.text):

@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.cache.policy import select_side_effect
 from proxy.cache.writes import relname
 from proxy.wire import protocol as pq
 
@@ -97,26 +98,14 @@ def read_only_reason(info: Any, function_ok: Any) -> str:
         return ""  # BEGIN READ ONLY: Postgres refuses any write in it, on either side
     if info.kind != "select":
         return f"a {info.kind} statement"
-    if info.tables_written:
-        return "writes (data-modifying WITH)"
-    if info.locking:
-        return "locking clause"
-    if info.temp_objects:
-        return "temporary table"
-    if "into" in info.text.lower() and _select_into(info.text):
-        return "SELECT INTO"
+    why = select_side_effect(info)
+    if why:
+        return why
     for f in info.functions:
         ok = function_ok(f)
         if not ok:
             return f"function {f}" + (" (not known yet)" if ok is None else "")
     return ""
-
-
-_SELECT_INTO = re.compile(r"^\s*select\b(?:(?!\bfrom\b).)*\binto\b", re.I | re.S)
-
-
-def _select_into(text: str) -> bool:
-    return _SELECT_INTO.search(text) is not None
 
 
 class FunctionFacts:
