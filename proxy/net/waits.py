@@ -109,14 +109,10 @@ class StreamWaits:
             except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
                 self._pool_failed(e)
                 return False
-            if self.phase is not READY:
-                self.pool.give_back(link)
-                return False
-        else:
-            if self.phase is not READY:
-                self.pool.give_back(link)
-                grant.release()
-                return False
+        if self.phase is not READY:
+            self.pool.give_back(link)
+            grant.release()  # a no-op when already given back above
+            return False
         self._attach(link)
         return True
 

@@ -223,10 +223,6 @@ class Router:
         self.read_your_writes = cfg.read_your_writes
         self.max_wait = cfg.max_wait
         self.to_primary = 0  # transactions sent to the primary: writes, unprovable, or preferred
-        self.to_replicas = 0
-        self.ryw_waits = 0  # reads that waited for a replica to replay their client's write
-        self.ryw_primary = 0  # ...and went to the primary because none had replayed it in time
-        self.retried = 0  # reads taken up again elsewhere after their replica went away
         self._checkers: dict[str, Any] = {}
         self.count: Any = lambda name, n=1: None  # the worker's statistics counter (App.stats_inc)
 
@@ -273,16 +269,13 @@ class Router:
     async def pick_later(self, client: Any) -> Any:
         """Read-your-writes: learn the primary's WAL position after the client's last write (once), then
         wait up to max_wait for a replica that has replayed it; None (the primary) if none does."""
-        self.ryw_waits += 1
         if not client.ryw_lsn:
             try:
                 client.ryw_lsn = await self.replicas.primary_lsn_after(client.ryw_since)
             except Exception:  # noqa: BLE001 - no position known: the primary answers
-                self.ryw_primary += 1
                 return self._primary()
         replica = await self.replicas.wait_replayed(client.database, client.ryw_lsn, self.max_wait)
         if replica is None:
-            self.ryw_primary += 1
             return self._primary()
         return self._replica(replica)
 
@@ -292,13 +285,11 @@ class Router:
         return None
 
     def _replica(self, replica: Any) -> Any:
-        self.to_replicas += 1
         replica.routed += 1
         self.count(f"routed_transactions|upstream|{replica.target.name}")
         return replica
 
     def retry_elsewhere(self, replica: Any) -> None:
-        self.retried += 1
         self.count(f"replica_retries|replica|{replica.target.name}")
 
     def state_changed(self, replica: Any, old: str, new: str) -> None:
