@@ -21,13 +21,14 @@ from tests.conftest import PASSWORD, Pgfront, psql
 PORT_SQL = "SELECT inet_server_port()"
 
 
-def _proxy(replicated, tmp_path, extra: str = "", replicas: list | None = None, rules: Path | None = None) -> Pgfront:
+def _proxy(replicated, tmp_path, extra: str = "", replicas: list | None = None, rules: Path | None = None,
+           mode: str = "transaction") -> Pgfront:
     users = tmp_path / "userlist.txt"
     users.write_text(f'"postgres" "{PASSWORD}"\n"app" "{PASSWORD}"\n')
     entries = "".join(f'[[replica]]\nurl = "postgresql://postgres@127.0.0.1:{r.port}/postgres"\n'
                       for r in (replicas or [replicated.replica]))
     config = (f"[auth]\nmode = 'userlist'\nfile = '{users}'\nmethod = 'trust'\n"
-              "[pool]\nmode = 'transaction'\ndefault_pool_size = 10\n"
+              f"[pool]\nmode = '{mode}'\ndefault_pool_size = 10\n"
               f"[rules]\nfiles = [{repr(str(rules)) if rules else ''}]\nwatch = false\n"
               "[routing]\nprobe_interval = '200ms'\nmax_wait = '300ms'\n" + extra + entries)
     return Pgfront(f"postgresql://127.0.0.1:{replicated.primary.port}", config).start()
@@ -217,6 +218,101 @@ def test_cache_with_replica_serves_no_stale_read(replicated, table, redis_server
     finally:
         p.stop()
     assert stale == [], stale[:5]
+
+
+def test_session_pooling_routes_reads_and_keeps_session_state_on_the_primary(replicated, table, tmp_path):
+    """Session pooling: each client keeps its primary connection for the session, and its provable reads
+    outside a transaction borrow a replica's. Session state (a SET, a temporary table) keeps the session on
+    the primary from then on, and its own writes are read back even with replay paused."""
+    primary, replica = replicated.primary.port, replicated.replica.port
+    p = _proxy(replicated, tmp_path, mode="session")
+    try:
+        _wait_state(p, "replica1", "ok")
+        _warm(p, replica)
+
+        async def scenario() -> None:
+            conns = [await asyncpg.connect(p.dsn()) for _ in range(12)]  # more clients than default_pool_size
+            try:
+                ports = await asyncio.gather(*(c.fetchval(PORT_SQL) for c in conns))
+                assert set(ports) == {replica}, ports
+                conn = conns[0]
+                await asyncpg_write_then_read(conn, replicated)
+                await conn.execute("SET work_mem = '1234kB'")  # session state: the primary from now on
+                assert await conn.fetchval("SHOW work_mem") == "1234kB"
+                assert await conn.fetchval(PORT_SQL) == primary
+                other = conns[1]
+                await other.execute("CREATE TEMP TABLE scratch AS SELECT 1 AS x")
+                assert await other.fetchval("SELECT count(*) FROM scratch") == 1
+                assert await other.fetchval(PORT_SQL) == primary
+                assert await conns[2].fetchval(PORT_SQL) == replica  # the others still read from the replica
+            finally:
+                for c in conns:
+                    await c.close()
+
+        asyncio.run(scenario())
+        with psycopg.connect(p.conninfo(), autocommit=True) as conn:  # psycopg, simple and extended
+            assert conn.execute(PORT_SQL).fetchone()[0] == replica
+            assert conn.execute("SELECT name FROM items WHERE id = %s", (2,)).fetchone()[0]
+        assert "read-only transaction" not in replicated.replica.log.read_text()
+    finally:
+        p.stop()
+
+
+async def asyncpg_write_then_read(conn, replicated) -> None:
+    """A write, then its read at once, with the replica's replay paused: the read goes to the primary."""
+    await asyncio.to_thread(replicated.replica.pause_replay)
+    try:
+        await conn.execute("INSERT INTO ryw VALUES (424242, 1) ON CONFLICT (id) DO UPDATE SET who = ryw.who + 1")
+        seen, port = await conn.fetchrow("SELECT count(*), inet_server_port() FROM ryw WHERE id = 424242")
+        assert (seen, port) == (1, replicated.primary.port)
+    finally:
+        await asyncio.to_thread(replicated.replica.resume_replay)
+
+
+@pytest.mark.timeout(150)
+def test_replica_stopped_killed_and_restarted_under_load_fails_no_read(replicated, proxy):
+    """Eight clients read without a pause while the replica shuts down (immediate: its backends send a
+    FATAL), comes back, is killed (no FATAL: the sockets just close) and comes back again. A read whose
+    replica goes away before the client saw a byte is retried elsewhere: not one read fails."""
+    replica = replicated.replica
+    errors: list[str] = []
+    ports: dict[int, int] = {}
+    done = asyncio.Event()
+
+    async def reader() -> None:
+        conn = await asyncpg.connect(proxy.dsn())
+        try:
+            while not done.is_set():
+                try:
+                    port = await conn.fetchval(PORT_SQL)
+                except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+                    errors.append(repr(e))
+                    if conn.is_closed():
+                        return
+                    continue
+                ports[port] = ports.get(port, 0) + 1
+        finally:
+            await conn.close()
+
+    async def scenario() -> None:
+        await asyncio.to_thread(_warm, proxy, replica.port)
+        readers = [asyncio.create_task(reader()) for _ in range(8)]
+        try:
+            await asyncio.sleep(0.5)
+            for mode in ("immediate", "kill"):
+                await asyncio.to_thread(replica.stop, mode)
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(replica.start)
+                await asyncio.to_thread(_wait_state, proxy, "replica1", "ok", 30.0)
+                await asyncio.sleep(0.5)
+        finally:
+            done.set()
+            await asyncio.gather(*readers)
+
+    asyncio.run(scenario())
+    assert errors == [], errors[:5]
+    assert ports.get(replicated.primary.port) and ports.get(replica.port), ports  # both answered
+    assert int(_replicas(proxy)["replica1"]["bans"]) >= 2
 
 
 def test_promoted_replica_is_noticed(replicated, proxy):

@@ -13,7 +13,19 @@ from proxy.relay.records import ADMIN, AUTH, CONNECTING, LOCAL_AUTH, READY, STAR
 from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError
 
+_ASYNC = b"NSA"  # NoticeResponse, ParameterStatus, NotificationResponse
 _HIGH_WATER = 512 * 1024  # client bytes kept while a look-up or a login is under way, before pausing
+
+
+def only_notices(out: bytes) -> bool:
+    """Nothing but messages a server may send at any time (a notice, a parameter status, a notification):
+    a shutting-down server's WARNING comes before its FATAL, and a retry elsewhere may follow it."""
+    at, end = 0, len(out)
+    while at < end:
+        if out[at] not in _ASYNC:
+            return False
+        at += 1 + int.from_bytes(out[at + 1:at + 5], "big")
+    return True
 
 
 class BytePath(HotHits):
@@ -101,8 +113,11 @@ class BytePath(HotHits):
         frames = framer.feed(data)
         if self.phase is READY:
             out = self.server_frames(frames, framer.data)
-            if self.server_fatal and self.on_replica is not None and self._replica_failed(len(data)):
-                return  # the replica shut down or crashed before the client saw a byte: taken up elsewhere
+            if self.on_replica is not None:
+                if self.server_fatal and self._replica_failed():
+                    return  # the replica shut down or crashed before the client saw its reply: taken up elsewhere
+                if out and not only_notices(out):
+                    self.route_sent = None  # the client saw part of the replica's reply: a retry would repeat it
         elif self.phase is AUTH:
             out = self.auth_frames(frames, framer.data)
         else:

@@ -78,7 +78,8 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         self.ryw_lsn = 0  # the primary's WAL position after it: replicas must have replayed this far
         self.replica_held = b""  # bytes that came while a replica was lent and must not go to it
         self.route_sent: list[bytes] | None = None  # the client's bytes since a replica was lent
-        self.route_mark = 0  # bytes_out when it was lent: nothing received since means a safe retry
+        self.session_home = False  # session pooling with replicas: routed per transaction, primary kept
+        self.home: ServerLink | None = None  # that primary connection, between transactions
         self.wanted: dict[str, str] = {}  # settings a pooled server connection must have for this client
         self.upstream_params: dict[str, str] = {}
         self.upstream_login = None  # an auth.UpstreamLogin when pgfront logs in for the client
@@ -133,8 +134,7 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
             self.admitted.release()  # admitted while its server was borrowed again: never to run
             self.admitted = None
         if self.pool is not None:
-            if self.server is not None:
-                self._leave_pool()
+            self._leave_pool()
             return
         if self.server and self.server.transport:
             st = self.server.transport
@@ -315,7 +315,7 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         self.app.stats_inc("server_connections_closed")
         if self.phase is ADMIN:
             return  # the upstream link only served to authenticate the admin user
-        if self.on_replica is not None and self._replica_failed(0):
+        if self.on_replica is not None and self._replica_failed():
             return
         # the server went away without a FATAL of its own (crash, kill -9, network)
         self.fatal("08006", "server closed the connection unexpectedly (upstream connection lost)")

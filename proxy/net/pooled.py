@@ -35,6 +35,11 @@ class PooledClient:
         pools = self.app.pools
         self.pool = pools.pool(self.database, self.user)
         self.pooled_tx = self.pool.mode == "transaction"
+        if not self.pooled_tx and self.app.router is not None:
+            # session pooling with replicas: transactions are routed as in transaction pooling, and the
+            # primary connection, once first needed, stays the client's for the session (`home`); any
+            # session state pins the client to it (`_session_feature`)
+            self.pooled_tx = self.session_home = True
         self.wanted = wanted_settings(self.params)
         if not self.pool.params or not self.pooled_tx:
             # the first client of a pool (or any, in session mode) waits for a server connection;
@@ -70,13 +75,12 @@ class PooledClient:
         return {k: v for k, v in self.wanted.items() if k.lower() in REPORTED}
 
 
-    def _attach(self, link: ServerLink, replica: object = None, sent: bytes = b"") -> None:
+    def _attach(self, link: ServerLink, replica: object = None) -> None:
         link.holder = self
         self.server = link
         self.on_replica = replica
-        if replica is not None:  # what it is sent is kept, to go elsewhere if it fails before answering
-            self.route_sent = [sent]
-            self.route_mark = self.bytes_out
+        if replica is not None:  # what it is sent is kept (`_hold_for_primary`), to go elsewhere if it fails
+            self.route_sent = []
         state = link.state
         self.tx_status = state.tx
         if self.client_slow:
@@ -105,7 +109,11 @@ class PooledClient:
             # a cache look-up's miss goes on to this very server; a statement waiting for its rule's
             # admission can borrow another (`_admit_then_resume`), so it need not hold one meanwhile
             link, self.server = self.server, None
-            (link.owner or self.pool).give_back(link)  # its own pool: the primary's, or a replica's
+            if self.session_home and self.on_replica is None:
+                link.holder = None  # kept for this client; meanwhile a FATAL closes it, as when idle
+                self.home = link
+            else:
+                (link.owner or self.pool).give_back(link)  # its own pool: the primary's, or a replica's
             if self.on_replica is not None:
                 self.on_replica = None
                 self.route_sent = None
@@ -183,10 +191,13 @@ class PooledClient:
             router = self.app.router
             if router is not None and self.pooled_tx:
                 route = router.pick(self, data)
-            pool = self.pool if route is None or route is WAIT else self.app.pools.pool(self.database, self.user, route)
-            link = pool.lend_idle() if route is not WAIT else None
+            if route is None and self.home is not None:
+                link = self._home_link()
+            else:
+                pool = self.pool if route is None or route is WAIT else self.app.pools.pool(self.database, self.user, route)
+                link = pool.lend_idle() if route is not WAIT else None
             if link is not None:  # no wait: carry straight on with this chunk
-                self._attach(link, route, data)
+                self._attach(link, route)
                 self._client_bytes(data)
                 return
         self.held += data
@@ -205,7 +216,9 @@ class PooledClient:
         while True:
             pool = self.pool if route is None else self.app.pools.pool(self.database, self.user, route)
             try:
-                link = await pool.acquire()
+                link = self._home_link() if route is None and self.home is not None else None
+                if link is None:
+                    link = await pool.acquire()
             except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
                 if route is not None:  # the replica cannot take it: the primary can
                     log.info("replica unavailable, read goes to the primary",
@@ -228,17 +241,27 @@ class PooledClient:
             break
         self.acquiring = False
         data, self.held = self.held, b""
-        self._attach(link, route, data)
+        self._attach(link, route)
         self.resume_client_reading("pool-wait")
         self._client_bytes(data)
 
-    def _replica_failed(self, received: int) -> bool:
-        """The replica lent went away (its connection lost, or a FATAL: shut down, crashed) after sending
-        `received` bytes of which none reached the client: the client's bytes since it was lent are
-        routed afresh (to the primary, or another replica), as if nothing had happened. False when the
-        client already saw part of the reply (it then gets the error, as from any server)."""
+    def _home_link(self) -> ServerLink | None:
+        """Session pooling with replicas: the client's own primary connection, unless it closed while
+        kept (the pool then lends another: nothing but the startup settings lived on it, as the client
+        is not pinned)."""
+        link, self.home = self.home, None
+        if link.usable:
+            return link
+        self.pool.give_back(link)  # the pool forgets a closed one
+        return None
+
+    def _replica_failed(self) -> bool:
+        """The replica lent went away (its connection lost, or a FATAL: shut down, crashed) before any
+        of its reply reached the client: the client's bytes since it was lent are routed afresh (to the
+        primary, or another replica), as if nothing had happened. False when the client already saw part
+        of the reply (`route_sent` is then None: it gets the error, as from any server)."""
         replica, sent = self.on_replica, self.route_sent
-        if (sent is None or self.bytes_out - received != self.route_mark or self.client_suspended
+        if (sent is None or self.client_suspended
                 or self.server_paused or self.cframer._skip or self.phase is not READY):
             return False
         log.info("replica lost mid-read, the read goes elsewhere", extra={"client": self.id,
@@ -304,6 +327,11 @@ class PooledClient:
 
     def _leave_pool(self) -> None:
         """The client is gone: the pool takes its server connection back (and resets or closes it)."""
+        if self.home is not None:
+            home, self.home = self.home, None
+            self.pool.give_back(home)
+        if self.server is None:
+            return
         link, self.server = self.server, None
         pending = bool(self.expect) or self.server_in_copy or self.in_batch or self.server_paused
         if self.pinned:

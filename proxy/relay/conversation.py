@@ -419,7 +419,7 @@ class Conversation(ReplyTracker):
 
     def _session_feature(self, feature: str) -> bytes | None:
         """Transaction mode met session state: pin the server to this client, or refuse (an error)."""
-        if self.app.cfg.pool.session_state == "refuse":
+        if self.app.cfg.pool.session_state == "refuse" and not self.session_home:
             return pq.error_response("0A000", f"{feature} is not supported in transaction pooling mode "
                                               "(pgfront [pool] session_state = refuse)")
         if self.server is not None:

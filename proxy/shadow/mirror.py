@@ -248,7 +248,9 @@ class Mirrors:
         assert self._loop is not None and self._link is not None
         n = next(self._syncs)
         fut = self._waiting[n] = self._loop.create_future()
-        self._link.send(kind, _SYNC.pack(n))
+        if not self._link.send(kind, _SYNC.pack(n)):  # gone already: no report will answer it
+            del self._waiting[n]
+            fut.set_exception(ConnectionError("the mirror's runner process is gone"))
         return fut
 
     def _send_counts(self) -> None:
@@ -268,6 +270,8 @@ class Mirrors:
 
     async def _spawn(self) -> None:
         assert self._loop is not None
+        # not started until this runner says HELLO: nothing (a batch, a SYNC) may reach it before INIT
+        self._hello = self._loop.create_future()
         mine, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
         try:
@@ -284,7 +288,6 @@ class Mirrors:
             log.error("mirror: cannot start the shadow runner process", extra={"reason": str(e)})
             self._link = None
             return
-        self._hello = self._loop.create_future()
         targets = [{"name": r.target.name, "url": r.target.url, "queue_size": r.target.queue_size,
                     "connections": r.target.connections, "timeout": r.target.timeout} for r in self._rooms]
         self._link.send(INIT, json.dumps({"targets": targets, "worker": self.worker_id,
