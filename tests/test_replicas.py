@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncpg
@@ -267,6 +268,37 @@ async def asyncpg_write_then_read(conn, replicated) -> None:
         assert (seen, port) == (1, replicated.primary.port)
     finally:
         await asyncio.to_thread(replicated.replica.resume_replay)
+
+
+def test_read_cancelled_by_recovery_conflict_is_answered_by_the_primary(replicated, table, tmp_path):
+    """A standby cancels a read that conflicts with its replay (40001: here an ACCESS EXCLUSIVE lock taken
+    on the primary while the read runs, with max_standby_streaming_delay = 0). None of its reply had
+    reached the client: the primary answers the read instead, and the client never sees the error."""
+    primary, replica = replicated.primary, replicated.replica
+    primary.psql("CREATE TABLE IF NOT EXISTS conflict_t (x int); INSERT INTO conflict_t VALUES (1)")
+    replica.wait_caught_up(30)
+    replica.psql("ALTER SYSTEM SET max_standby_streaming_delay = 0")
+    replica.psql("SELECT pg_reload_conf()")
+    p = _proxy(replicated, tmp_path, extra='read_only_functions = ["pg_sleep"]\n')
+    try:
+        _wait_state(p, "replica1", "ok")
+        _warm(p, replica.port)
+        sql = "SELECT count(*), inet_server_port() FROM conflict_t, pg_sleep(%s)"
+        with psycopg.connect(p.conninfo(), autocommit=True) as conn, ThreadPoolExecutor(1) as pool:
+            deadline = time.monotonic() + 10  # until the catalog has described count(): then a replica reads
+            while conn.execute(sql, (0,)).fetchone()[1] != replica.port and time.monotonic() < deadline:
+                time.sleep(0.05)
+            read = pool.submit(lambda: conn.execute(sql, (1.5,)).fetchone())
+            time.sleep(0.5)  # the read is running on the replica
+            primary.psql("BEGIN; LOCK TABLE conflict_t IN ACCESS EXCLUSIVE MODE; COMMIT")
+            assert read.result(20) == (1, primary.port)
+            assert conn.execute(PORT_SQL).fetchone()[0] in (primary.port, replica.port)  # the session goes on
+        assert "conflict with recovery" in replica.log.read_text()
+        assert "conflict with recovery" in p.log()
+    finally:
+        p.stop()
+        replica.psql("ALTER SYSTEM RESET max_standby_streaming_delay")
+        replica.psql("SELECT pg_reload_conf()")
 
 
 @pytest.mark.timeout(150)

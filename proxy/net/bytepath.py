@@ -14,18 +14,31 @@ from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError
 
 _ASYNC = b"NSA"  # NoticeResponse, ParameterStatus, NotificationResponse
+_PREAMBLE = b"12tTn"  # ParseComplete, BindComplete, ParameterDescription, RowDescription, NoData
 _HIGH_WATER = 512 * 1024  # client bytes kept while a look-up or a login is under way, before pausing
 
 
-def only_notices(out: bytes) -> bool:
-    """Nothing but messages a server may send at any time (a notice, a parameter status, a notification):
-    a shutting-down server's WARNING comes before its FATAL, and a retry elsewhere may follow it."""
+_NOTICES, _REPLY, _CONFLICT = 0, 1, 2
+
+
+def replica_reply(out: bytes) -> int:
+    """What a replica's relayed bytes hold: _NOTICES (nothing but messages a server may send at any time,
+    like the WARNING a shutting-down server sends before its FATAL), _CONFLICT (an ERROR saying recovery
+    cancelled the statement, 40001, before any row: after a ParseComplete, BindComplete or description at
+    most), or _REPLY (a reply the client now saw)."""
     at, end = 0, len(out)
+    described = False
     while at < end:
-        if out[at] not in _ASYNC:
-            return False
-        at += 1 + int.from_bytes(out[at + 1:at + 5], "big")
-    return True
+        t = out[at]
+        size = int.from_bytes(out[at + 1:at + 5], "big")
+        if t == 69:  # ErrorResponse: a standby cancels a read that conflicts with replay with 40001
+            return _CONFLICT if out.find(b"C40001\x00", at, at + 1 + size) > 0 else _REPLY
+        if t in _PREAMBLE:
+            described = True
+        elif t not in _ASYNC:
+            return _REPLY
+        at += 1 + size
+    return _REPLY if described else _NOTICES
 
 
 class BytePath(HotHits):
@@ -116,8 +129,12 @@ class BytePath(HotHits):
             if self.on_replica is not None:
                 if self.server_fatal and self._replica_failed():
                     return  # the replica shut down or crashed before the client saw its reply: taken up elsewhere
-                if out and not only_notices(out):
-                    self.route_sent = None  # the client saw part of the replica's reply: a retry would repeat it
+                if out and self.route_sent is not None:
+                    seen = replica_reply(out)
+                    if seen == _CONFLICT and self._replica_failed(False):
+                        return  # recovery cancelled the read before it answered: the primary answers instead
+                    if seen != _NOTICES:
+                        self.route_sent = None  # the client saw part of the replica's reply: a retry would repeat it
         elif self.phase is AUTH:
             out = self.auth_frames(frames, framer.data)
         else:

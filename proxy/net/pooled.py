@@ -255,19 +255,25 @@ class PooledClient:
         self.pool.give_back(link)  # the pool forgets a closed one
         return None
 
-    def _replica_failed(self) -> bool:
-        """The replica lent went away (its connection lost, or a FATAL: shut down, crashed) before any
-        of its reply reached the client: the client's bytes since it was lent are routed afresh (to the
-        primary, or another replica), as if nothing had happened. False when the client already saw part
-        of the reply (`route_sent` is then None: it gets the error, as from any server)."""
+    def _replica_failed(self, lost: bool = True) -> bool:
+        """The replica lent went away (its connection lost, or a FATAL: shut down, crashed), or, not
+        `lost`, cancelled the read for a conflict with its replay, before any of its reply reached the
+        client: the client's bytes since it was lent are routed afresh (to the primary, or another
+        replica), as if nothing had happened. False when the client already saw part of the reply
+        (`route_sent` is then None: it gets the error, as from any server)."""
         replica, sent = self.on_replica, self.route_sent
         if (sent is None or self.client_suspended
                 or self.server_paused or self.cframer._skip or self.phase is not READY):
             return False
-        log.info("replica lost mid-read, the read goes elsewhere", extra={"client": self.id,
-                                                                          "replica": replica.target.name})
+        if lost:
+            log.info("replica lost mid-read, the read goes elsewhere", extra={"client": self.id,
+                                                                              "replica": replica.target.name})
+            self.app.router.replicas.suspect(replica, "a client's connection to it failed")
+        else:  # the replica is fine; this read is not for it (the connection is closed: it owes a reply)
+            log.info("a replica cancelled a read for a conflict with recovery, the primary answers it",
+                     extra={"client": self.id, "replica": replica.target.name})
+            self.route_retry_primary = True  # another replica could cancel it too
         self.app.router.retry_elsewhere(replica)
-        self.app.router.replicas.suspect(replica, "a client's connection to it failed")
         for p in (*self.expect, *self.finished):
             if p.fill is not None:
                 self.app.cache.abandon(p.fill)

@@ -242,7 +242,8 @@ class Router:
         """The replica for the transaction waiting in `data`, None for the primary, or WAIT. Sets
         client.route_wrote when the transaction goes to the primary as a possible write."""
         client.route_wrote = False
-        if client.route_pref == PRIMARY or client.pinned:
+        if client.route_pref == PRIMARY or client.pinned or client.route_retry_primary:
+            client.route_retry_primary = False
             return self._primary()
         c = classify(data, client.statements, client.app.shapes.get, self.reason(client.database))
         forced = self._rule_route(client, data) if client.app.rules is not None else None
