@@ -99,6 +99,8 @@ async def _router(app: App) -> Any:
     else:
         router = Router(replicas, Catalog(primary), routing, own_catalog=True)
     router.count = app.stats_inc
+    if app.cache is not None:  # WAL positions recorded with version bumps let replicas' reads fill the cache
+        app.cache.lsn_source = replicas.primary_lsn_after
     replicas.on_change = router.state_changed
     return router
 

@@ -7,6 +7,10 @@ Per cacheable execution the session does:
             await cache.fill(res, ttl) after CommandComplete, or cache.abandon(res) on error / disconnect
     Bypass -> forward upstream as usual (res.reason says why)
 and for writes the four SessionCacheState hooks plus `await cache.invalidate(state, effect)`.
+
+A read that goes to a streaming replica passes `replayed=` (the replica's replay position known before
+the read is sent): it may fill only when that position is past the WAL position recorded with the last
+bump of every field guarding it (`lsn_source`, docs/cache.md "Fills from replicas").
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +36,11 @@ from proxy.cache.versions import (
     FLUSH_ALL,
     RedisDown,
     Versions,
+    covered_position,
     db_field,
     fingerprint_field,
+    lsn_field,
+    needs_position,
     stamp_of,
     table_field,
 )
@@ -42,6 +49,7 @@ from proxy.cache.writes import WriteEffect, relname
 log = logging.getLogger("pgfront.cache")
 
 _QUERY_KEYS = 10_000  # simple-Query keys remembered
+COVER_RETRY = 0.2  # seconds before recording WAL positions again after a failure
 
 
 @dataclass(slots=True)
@@ -67,6 +75,7 @@ class Fill:
     capture: ResultCapture
     leader: bool
     checked: float  # when the versions it is stamped with were asked for (monotonic)
+    replica: bool = False  # the rows come from a replica that had replayed the writes behind the stamp
     event = "miss"
 
     def feed(self, data: bytes | bytearray | memoryview) -> bool:
@@ -97,6 +106,12 @@ class ResultCache:
         self._tasks: set[asyncio.Task] = set()
         self._query_keys: dict[tuple[bytes, str], bytes] = {}
         self._refreshing: set[bytes] = set()  # keys whose window is being renewed
+        # The primary's WAL insert position, read by a query started after the monotonic time given
+        # (replicas.health.ReplicaSet.primary_lsn_after): set when reads go to replicas. With it, fields
+        # bumped here, and fields a replica read found without a position, get one recorded (`_cover`).
+        self.lsn_source: Callable[[float], Awaitable[int]] | None = None
+        self._cover_pending: set[str] = set()
+        self._covering: asyncio.Task | None = None
 
     # -- life cycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,8 +154,13 @@ class ResultCache:
         return make_key(state.prefix, sql, params, param_formats, result_formats, param_types, extended)
 
     async def lookup(self, key: bytes, info: Any, state: SessionCacheState, *, allow_rls: bool = False,
-                     allow_catalog: bool = False) -> Hit | Fill | Bypass:
-        """Hit (exact reply bytes), Fill (run the query and feed the reply) or Bypass (why not)."""
+                     allow_catalog: bool = False, replayed: int | None = None) -> Hit | Fill | Bypass:
+        """Hit (exact reply bytes), Fill (run the query and feed the reply) or Bypass (why not).
+
+        `replayed`: the read goes to a replica, which had certainly replayed the WAL up to this position
+        before the read is sent (0: not known). A miss then fills only if that is past the position
+        recorded with the last bump of every field guarding the read; else it is a Bypass (hits are
+        served as usual, and a flight under the same stamp led by a read elsewhere may answer it)."""
         if not self.enabled:
             return self._bypass("cache disabled")
         decision = self.policy.check(info, state, allow_rls=allow_rls, allow_catalog=allow_catalog)
@@ -162,10 +182,14 @@ class ResultCache:
         db = state.database
         fields = (EPOCH, db_field(db), fingerprint_field(info.fingerprint),
                   *(table_field(db, t) for t in decision.tags))
+        positioned = [f for f in fields if needs_position(f)] if replayed is not None else []
         try:
-            values, entry = await self.versions.read(list(fields), None if local else redis_key(key))
+            values, entry = await self.versions.read(list(fields), None if local else redis_key(key),
+                                                     [lsn_field(f) for f in positioned])
         except RedisDown:
             return self._bypass("redis unavailable")
+        records = values[len(fields):]  # the `l:` records of `positioned`
+        values = values[:len(fields)]
         if values[0] is None:  # Redis lost the versions (restart, eviction): start a new epoch first
             await self.versions.ensure_epoch()
             return self._bypass("versions reset")
@@ -183,12 +207,41 @@ class ResultCache:
         if found is not None:
             self.l1.put(key, stamp, found[0], found[1], fields, checked + self.window)
             return self._hit(found[0], "l2")
+        if replayed is not None:
+            why = self._replica_refusal(positioned, [v for f, v in zip(fields, values, strict=True)
+                                                     if needs_position(f)], records, replayed)
+            if why:
+                # a flight under this stamp (a read elsewhere) may still answer it; its own rows may not fill
+                reply = await self.flights.wait(key, stamp, self.flight_timeout)
+                if reply is not None:
+                    return self._hit(reply, "flight")
+                self.stats["replica_fills_refused"] += 1
+                return self._bypass(why)
         if self.flights.lead(key, stamp):
-            return self._miss(key, stamp, fields, True, checked)
+            return self._miss(key, stamp, fields, True, checked, replayed is not None)
         reply = await self.flights.wait(key, stamp, self.flight_timeout)
         if reply is not None:
             return self._hit(reply, "flight")
-        return self._miss(key, stamp, fields, False, checked)
+        return self._miss(key, stamp, fields, False, checked, replayed is not None)
+
+    def _replica_refusal(self, fields: list[str], values: list[bytes | None], records: list[bytes | None],
+                         replayed: int) -> str:
+        """Why a replica that had replayed up to `replayed` may not fill under these values ("" if it may).
+        Fields whose position is not known yet get one recorded in the background."""
+        need = 0
+        unknown = []
+        for f, v, rec in zip(fields, values, records, strict=True):
+            lsn = covered_position(v, rec)
+            if lsn is None:
+                unknown.append(f)
+            elif lsn > need:
+                need = lsn
+        if unknown:
+            self._want_positions(unknown)
+            return "replica: write position not known yet"
+        if replayed < need or replayed <= 0:
+            return "replica: not replayed past the last write"
+        return ""
 
     def hit_now(self, key: bytes, info: Any, state: SessionCacheState, *, allow_rls: bool = False,
                 allow_catalog: bool = False, described: bool = False) -> bytes | None:
@@ -241,6 +294,8 @@ class ResultCache:
             self.flights.land(ticket.key, ticket.stamp, reply)
         await self.versions.store(redis_key(ticket.key), encode_entry(ticket.stamp, reply, ttl), ttl)
         self.stats["fills"] += 1
+        if ticket.replica:
+            self.stats["replica_fills"] += 1
         self.stats["fill_bytes"] += len(reply)
         return True
 
@@ -272,10 +327,13 @@ class ResultCache:
     async def _bump_and_wait(self, fields: Iterable[str], notes: Iterable[str] = ()) -> None:
         """Bump, then wait out the freshness windows still open over the fields (a whole window when the
         bump failed): only then may the write's commit be acknowledged."""
+        fields = list(fields)
         wait = await self.versions.bump(fields, notes)
         if wait is None:
             self.stats["invalidation_failures"] += 1
             wait = self.window
+        else:
+            self._want_positions(fields)
         if wait > 0:
             self.stats["commit_waits"] += 1
             self.stats["commit_wait_ms"] += round(wait * 1000)
@@ -333,6 +391,8 @@ class ResultCache:
             "invalidations": s["invalidations"], "invalidation_failures": s["invalidation_failures"],
             "purges": s["purges"], "replicated_invalidations": s["replicated_invalidations"],
             "commit_waits": s["commit_waits"], "commit_wait_ms": s["commit_wait_ms"],
+            "replica_fills": s["replica_fills"], "replica_fills_refused": s["replica_fills_refused"],
+            "positions_recorded": s["positions_recorded"],
             "errors": self.versions.errors + self.catalog.errors, "redis_outages": self.versions.outages,
             "epoch_changes": self.versions.epoch_changes, "l1_entries": len(self.l1), "l1_bytes": self.l1.bytes,
             "catalog_lookups": self.catalog.lookups,
@@ -349,9 +409,10 @@ class ResultCache:
         stats[level_counter] += 1
         stats["hit_bytes"] += len(reply)
 
-    def _miss(self, key: bytes, stamp: bytes, fields: tuple[str, ...], leader: bool, checked: float) -> Fill:
+    def _miss(self, key: bytes, stamp: bytes, fields: tuple[str, ...], leader: bool, checked: float,
+              replica: bool = False) -> Fill:
         self.stats["misses"] += 1
-        return Fill(key, stamp, fields, ResultCapture(self.max_result_size), leader, checked)
+        return Fill(key, stamp, fields, ResultCapture(self.max_result_size), leader, checked, replica)
 
     def _bypass(self, reason: str) -> Bypass:
         self.bypass_reasons[reason] += 1
@@ -374,7 +435,46 @@ class ResultCache:
         fields = [table_field(database, relname(t)) for t in tables]
         self._invalidated(fields)
         self.stats["replicated_invalidations"] += 1
-        return await self.versions.bump(fields) is not None
+        if await self.versions.bump(fields) is None:
+            return False
+        self._want_positions(fields)
+        return True
+
+    # -- WAL positions of bumps, for fills from replicas ----------------------------------------------------
+    def _want_positions(self, fields: Iterable[str]) -> None:
+        """Record, in the background, a WAL position covering the current value of each field (FLUSH_ALL:
+        the epoch): one task at a time, taking every field asked for meanwhile (see `_cover`)."""
+        if self.lsn_source is None:
+            return
+        self._cover_pending.update(EPOCH if f == FLUSH_ALL else f for f in fields
+                                   if f == FLUSH_ALL or needs_position(f))
+        if self._cover_pending and (self._covering is None or self._covering.done()):
+            self._covering = asyncio.get_running_loop().create_task(self._cover())
+            self._tasks.add(self._covering)
+            self._covering.add_done_callback(self._tasks.discard)
+
+    async def _cover(self) -> None:
+        """Read the fields' values, then the primary's WAL insert position with a query started after that
+        read returned, then record the position for each field still at the value read (versions._COVER).
+
+        Why that position is at or after the commit of every write whose bump a value includes: a write's
+        bump comes after its commit (at its CommandComplete or ReadyForQuery, before the client hears of
+        it), the value read includes only bumps done before the read, and the position is read after it."""
+        while self._cover_pending:
+            fields = sorted(self._cover_pending)
+            self._cover_pending.clear()
+            try:
+                values = await self.versions.observe(fields)
+                seen = time.monotonic()
+                lsn = await self.lsn_source(seen)
+                observed = [(f, v) for f, v in zip(fields, values, strict=True) if v is not None]
+                if observed:
+                    self.stats["positions_recorded"] += await self.versions.cover(lsn, observed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a replica read asks again; without a position it does not fill
+                log.debug("recording WAL positions failed: %s", e)
+                await asyncio.sleep(COVER_RETRY)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

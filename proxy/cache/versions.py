@@ -6,6 +6,8 @@ All counters live in one Redis hash, `pgfront:versions`:
   d:<db>         database generation (DDL without known tables, CALL/DO, writes to tables with triggers)
   f:<fp>         fingerprint generation (admin purge by fingerprint)
   t:<db>.<rel>   relation version, bumped (HINCRBY) after every committed write to <rel>
+  l:<field>      "<lsn> <value>": every bump of <field> up to the one that gave it <value> committed at or
+                 before the primary's WAL position <lsn> (for fills from replicas; see `cover`)
 A lookup reads the fields guarding its statement with one HMGET (pipelined with the GET of the entry)
 and hashes the values into a *stamp*; an entry is served only if it was filled under the same stamp.
 One hash keeps every counter in one Redis Cluster slot, so one HMGET reads them all atomically, and a
@@ -56,15 +58,16 @@ BUMP_MIN_TIMEOUT = 0.2
 FLUSH_ALL = "*"
 
 
-# Reads the fields (the epoch first) and, with a window, marks each field "watched until" Redis time + W
-# (+1 ms for TIME's truncation to ms). KEYS[1]: the hash; ARGV[1]: W in ms; ARGV[2...]: fields.
+# Reads the fields (the epoch first) and, with a window, marks each of the first n fields "watched until"
+# Redis time + W (+1 ms for TIME's truncation to ms); the others (LSN records) are only read.
+# KEYS[1]: the hash; ARGV[1]: W in ms; ARGV[2]: n; ARGV[3...]: fields.
 _CHECK = """
-local vals = redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
+local vals = redis.call('HMGET', KEYS[1], unpack(ARGV, 3))
 local win = tonumber(ARGV[1])
 if win > 0 then
   local t = redis.call('TIME')
   local untilms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + win + 1
-  for i = 2, #ARGV do
+  for i = 3, 2 + tonumber(ARGV[2]) do
     local w = 'w:' .. ARGV[i]
     if tonumber(redis.call('HGET', KEYS[1], w) or '0') < untilms then
       redis.call('HSET', KEYS[1], w, untilms)
@@ -100,6 +103,29 @@ if latest > now then return latest - now end
 return 0
 """
 
+
+# Records that the fields' values observed (before the primary's WAL position ARGV[1] was read) were
+# all committed at or before that position: for each field still at the value observed, `l:<field>` =
+# "<lsn> <value>", unless a record for that very value is there already (it is as true). A field that
+# moved on since is left alone: its newer bumps may have committed after the position.
+# KEYS[1]: the hash; ARGV[1]: the position (decimal); ARGV[2...]: field, value observed, field, value, ...
+_COVER = """
+local n = 0
+for i = 2, #ARGV, 2 do
+  local f, v = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', KEYS[1], f) == v then
+    local rec = redis.call('HGET', KEYS[1], 'l:' .. f)
+    local sp = rec and string.find(rec, ' ', 1, true)
+    if not (sp and string.sub(rec, sp + 1) == v) then
+      redis.call('HSET', KEYS[1], 'l:' .. f, ARGV[1] .. ' ' .. v)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+LSN_PREFIX = "l:"
 
 _BUMP_BYTES = _BUMP.encode()  # encoded once: the lean connection sends it with every bump
 
@@ -139,6 +165,29 @@ def table_field(database: str, rel: str) -> str:
 
 def fingerprint_field(fp: str) -> str:
     return f"f:{fp}"
+
+
+def lsn_field(field: str) -> str:
+    """Where the WAL position covering `field`'s current value is recorded (see `cover`)."""
+    return LSN_PREFIX + field
+
+
+def needs_position(field: str) -> bool:
+    """Fields whose bumps stand for writes (the epoch, databases, relations), so a replica's rows may fill
+    under their value only once it has replayed past those writes; a fingerprint purge changes no data."""
+    return field == EPOCH or field.startswith(("t:", "d:"))
+
+
+def covered_position(value: bytes | None, record: bytes | None) -> int | None:
+    """The WAL position at or after the commit of every write whose bump is in `value`, from the field's
+    `l:` record read with it; 0 when the field was never bumped (nothing to replay); None when not known
+    (the record is missing, or covers an older value)."""
+    if value is None:
+        return 0
+    if record is None:
+        return None
+    lsn, _, of = record.partition(b" ")
+    return int(lsn) if of == value else None
 
 
 def stamp_of(values: Iterable[bytes | None]) -> bytes:
@@ -226,49 +275,74 @@ class Versions:
                 pass
 
     # -- reads -------------------------------------------------------------------------------------------
-    async def read(self, fields: list[str], entry_key: str | None) -> tuple[list[bytes | None], bytes | None]:
-        """Current values of `fields` and, when entry_key is given, the stored entry: one round trip."""
+    async def read(self, fields: list[str], entry_key: str | None,
+                   extra: list[str] | tuple[str, ...] = ()) -> tuple[list[bytes | None], bytes | None]:
+        """Current values of `fields` and then of `extra` (read in the same HMGET, opening no freshness
+        window: the `l:` records of a read that goes to a replica) and, when entry_key is given, the stored
+        entry: one round trip."""
         if not self.available:
             raise RedisDown("breaker open")
         if entry_key is None:
-            return await self._read_batched(fields), None
+            return await self._read_batched(fields, extra), None
         try:
             async with asyncio.timeout(self.timeout):
                 pipe = self.client.pipeline(transaction=False)
-                self._check(pipe, fields)
+                self._check(pipe, fields, extra)
                 pipe.get(entry_key)
                 values, entry = await pipe.execute()
                 return values, entry
         except Exception as e:
             raise self._down(e) from None
 
-    async def _read_batched(self, fields: list[str]) -> list[bytes | None]:
+    async def _read_batched(self, fields: list[str], extra: list[str] | tuple[str, ...] = ()) -> list[bytes | None]:
         """Version checks of L1 hits, coalesced: every check asked for in one turn of the event loop
         shares one HMGET. Each check still sees Redis as it was after the check was asked for, so
         freshness is unchanged; concurrent clients just stop paying a round trip each."""
-        return await self._reads.submit(fields)
+        return await self._reads.submit((fields, extra))
 
     async def _flush_reads(self, batch: list) -> None:
-        union = sorted({f for fields, _ in batch for f in fields})
+        union = sorted({f for (fields, _), _ in batch for f in fields})
+        also = sorted({f for (_, extra), _ in batch for f in extra}.difference(union))
         try:
             async with asyncio.timeout(self.timeout):
-                values = await self._check(self.client, union)
+                values = await self._check(self.client, union, also)
         except Exception as e:
             err = self._down(e)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)
             return
-        got = dict(zip(union, values, strict=True))
-        for fields, fut in batch:
+        got = dict(zip(union + also, values, strict=True))
+        for (fields, extra), fut in batch:
             if not fut.done():
-                fut.set_result([got[f] for f in fields])
+                fut.set_result([got[f] for f in fields] + [got[f] for f in extra])
 
-    def _check(self, client: Any, fields: list[str]) -> Any:
-        """HMGET of `fields`, opening their freshness windows when local_validity is set."""
+    def _check(self, client: Any, fields: list[str], extra: list[str] | tuple[str, ...] = ()) -> Any:
+        """HMGET of `fields` and `extra`, opening the freshness windows of `fields` when local_validity is set."""
         if not self.window:
-            return client.hmget(VERSIONS_KEY, fields)
-        return client.eval(_CHECK, 1, VERSIONS_KEY, self._window_ms, *fields)
+            return client.hmget(VERSIONS_KEY, [*fields, *extra])
+        return client.eval(_CHECK, 1, VERSIONS_KEY, self._window_ms, len(fields), *fields, *extra)
+
+    async def observe(self, fields: list[str]) -> list[bytes | None]:
+        """The fields' values now, opening no freshness window (for `cover`)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.client.hmget(VERSIONS_KEY, fields)
+        except Exception as e:
+            raise self._down(e) from None
+
+    async def cover(self, lsn: int, observed: list[tuple[str, bytes]]) -> int:
+        """Record that every bump of each field up to its `observed` value committed at or before the
+        primary's WAL position `lsn`, which must have been read after the values were (see _COVER): fields
+        that moved on since are skipped. Returns how many records were written."""
+        args: list[Any] = [str(lsn)]
+        for field, value in observed:
+            args += [field, value]
+        try:
+            async with asyncio.timeout(self.timeout):
+                return int(await self.client.eval(_COVER, 1, VERSIONS_KEY, *args))
+        except Exception as e:
+            raise self._down(e) from None
 
     async def get(self, key: str) -> bytes | None:
         try:

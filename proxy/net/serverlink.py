@@ -69,6 +69,7 @@ class ServerLink(asyncio.Protocol):
         self.secret = b""
         self.params: dict[str, str] = {}  # ParameterStatus at login
         self.created = time.monotonic()
+        self.logged_in = float("inf")  # when its login's ReadyForQuery arrived (pooled connections)
         self.last_used = self.created
         self.login: UpstreamLogin | None = None
         self.ready: asyncio.Future | None = None
@@ -196,6 +197,7 @@ class ServerLink(asyncio.Protocol):
                 state.ready(buf[a + 5:b])
                 if self.ready is not None and not self.ready.done():
                     self.login = None
+                    self.logged_in = time.monotonic()
                     self.ready.set_result(self)
                 elif self.resets:
                     self.resets -= 1

@@ -120,6 +120,10 @@ class StreamWaits:
         kind, p, sql, info, decision, raw = self.lookup_job
         self.lookup_job = None
         cache = self.app.cache
+        replica = self.on_replica
+        # A replica's rows may fill the cache only if it had replayed the writes behind the versions the fill
+        # is stored under: the position it had surely replayed before the read is sent (docs/cache.md)
+        replayed = None if replica is None else replica.replayed_for(getattr(self.server, "logged_in", float("inf")))
         try:
             if kind == _Q:
                 key = cache.query_key(self.cstate, sql)
@@ -128,14 +132,12 @@ class StreamWaits:
                 _, _, pformats, values, rformats = pq.parse_bind(bdata[ba + 5:bb])
                 key = cache.key(self.cstate, sql, values, pformats, rformats, p.stmt.oids, extended=True)
             res = await cache.lookup(key, info, self.cstate, allow_rls=decision.cache_allow_rls,
-                                     allow_catalog=decision.cache_allow_catalog)
+                                     allow_catalog=decision.cache_allow_catalog, replayed=replayed)
         except Exception as e:  # noqa: BLE001 - a cache problem means: ask the server
             log.warning("cache lookup failed", extra={"client": self.id, "reason": str(e)})
             res = None
-        if res is not None and res.event == "miss" and (self.phase is not READY or self.on_replica is not None):
-            # a replica's rows never fill the cache: they may be older than the versions the fill was
-            # keyed under (the replica has not necessarily replayed the last invalidation)
-            cache.abandon(res)
+        if res is not None and res.event == "miss" and (self.phase is not READY or self.on_replica is not replica):
+            cache.abandon(res)  # the client left, or its read no longer goes where the look-up was told
             res = None
         if self.phase is not READY:
             return

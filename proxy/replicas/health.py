@@ -112,14 +112,15 @@ class _Link:
 class Replica:
     """Live state of one replica, updated by its ReplicaSet's probes; the router reads the attributes."""
 
-    __slots__ = ("target", "state", "in_recovery", "replay_lsn", "lag_bytes", "lag_seconds", "bans", "routed",
-                 "last_error", "probed_at", "_link", "_probe", "_probe_end")
+    __slots__ = ("target", "state", "in_recovery", "replay_lsn", "replay_asked", "lag_bytes", "lag_seconds", "bans",
+                 "routed", "last_error", "probed_at", "_link", "_probe", "_probe_end")
 
     def __init__(self, target: ReplicaTarget, link: _Link) -> None:
         self.target = target
         self.state = "starting"      # no reads until the first probe says "ok"
         self.in_recovery = False
         self.replay_lsn = 0          # pg_last_wal_replay_lsn() (0 unknown)
+        self.replay_asked = float("-inf")  # when the probe that read replay_lsn was sent (monotonic)
         self.lag_bytes = 0           # primary's insert position (latest probe) - replay_lsn, >= 0
         self.lag_seconds = 0.0       # age of the last replayed commit while replay is behind, else 0
         self.bans = 0                # times it went from usable to not usable
@@ -133,6 +134,19 @@ class Replica:
     @property
     def usable(self) -> bool:
         return self.state == "ok"
+
+    def replayed_for(self, logged_in: float) -> int:
+        """A WAL position this replica has certainly replayed, for a query sent from now on over a connection
+        that logged in at monotonic time `logged_in`; 0 when none is known.
+
+        It is the latest probe's replay position, provided the probe found the server in recovery and was
+        sent after the connection had logged in. Then the server that answered the probe is the one the
+        connection still talks to, in the same run: a restart (which may start replay again from an older
+        point) or a crash closes every connection. And in one run of a standby the replay position only
+        grows, a commit being visible to snapshots taken once its record is replayed."""
+        if self.in_recovery and logged_in < self.replay_asked:
+            return self.replay_lsn
+        return 0
 
     def serves(self, database: str) -> bool:
         dbs = self.target.databases
@@ -291,19 +305,21 @@ class ReplicaSet:
         if delay > 0:
             await asyncio.sleep(delay)
         self.replica_probes += 1
+        asked = time.monotonic()
         try:
             row = await r._link.fetchrow(_REPLICA_SQL)
         except Exception as e:
             r.last_error = _reason(e)
             self._set_state(r, "down")
         else:
-            self._apply(r, row)
+            self._apply(r, row, asked)
         finally:
             r._probe_end = time.monotonic()
 
-    def _apply(self, r: Replica, row: asyncpg.Record) -> None:
+    def _apply(self, r: Replica, row: asyncpg.Record, asked: float = float("-inf")) -> None:
         r.in_recovery = row["in_recovery"]
         r.replay_lsn = row["replay_lsn"]
+        r.replay_asked = asked
         r.probed_at = time.monotonic()
         if not r.in_recovery:
             r.lag_bytes, r.lag_seconds = 0, 0.0  # no longer following anything: lag means nothing
