@@ -99,6 +99,11 @@ async def _router(app: App) -> Any:
     else:
         router = Router(replicas, Catalog(primary), routing, own_catalog=True)
     router.count = app.stats_inc
+    if routing.read_your_writes and routing.read_your_writes_scope != "session":
+        from proxy.replicas.marks import WriteMarks
+
+        router.marks = WriteMarks(routing.redis_url or cfg.cache.redis_url, routing.read_your_writes_scope,
+                                  routing.read_your_writes_ttl)
     if app.cache is not None:  # WAL positions recorded with version bumps let replicas' reads fill the cache
         app.cache.lsn_source = replicas.primary_lsn_after
     replicas.on_change = router.state_changed

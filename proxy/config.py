@@ -183,6 +183,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_lag_bytes": Key("size", "16MiB", "a replica further behind the primary's WAL than this gets no reads"),
         "max_lag_seconds": Key("duration", "10s", "a replica whose replay is this far behind gets no reads"),
         "probe_interval": Key("duration", "1s", "how often each replica's health and replay position are probed"),
+        "read_your_writes_scope": Key("str", "session", "whose writes a client's reads must see: session (its "
+                                                        "own), user (every session of its role) or application "
+                                                        "(of its application_name), across instances via Redis"),
+        "read_your_writes_ttl": Key("duration", "10min", "scope user/application: how long a session's write mark "
+                                                        "outlives it (longer than any write transaction)"),
+        "redis_url": Key("str", "", "Redis for read_your_writes_scope user/application; empty = [cache] redis_url"),
         "read_only_functions": Key("list", [], "functions (besides PostgreSQL's read-only built-ins and those the "
                                               "catalog says are STABLE or IMMUTABLE) that reads may call on a replica"),
     },
@@ -308,6 +314,12 @@ class Config:
         if self.replicas and self.auth.mode == "passthrough":
             raise ConfigError(f"{source}: [[replica]]: routing reads to replicas needs [auth] mode = userlist or "
                               "query and [pool] mode = transaction (pgfront logs in to each upstream itself)")
+        scope = self.routing.read_your_writes_scope
+        if scope not in ("session", "user", "application"):
+            raise ConfigError(f"{source}: [routing] read_your_writes_scope: expected session, user or application")
+        if scope != "session" and not (self.routing.redis_url or self.cache.enabled):
+            raise ConfigError(f"{source}: [routing] read_your_writes_scope = {scope} shares writes through Redis: "
+                              "set [routing] redis_url (or enable the cache)")
         if self.tracing.max_queue_size < 1:
             raise ConfigError(f"{source}: [tracing] max_queue_size: must be at least 1")
 

@@ -264,3 +264,17 @@ def test_a_promoted_replica_gets_no_reads(rep, caplog):  # last: the replica sto
         assert [m for m in caplog.messages if "out of recovery" in m] == [caplog.messages[-1]]
 
     run(test, rep)
+
+
+def test_read_your_writes_scope_config() -> None:
+    from proxy import config
+    from proxy.config import ConfigError
+
+    assert config.load(None).routing.read_your_writes_scope == "session"
+    with pytest.raises(ConfigError, match=r"read_your_writes_scope: expected session, user or application"):
+        config.load(None, overrides={"routing": {"read_your_writes_scope": "everyone"}})
+    with pytest.raises(ConfigError, match=r"shares writes through Redis: set \[routing\] redis_url"):
+        config.load(None, overrides={"routing": {"read_your_writes_scope": "user"}})
+    cfg = config.load(None, overrides={"routing": {"read_your_writes_scope": "application",
+                                                   "redis_url": "redis://127.0.0.1:6379/0"}})
+    assert cfg.routing.read_your_writes_ttl == 600.0

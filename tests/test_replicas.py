@@ -301,6 +301,63 @@ def test_read_cancelled_by_recovery_conflict_is_answered_by_the_primary(replicat
         replica.psql("SELECT pg_reload_conf()")
 
 
+def test_read_your_writes_across_sessions_and_instances(replicated, table, redis_server, tmp_path):
+    """read_your_writes_scope = user: a session reads what any session of its role wrote, through another
+    pgfront instance too (marks in Redis). Without it (scope session, the control) the same read on the
+    replica misses the write while replay is paused: the test can tell."""
+    replica = replicated.replica
+    scope = f"read_your_writes_scope = 'user'\nredis_url = '{redis_server.url}'\n"
+    dirs = [tmp_path / n for n in ("a", "b", "c")]
+    for d in dirs:
+        d.mkdir()
+    a, b = _proxy(replicated, dirs[0], extra=scope), _proxy(replicated, dirs[1], extra=scope)
+    control = _proxy(replicated, dirs[2])
+    violations: list[tuple[int, int]] = []
+    ports: list[int] = []
+    try:
+        for p in (a, b, control):
+            _wait_state(p, "replica1", "ok")
+            _warm(p, replica.port)
+
+        async def pair(n: int, rounds: int, reader_proxy: Pgfront) -> list[tuple[int, int]]:
+            writer, reader = await asyncpg.connect(a.dsn()), await asyncpg.connect(reader_proxy.dsn())
+            missed = []
+            try:
+                if n % 3 == 0:
+                    await writer.execute("SET work_mem = '2MB'")  # pinned to its primary connection: marked throughout
+                for i in range(rounds):
+                    key = 5_000_000 + n * 10_000 + i
+                    await writer.execute("INSERT INTO ryw VALUES ($1, $2) ON CONFLICT (id) DO NOTHING", key, n)
+                    seen, port = await reader.fetchrow("SELECT count(*), inet_server_port() FROM ryw WHERE id = $1",
+                                                       key)
+                    ports.append(port)
+                    if seen != 1:
+                        missed.append((key, port))
+            finally:
+                await writer.close()
+                await reader.close()
+            return missed
+
+        async def scenario(base: int, rounds: int, reader_proxy: Pgfront) -> list[tuple[int, int]]:
+            results = await asyncio.gather(*(pair(base + n, rounds, reader_proxy) for n in range(6)))
+            return [m for r in results for m in r]
+
+        replica.pause_replay()
+        try:
+            violations += asyncio.run(scenario(0, 8, b))
+            stale_control = asyncio.run(scenario(10, 3, control))
+        finally:
+            replica.resume_replay()
+        ports.clear()
+        violations += asyncio.run(scenario(20, 10, b))
+    finally:
+        for p in (a, b, control):
+            p.stop()
+    assert violations == [], violations[:10]
+    assert stale_control, "the control (scope session) should have read stale rows on the paused replica"
+    assert replica.port in ports  # replay running: reads after others' writes still reach the replica
+
+
 @pytest.mark.timeout(150)
 def test_replica_stopped_killed_and_restarted_under_load_fails_no_read(replicated, proxy):
     """Eight clients read without a pause while the replica shuts down (immediate: its backends send a

@@ -9,6 +9,7 @@ statement the pool prepared before, a Sync), and its other bytes wait, in order,
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from proxy.log import log
 from proxy.net.serverlink import UpstreamRefused
 from proxy.relay.pooling import REPORTED, drops_statements, session_feature, settings_query, wanted_settings
 from proxy.relay.records import _H, _P, _Q, _S, CLOSED, READY, Stmt
-from proxy.replicas.routing import WAIT, route_reply, route_setting
+from proxy.replicas.routing import MARK, WAIT, route_reply, route_setting
 from proxy.wire import protocol as pq
 from proxy.wire.framer import FrameError
 
@@ -125,6 +126,8 @@ class PooledClient:
                 self.route_wrote = False
                 self.ryw_since = time.monotonic()
                 self.ryw_lsn = 0
+                if self.ryw_mark is not None:  # and those of its scope's other sessions (Redis)
+                    self._settle_mark()
 
 
     def _without_server(self, data: bytes) -> None:
@@ -193,9 +196,11 @@ class PooledClient:
                 route = router.pick(self, data)
             if route is None and self.home is not None:
                 link = self._home_link()
+            elif route is WAIT or route is MARK:
+                link = None  # Redis, or a replica's replay, first
             else:
-                pool = self.pool if route is None or route is WAIT else self.app.pools.pool(self.database, self.user, route)
-                link = pool.lend_idle() if route is not WAIT else None
+                pool = self.pool if route is None else self.app.pools.pool(self.database, self.user, route)
+                link = pool.lend_idle()
             if link is not None:  # no wait: carry straight on with this chunk
                 self._attach(link, route)
                 self._client_bytes(data)
@@ -213,6 +218,9 @@ class PooledClient:
         router = self.app.router
         if route is WAIT:
             route = await router.pick_later(self)
+        elif route is MARK:
+            await router.mark_write(self)  # other sessions of its scope must know before it is acknowledged
+            route = None
         while True:
             pool = self.pool if route is None else self.app.pools.pool(self.database, self.user, route)
             try:
@@ -331,8 +339,15 @@ class PooledClient:
             self.fatal("53300" if isinstance(e, PoolTimeout) else "08006", f"pgfront: {e}")
 
 
+    def _settle_mark(self) -> None:
+        """The client's marked write is over (or the client is gone): not tied to the client, it must run."""
+        mark, self.ryw_mark = self.ryw_mark, None
+        asyncio.ensure_future(self.app.router.settle(mark, time.monotonic()))
+
     def _leave_pool(self) -> None:
         """The client is gone: the pool takes its server connection back (and resets or closes it)."""
+        if self.ryw_mark is not None:  # a pinned session's, or a write cut short
+            self._settle_mark()
         if self.home is not None:
             home, self.home = self.home, None
             self.pool.give_back(home)

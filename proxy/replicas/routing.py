@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.cache.policy import select_side_effect
 from proxy.cache.writes import relname
+from proxy.log import log
 from proxy.wire import protocol as pq
 
 PRIMARY = "primary"
@@ -70,6 +72,9 @@ def route_reply(client: Any, value: str) -> bytes:
         return (pq.error_response("22023", f'invalid value for parameter "pgfront.route": "{value}" '
                                            "(expected primary or auto)")
                 + pq.ready_for_query(client.tx_status))
+    if value != PRIMARY and client.route_pref == PRIMARY:
+        # its transactions meanwhile were not classified: any may have written, so reads wait for replay
+        client.ryw_since, client.ryw_lsn = time.monotonic(), 0
     client.route_pref = value
     return pq.command_complete("SET") + pq.ready_for_query(client.tx_status)
 
@@ -211,6 +216,7 @@ def explain_route(info: Any, forced: str | None, in_transaction: bool, declared:
 
 
 WAIT = object()  # `Router.pick`: the choice needs an await (`Router.pick_later`)
+MARK = object()  # `Router.pick`: the primary, once the possible write is marked in Redis (`Router.mark_write`)
 
 
 class Router:
@@ -225,8 +231,11 @@ class Router:
         self.to_primary = 0  # transactions sent to the primary: writes, unprovable, or preferred
         self._checkers: dict[str, Any] = {}
         self.count: Any = lambda name, n=1: None  # the worker's statistics counter (App.stats_inc)
+        self.marks: Any = None  # marks.WriteMarks: read-your-writes across the sessions of a user/application
 
     async def close(self) -> None:
+        if self.marks is not None:
+            await self.marks.close()
         await self.replicas.close()
         if self.own_catalog:
             await self.functions.catalog.close()
@@ -242,16 +251,24 @@ class Router:
         """The replica for the transaction waiting in `data`, None for the primary, or WAIT. Sets
         client.route_wrote when the transaction goes to the primary as a possible write."""
         client.route_wrote = False
+        marks = self.marks
         if client.route_pref == PRIMARY or client.pinned or client.route_retry_primary:
             client.route_retry_primary = False
+            if marks is not None and client.route_pref == PRIMARY and not client.pinned:
+                # its writes must be marked for the other sessions of its scope all the same
+                c = classify(data, client.statements, client.app.shapes.get, self.reason(client.database))
+                client.route_wrote = not c.read_only
+                return self._write(client)
             return self._primary()
         c = classify(data, client.statements, client.app.shapes.get, self.reason(client.database))
         forced = self._rule_route(client, data) if client.app.rules is not None else None
         if forced == PRIMARY or (forced is None and not (c.read_only and c.complete)):
-            client.route_wrote = forced is None and not c.read_only
-            return self._primary()
+            client.route_wrote = not c.read_only  # a rule's `route = "primary"` does not stop it writing
+            return self._write(client)
         if forced == REPLICA and not c.complete:
             return self._primary()  # a rule cannot make half a batch safe to move
+        if marks is not None and marks.key(client) is not None:
+            return WAIT  # other sessions' writes: only Redis knows
         if self.read_your_writes and client.ryw_since:
             if not client.ryw_lsn:
                 return WAIT
@@ -268,17 +285,63 @@ class Router:
         return c.read_only and c.complete and client.route_pref != PRIMARY
 
     async def pick_later(self, client: Any) -> Any:
-        """Read-your-writes: learn the primary's WAL position after the client's last write (once), then
-        wait up to max_wait for a replica that has replayed it; None (the primary) if none does."""
-        if not client.ryw_lsn:
-            try:
+        """Read-your-writes: learn the primary's WAL position after the client's last write (once), and
+        the one its scope's writes need (`marks`), then wait up to max_wait for a replica that has replayed
+        it; None (the primary) if none does."""
+        need = 0
+        try:
+            if client.ryw_since and not client.ryw_lsn:
                 client.ryw_lsn = await self.replicas.primary_lsn_after(client.ryw_since)
-            except Exception:  # noqa: BLE001 - no position known: the primary answers
-                return self._primary()
-        replica = await self.replicas.wait_replayed(client.database, client.ryw_lsn, self.max_wait)
+            if client.ryw_since:
+                need = client.ryw_lsn
+            key = self.marks.key(client) if self.marks is not None else None
+            if key is not None:
+                scope = await self.marks.required(key)
+                if scope is None:  # a write may be open and acknowledged at any time: the position now
+                    scope = await self.replicas.primary_lsn_after(time.monotonic())
+                need = max(need, scope)
+        except Exception:  # noqa: BLE001 - no position known (the primary or Redis did not say): the primary answers
+            return self._primary()
+        if not need:
+            replica = self.replicas.choose(client.database)
+            return self._replica(replica) if replica is not None else self._primary()
+        replica = await self.replicas.wait_replayed(client.database, need, self.max_wait)
         if replica is None:
             return self._primary()
         return self._replica(replica)
+
+    def _write(self, client: Any) -> Any:
+        """The primary, for a transaction that may write: MARK when its scope's mark must be set first."""
+        self._primary()
+        if client.route_wrote and self.marks is not None and self.marks.key(client) is not None:
+            return MARK
+        return None
+
+    async def mark_write(self, client: Any) -> None:
+        """Before a possible write is sent: its scope's mark in Redis, kept alive until `settle`. If Redis
+        cannot say, the write goes ahead (logged): refusing it would fail the client for our bookkeeping,
+        and readers that cannot reach Redis read on the primary."""
+        marks = self.marks
+        key, field = marks.key(client), marks.field(client)
+        try:
+            mark = await marks.pending(key, field)
+        except Exception as e:  # noqa: BLE001
+            log.warning("read-your-writes mark not stored", extra={"client": client.id, "reason": str(e)})
+            self.count("ryw_marks_failed")
+            return
+        marks.hold(key, field, mark)
+        client.ryw_mark = (key, field, mark)
+
+    async def settle(self, mark: tuple[str, str, str], since: float) -> None:
+        """The marked write is over: its mark becomes the primary's position read after `since`."""
+        key, field, value = mark
+        try:
+            lsn = await self.replicas.primary_lsn_after(since)
+            await self.marks.settle(key, field, value, lsn)
+        except Exception as e:  # noqa: BLE001 - the mark stays pending: readers use the position of their time
+            log.info("read-your-writes mark not settled", extra={"reason": str(e)})
+        finally:
+            self.marks.release(key, field, value)
 
     def _primary(self) -> None:
         self.to_primary += 1

@@ -12,11 +12,7 @@ for a slot asks again when one is given back in its own worker, or every POLL se
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
-from proxy.cache.resp import RespConnection, lean_params
-from proxy.cache.versions import connect
+from proxy.redis_calls import RedisCalls
 
 POLL = 0.005  # seconds between two asks for a concurrency slot held elsewhere
 
@@ -58,37 +54,9 @@ return 0
 """
 
 
-class SharedLimits:
+class SharedLimits(RedisCalls):
     """The Redis side of the limits. Every call raises ConnectionError, TimeoutError or a Redis error
     when Redis cannot answer in time; the caller then falls back to its local limits."""
-
-    def __init__(self, url: str, timeout: float) -> None:
-        self.url = url
-        self.timeout = timeout
-        self._lean = lean_params(url)
-        self._conn: RespConnection | None = None
-        self._opening: asyncio.Future | None = None
-        self._client: Any = None if self._lean is not None else connect(url, timeout)
-
-    async def _call(self, *args: Any) -> Any:
-        if self._client is not None:
-            return await self._client.execute_command(*args)
-        conn = self._conn
-        if conn is None or conn.closed:
-            conn = await self._open()
-        return await conn.call(self.timeout, *args)
-
-    async def _open(self) -> RespConnection:
-        # one connection per worker, pipelined: concurrent callers share the one being opened
-        if self._opening is None:
-            self._opening = asyncio.ensure_future(RespConnection.open(self._lean or {}, self.timeout))
-        opening = self._opening
-        try:
-            self._conn = await asyncio.shield(opening)
-        finally:
-            if self._opening is opening and opening.done():
-                self._opening = None
-        return self._conn
 
     async def reserve(self, key: str, interval: float, tolerance: float, max_wait: float) -> float | None:
         """Seconds to wait before starting, or None: it could not start within max_wait."""
@@ -105,9 +73,3 @@ class SharedLimits:
 
     async def renew(self, key: str, lease: float, members: list[str]) -> None:
         await self._call("EVAL", _RENEW, 1, key, int(lease * 1000), *members)
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        if self._client is not None:
-            await self._client.aclose()
