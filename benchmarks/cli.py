@@ -84,13 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pgbench protocol modes (default all three)")
     tr.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
     tr.set_defaults(func=cmd_tracing)
-    mi = sub.add_parser("mirror", help="client p95 latency with every statement mirrored to a slow (50 ms) "
-                                       "shadow vs no mirroring, under pgbench -S at a fixed rate, alternating runs")
-    mi.add_argument("--rounds", type=int, default=5, help="runs of each target per mode (default 5)")
-    mi.add_argument("--seconds", type=float, default=8, help="length of each pgbench run (default 8)")
+    mi = sub.add_parser("mirror", help="client p50/p95 latency with every statement mirrored to a slow (50 ms) "
+                                       "shadow vs the same rule never sampling vs no rule: one pgfront switched by "
+                                       "RELOAD under one pgbench -S at a fixed rate below saturation, many short "
+                                       "rounds of the three in random order")
+    mi.add_argument("--rounds", type=int, default=150, help="rounds of the three arms per mode (default 150)")
+    mi.add_argument("--seconds", type=float, default=0.6, help="each arm's time in a round (default 0.6)")
     mi.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
-    mi.add_argument("--rate", type=float, default=4000, help="pgbench -R: transactions per second in all, below "
-                                                             "saturation (default 4000)")
+    mi.add_argument("--rate", type=float, help="pgbench -R: transactions per second in all (default: --load "
+                                               "times the TPS measured at saturation first)")
+    mi.add_argument("--load", type=float, default=0.25, help="the rate as a share of the TPS at saturation, when "
+                                                             "--rate is not given (default 0.25)")
+    mi.add_argument("--seed", type=int, default=16, help="seed of the rounds' random orders (default 16)")
+    mi.add_argument("--realtime", action="store_true",
+                    help="run PostgreSQL, the pgfront worker and pgbench under SCHED_RR during the measured runs "
+                         "(root or CAP_SYS_NICE), the shadow and the mirror's runner process staying under "
+                         "SCHED_IDLE: on a machine shared with other jobs, their time slices then do not decide "
+                         "the p95")
     mi.add_argument("--mode", nargs="+", default=HOT_MODES, choices=HOT_MODES,
                     help="pgbench protocol modes (default all three)")
     mi.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
@@ -169,7 +179,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     from .mirror_cost import main as mirror_cost
 
     return mirror_cost(args.mode, rounds=args.rounds, seconds=args.seconds, clients=args.clients, rate=args.rate,
-                       json_path=args.json)
+                       load_share=args.load, seed=args.seed, realtime=args.realtime, json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

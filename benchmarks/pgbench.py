@@ -55,21 +55,27 @@ def percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[idx])
 
 
-def read_latencies_us(prefix: str) -> list[int]:
-    """All transaction latencies (microseconds) from pgbench's per-thread log files."""
-    out: list[int] = []
+def read_latencies_us(prefix: str, skip_s: float = 0.0) -> list[int]:
+    """All transaction latencies (microseconds) from pgbench's per-thread log files; with skip_s, those
+    of transactions that ended in the first skip_s seconds after the first one ended are left out (new
+    connections, new PostgreSQL backends: a start-up cost, not the steady state)."""
+    rows: list[tuple[int, int]] = []  # (end in epoch us, latency us)
     for path in glob.glob(prefix + ".*"):
         with open(path) as f:
             for line in f:
                 parts = line.split()
-                # client_id transaction_no latency_us script_no epoch epoch_us; failed ones say "failed"
+                # client_id transaction_no latency_us script_no epoch epoch_us [lag_us]; failed ones say "failed"
                 if len(parts) >= 3 and parts[2].isdigit():
-                    out.append(int(parts[2]))
-    out.sort()
-    return out
+                    end = int(parts[4]) * 1_000_000 + int(parts[5]) if len(parts) >= 6 else 0
+                    rows.append((end, int(parts[2])))
+    if skip_s > 0 and rows:
+        first = min(end for end, _ in rows)
+        rows = [r for r in rows if r[0] >= first + skip_s * 1e6]
+    return sorted(lat for _, lat in rows)
 
 
 _TPS = re.compile(r"^tps = ([\d.]+)", re.M)
+_LAG = re.compile(r"rate limit schedule lag: avg ([\d.]+) \(max ([\d.]+)\) ms")
 _TXNS = re.compile(r"number of transactions actually processed: (\d+)")
 
 
@@ -88,8 +94,9 @@ def _short(text: str, limit: int = 160) -> str:
 
 
 def run(port: int, load: Load, seconds: float, *, dbname: str = "postgres", user: str = "postgres",
-        host: str = "127.0.0.1", timeout: float | None = None) -> Result:
-    """Run pgbench for `seconds` against host:port and return throughput and latency."""
+        host: str = "127.0.0.1", timeout: float | None = None, skip_s: float = 0.0) -> Result:
+    """Run pgbench for `seconds` against host:port and return throughput and latency (the latency
+    percentiles without the transactions of the first skip_s seconds, see `read_latencies_us`)."""
     work = Path(tempfile.mkdtemp(prefix="pgfront-bench-"))
     try:
         args = [PGBENCH, "-h", host, "-p", str(port), "-U", user, "-n", "-c", str(load.clients),
@@ -118,10 +125,14 @@ def run(port: int, load: Load, seconds: float, *, dbname: str = "postgres", user
         if proc.returncode != 0 or not tps or not txns or int(txns.group(1)) == 0:
             reason = _failure_reason(proc.stdout, proc.stderr, proc.returncode)
             return Result(error=reason, extra={"stuck": 1} if "timeout expired" in reason else {})
-        lat = read_latencies_us(str(work / "txn"))
+        lat = read_latencies_us(str(work / "txn"), skip_s)
+        lag = _LAG.search(proc.stdout)  # with -R: how late transactions started, on average and at most
+        extra: dict[str, float | int | str] = {"counted": len(lat)}
+        if lag:
+            extra |= {"lag_avg_ms": float(lag.group(1)), "lag_max_ms": float(lag.group(2))}
         return Result(tps=float(tps.group(1)), transactions=int(txns.group(1)),
                       p50_ms=percentile(lat, 0.50) / 1000, p95_ms=percentile(lat, 0.95) / 1000,
-                      p99_ms=percentile(lat, 0.99) / 1000)
+                      p99_ms=percentile(lat, 0.99) / 1000, extra=extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

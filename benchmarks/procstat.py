@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from pathlib import Path
@@ -47,6 +48,19 @@ def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
     if reaped_children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / _TICKS
+
+
+def run_seconds(pid: int) -> float:
+    """Time the scheduler ran the process's threads, in seconds (0 if it is gone): from
+    /proc/PID/task/*/schedstat, counted in nanoseconds, where utime + stime are sampled in ticks."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    except OSError:
+        return 0.0
+    return total / 1e9
 
 
 def tree_cpu_seconds(pid: int) -> float:

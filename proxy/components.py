@@ -130,10 +130,11 @@ async def _observers(cfg, run_dir: str, worker_id: int) -> Any:
 
 
 def _mirror_counters(app: App) -> Any:
-    """Each mirror target's counters, summed over the workers (for /metrics)."""
+    """The mirror's report merged over the workers: each target's counters and the runner restarts
+    (for /metrics)."""
     from proxy.shadow.mirror import merged_for
 
-    return lambda: merged_for(app).targets
+    return lambda: merged_for(app)
 
 
 def make_throttler(cfg, stats: st.Stats | None) -> Any:

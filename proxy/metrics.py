@@ -82,7 +82,11 @@ _MIRROR_FAMILIES = {
     "errors": "Mirrored statements the shadow failed (error, timeout, unreachable) where the primary did not, "
               "by target",
 }
-MirrorCounters = Callable[[], dict[str, dict[str, Any]]]  # target -> {"queued": n, "sent": n, ...}
+RUNNER_RESTARTS_HELP = ("Shadow runner processes (one per worker with [mirror.NAME] targets) that died and were "
+                        "started again")
+# the mirror's numbers merged over the workers: a shadow.mirror_report.MirrorReport, whose `targets` maps
+# each target to {"queued": n, "sent": n, ...} and whose `restarts` counts the runner processes restarted
+MirrorCounters = Callable[[], Any]
 
 
 def _duration_buckets(q: st.QueryStats) -> list[tuple[str, float]]:
@@ -185,11 +189,15 @@ def _labelled_families(merged: st.MergedStats, names: set[str]) -> Iterator[Metr
         yield metric
 
 
-def _mirror_families(targets: dict[str, dict[str, Any]]) -> Iterator[Metric]:
-    """pgfront_mirror_queued{target} and pgfront_mirror_<counter>_total{target}; nothing when no
-    target is configured."""
+def _mirror_families(report: Any) -> Iterator[Metric]:
+    """pgfront_mirror_queued{target}, pgfront_mirror_<counter>_total{target} and
+    pgfront_mirror_runner_restarts_total; nothing when no target is configured."""
+    targets = report.targets
     if not targets:
         return
+    restarts = CounterMetricFamily("pgfront_mirror_runner_restarts", RUNNER_RESTARTS_HELP)
+    restarts.add_metric([], report.restarts)
+    yield restarts
     for key, help_ in _MIRROR_FAMILIES.items():
         family = (GaugeMetricFamily if key == "queued" else CounterMetricFamily)(f"pgfront_mirror_{key}", help_,
                                                                                  labels=["target"])
@@ -254,7 +262,7 @@ async def start_metrics_server(host: str, port: int, get_merged: Callable[[], st
                                mirror: MirrorCounters | None = None) -> asyncio.Server:
     """Serve GET /metrics and GET /healthz; SO_REUSEPORT lets every worker bind the same port.
 
-    mirror() returns the mirror targets' counters merged over the workers (`shadow.mirror.merged_for`).
+    mirror() returns the mirror's report merged over the workers (`shadow.mirror.merged_for`).
 
     health() returns a JSON-able dict; /healthz answers 503 when it says "healthy": false or a "status"
     other than "ok" (or raises), 200 otherwise.

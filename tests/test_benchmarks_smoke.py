@@ -106,3 +106,28 @@ def test_latency_percentiles_from_pgbench_logs(tmp_path) -> None:
     lat = read_latencies_us(str(tmp_path / "txn"))
     assert lat == [100, 200, 300]
     assert percentile(lat, 0.5) == 200 and percentile(lat, 0.99) == 300
+
+
+def test_latencies_without_the_first_seconds(tmp_path) -> None:
+    # the 5th and 6th columns: when each transaction ended (epoch seconds, microseconds)
+    (tmp_path / "txn.1").write_text("0 0 900 0 100 0\n0 1 100 0 100 400000\n0 2 200 0 100 600000\n"
+                                    "0 3 300 0 101 0\n")
+    assert read_latencies_us(str(tmp_path / "txn"), skip_s=0.5) == [200, 300]
+    assert read_latencies_us(str(tmp_path / "txn")) == [100, 200, 300, 900]
+
+
+def test_mirror_benchmark_pooled_percentiles() -> None:
+    """The mirror benchmark's percentile of several ascending lists, some counted twice (a bootstrap
+    resample), is pgbench.percentile of their merged list."""
+    import random
+
+    from benchmarks.mirror_cost import pooled_percentile, quartiles
+
+    rng = random.Random(16)
+    for _ in range(100):
+        parts = [(sorted(rng.randint(1, 500) for _ in range(rng.randint(1, 40))), rng.randint(1, 3))
+                 for _ in range(rng.randint(1, 6))]
+        merged = sorted(v for values, times in parts for _ in range(times) for v in values)
+        for q in (0.0, 0.5, 0.95, 0.99, 1.0):
+            assert pooled_percentile(parts, q) == percentile(merged, q)
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)

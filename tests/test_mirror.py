@@ -26,7 +26,7 @@ from proxy.app import App
 from proxy.devdb import free_port
 from proxy.metrics import render, start_metrics_server
 from proxy.shadow.digest import RowDigest
-from proxy.shadow.mirror import Mirrors, MirrorTarget, merged_for
+from proxy.shadow.mirror import MirrorReport, Mirrors, MirrorTarget, merged_for
 from proxy.shadow.observe import Observed, ObservedSinks
 from proxy.shadow.runner import ShadowResult, ShadowRunner, data_row_body
 from proxy.sql import analyze
@@ -574,7 +574,7 @@ def test_admin_console_and_metrics(dbs, tmp_path: Path) -> None:
             assert await app.observers.mirror.drain(10)
             port = free_port()
             server = await start_metrics_server("127.0.0.1", port, st.MergedStats, lambda: {},
-                                                mirror=lambda: merged_for(app).targets)
+                                                mirror=lambda: merged_for(app))
             try:
                 url = f"http://127.0.0.1:{port}/metrics"
                 metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
@@ -603,7 +603,8 @@ def test_admin_console_and_metrics(dbs, tmp_path: Path) -> None:
     assert samples[("pgfront_mirror_dropped_total", "shadow")] == 0
     assert samples[("pgfront_mirror_errors_total", "shadow")] == 0
     assert samples[("pgfront_mirror_queued", "shadow")] == 0
-    assert b"pgfront_mirror" not in render(lambda: st.MergedStats(), mirror=lambda: {})
+    assert samples[("pgfront_mirror_runner_restarts_total", None)] == 0
+    assert b"pgfront_mirror" not in render(lambda: st.MergedStats(), mirror=MirrorReport)
 
 
 def test_targets_from_config() -> None:

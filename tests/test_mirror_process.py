@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.devdb import _alive, child_pids
+from proxy.devdb import _alive, child_pids, free_port
 from proxy.shadow import mirror as mirror_mod
 from proxy.shadow.mirror import Mirrors, MirrorTarget
 from proxy.shadow.runner import ShadowRunner
@@ -61,6 +65,7 @@ def test_a_killed_runner_is_restarted_and_counted(dbs, caplog) -> None:  # noqa:
 
     mirrors, first, second, restarts = asyncio.run(main())
     assert restarts == 1 and first != second and gone(second)
+    assert mirrors.report().restarts == 1 and mirrors.snapshot()["runner_restarts"] == 1
     c = counters(mirrors)
     # the new runner carried on from the dead one's last report; nothing unaccounted
     assert c["sent"] + c["dropped"] == 40 and c["sent"] >= 20 and c["mismatched"] >= 1  # id 7 differs
@@ -112,12 +117,20 @@ def test_a_runner_that_falls_behind_costs_drops_not_waits(dbs) -> None:  # noqa:
 
 
 # -- through a real pgfront ---------------------------------------------------------------------------
-def _mirroring_pgfront(pgfront_factory, tmp_path: Path, shadow_url: str):
+def _mirroring_pgfront(pgfront_factory, tmp_path: Path, shadow_url: str, extra: str = ""):
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rule]]\nname = "mirror-items"\nmatch = { tables = ["items"] }\n'
                      'mirror = { to = "shadow", share = 1.0 }\n')
     return pgfront_factory(config=f'[rules]\nfiles = ["{rules}"]\nwatch = false\n'
-                                  f'[mirror.shadow]\nurl = "{shadow_url}"\nqueue_size = 50\n')
+                                  f'[mirror.shadow]\nurl = "{shadow_url}"\nqueue_size = 50\n{extra}')
+
+
+def _restarts(metrics_port: int) -> float:
+    """pgfront_mirror_runner_restarts_total, as GET /metrics serves it."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    [value] = [s.value for f in text_string_to_metric_families(body) for s in f.samples
+               if s.name == "pgfront_mirror_runner_restarts_total"]
+    return value
 
 
 def _runner_of(pid: int) -> int:
@@ -137,9 +150,14 @@ def _compared(port: int) -> int:
 
 
 def test_killing_the_runner_does_not_touch_clients(pgfront_factory, dbs, tmp_path) -> None:  # noqa: F811
-    p = _mirroring_pgfront(pgfront_factory, tmp_path, dbs[1])
+    metrics_port = free_port()
+    p = _mirroring_pgfront(pgfront_factory, tmp_path, dbs[1], f"[metrics]\nlisten = '127.0.0.1:{metrics_port}'\n")
     assert p.proc is not None
     first = _runner_of(p.proc.pid)
+    assert _restarts(metrics_port) == 0
+    if hasattr(os, "SCHED_IDLE"):  # the runner only gets CPU time nothing else wants
+        wait_for(lambda: os.sched_getscheduler(first) == os.SCHED_IDLE, what="the runner under SCHED_IDLE")
+        assert os.sched_getscheduler(p.proc.pid) == os.SCHED_OTHER
     failures: list[BaseException] = []
     done = threading.Event()
     answered = 0
@@ -163,6 +181,7 @@ def test_killing_the_runner_does_not_touch_clients(pgfront_factory, dbs, tmp_pat
         wait_for(lambda: answered > before + 200 or bool(failures), what="the client after the kill")
         second = _runner_of(p.proc.pid)
         assert second != first
+        wait_for(lambda: _restarts(metrics_port) == 1, what="the restart on /metrics")
         compared = _compared(p.port)
         wait_for(lambda: _compared(p.port) > compared, what="the new runner comparing")
     finally:
@@ -182,3 +201,23 @@ def test_no_orphan_runner_after_the_worker_exits(pgfront_factory, dbs, tmp_path,
     os.kill(p.proc.pid, getattr(signal, how))
     p.proc.wait(20)
     wait_for(lambda: gone(runner), timeout=10, what=f"runner {runner} to exit after its worker's {how}")
+
+
+def test_the_runner_takes_sched_idle_and_leaves_a_real_time_policy() -> None:
+    """A worker run under SCHED_RR (or nice) does not hand its priority down: lower_priority() takes the
+    runner out of the real-time policy, to SCHED_IDLE."""
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("no SCHED_IDLE here")
+    try:
+        probe = subprocess.run(["true"], preexec_fn=lambda: os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1)))
+    except (PermissionError, subprocess.SubprocessError, OSError):
+        pytest.skip("SCHED_RR not permitted here")
+    if probe.returncode != 0:
+        pytest.skip("SCHED_RR not permitted here")
+    code = ("import os; from proxy.shadow.mirror_process import lower_priority; "
+            "print(lower_priority(), os.sched_getscheduler(0) == os.SCHED_IDLE, os.getpriority(os.PRIO_PROCESS, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1)),
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["idle", "True", "10"]

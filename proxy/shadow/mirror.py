@@ -21,8 +21,9 @@ shadow fails where the primary did not (an error, a timeout, the shadow unreacha
 error of the shadow, not as a mismatch: a shadow that is down must not read as one returning wrong rows.
 
 The runner dies with its worker (it exits on the link's EOF), and a runner that dies is started again
-(logged, counted in `restarts`): the statements it held are counted as dropped, and the new one carries
-on from its predecessor's last report. Across workers: the runner writes its worker's JSON snapshot
+(logged, counted in `restarts`, which the snapshots carry as `runner_restarts`: /metrics shows it as
+pgfront_mirror_runner_restarts_total): the statements it held are counted as dropped, and the new one
+carries on from its predecessor's last report. Across workers: the runner writes its worker's JSON snapshot
 `run_dir/mirror-<worker>.json` every second (like `stats.StatsPublisher`); `Mirrors.merged` adds every
 live worker's snapshot up (this worker's live state in place of its file), so the admin console and
 /metrics of any worker show the whole instance.
@@ -172,7 +173,8 @@ class Mirrors:
         if room is None:
             return True  # an unknown target: offer counts it (and logs it once)
         inflight = room.inflight
-        if self.closed or inflight[session % len(inflight)] >= room.cap or self._backed_up():
+        link = self._link
+        if inflight[session % len(inflight)] >= room.cap or self.closed or (link is not None and link.paused):
             room.dropped += 1
             self.changes += 1
             return False
@@ -290,7 +292,7 @@ class Mirrors:
             return
         targets = [{"name": r.target.name, "url": r.target.url, "queue_size": r.target.queue_size,
                     "connections": r.target.connections, "timeout": r.target.timeout} for r in self._rooms]
-        self._link.send(INIT, json.dumps({"targets": targets, "worker": self.worker_id,
+        self._link.send(INIT, json.dumps({"targets": targets, "worker": self.worker_id, "restarts": self.restarts,
                                           "run_dir": str(self.run_dir or "")}).encode())
         if self._report:  # a runner before this one died: carry its counts on
             self._link.send(PRIOR, self._report)
@@ -420,7 +422,7 @@ class Mirrors:
             counters["queued"] = sum(room.inflight)
             targets[name] = counters
         return {"version": 1, "worker": self.worker_id, "pid": os.getpid(), "time": time.time(),
-                "targets": targets, "comparisons": self._parsed["comparisons"]}
+                "runner_restarts": self.restarts, "targets": targets, "comparisons": self._parsed["comparisons"]}
 
     def report(self) -> MirrorReport:
         """This worker's numbers alone."""

@@ -13,7 +13,8 @@ file `run_dir/mirror-<worker>.json` itself, adding the worker's own drops (COUNT
 It lives as long as the link: EOF from the worker (a worker that exits, or is killed, closes it) or
 the worker's pid gone makes it exit at once; SIGINT and SIGTERM are ignored (a terminal's Ctrl-C or a
 service manager's stop reach the worker, which then sends QUIT: drop what is queued, count it, report).
-It runs at a lower priority than its worker (nice +10): on busy cores the relay's clients come first.
+It runs at a lower priority than its worker (SCHED_IDLE on Linux, else nice +10, `lower_priority`): on
+busy cores the relay's clients come first.
 Run as `python -m proxy.shadow.mirror_process FD WORKER_PID`.
 """
 
@@ -48,7 +49,7 @@ log = logging.getLogger("proxy.shadow.mirror")  # the worker logs these records 
 SNAPSHOT_INTERVAL = 1.0  # seconds between snapshots
 _QUIT_WAIT = 5.0  # seconds to wait for the worker to take the last report
 _SYNC = struct.Struct("!Q")
-NICE = 10  # this process's niceness above its worker's
+NICE = 10  # this process's niceness above its worker's (where there is no SCHED_IDLE)
 
 
 class _Target:
@@ -98,10 +99,12 @@ class _Target:
 class Runner:
     """The process's state: the worker's targets, the link to the worker, the snapshots."""
 
-    def __init__(self, link: Link, targets: list[MirrorTarget], worker: str, worker_pid: int, run_dir: str) -> None:
+    def __init__(self, link: Link, targets: list[MirrorTarget], worker: str, worker_pid: int, run_dir: str,
+                 restarts: int = 0) -> None:
         self.link = link
         self.targets = [_Target(t) for t in targets]
         self.worker, self.worker_pid = worker, worker_pid
+        self.restarts = restarts  # runners of this worker that died before this one (for the snapshot file)
         self.path = Path(run_dir) / f"mirror-{worker}.json" if run_dir else None
         self.worker_dropped = [0] * len(targets)  # the worker's own drops, as it last said (COUNTS)
         self.changes = 0
@@ -216,7 +219,7 @@ class Runner:
             return
         for state, dropped in zip(self.targets, self.worker_dropped, strict=False):
             snap["targets"][state.target.name]["dropped"] += dropped
-        snap.update(worker=self.worker, pid=self.worker_pid, time=time.time())
+        snap.update(worker=self.worker, pid=self.worker_pid, time=time.time(), runner_restarts=self.restarts)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path, json.dumps(snap, separators=(",", ":")).encode())
@@ -287,7 +290,7 @@ async def serve(fd: int, worker_pid: int) -> None:
         elif kind == wire.INIT:  # the worker's first frame
             init = json.loads(payload)
             runner = Runner(link, [MirrorTarget(**t) for t in init["targets"]], init["worker"], worker_pid,
-                            init["run_dir"])
+                            init["run_dir"], int(init.get("restarts", 0)))
             runner.start()
             started.set_result(runner)
             link.send(wire.HELLO)
@@ -311,13 +314,33 @@ async def serve(fd: int, worker_pid: int) -> None:
         await asyncio.wait_for(asyncio.shield(link.lost), _QUIT_WAIT)  # the worker closes once it has the report
 
 
+def lower_priority() -> str:
+    """Run below the worker, so that on busy cores the relay's clients come first; the policy taken.
+
+    SCHED_IDLE (Linux) where there is one: the scheduler runs this process only on CPU time no other
+    process wants, and a waking worker (or PostgreSQL, or anything else) preempts it at once, where a
+    niced process still runs out its time slice first (about a millisecond: the worker's reply waits).
+    When the cores are saturated the runner then gets almost no CPU: its room in the worker fills and
+    the statements past it are dropped and counted, never waited for. Elsewhere, nice +NICE. A worker
+    run under a real-time policy does not hand it down: the runner leaves it first."""
+    policy = "nice"
+    with contextlib.suppress(AttributeError, OSError):
+        if os.sched_getscheduler(0) not in (os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_IDLE):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        policy = "idle"
+    return policy
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd, worker_pid = int(args[0]), int(args[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when this process stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(NICE)  # best effort: when the cores are busy, the worker's clients come first
+    lower_priority()
     try:
         import uvloop
 

@@ -130,10 +130,12 @@ class MirrorReport:
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> COUNTERS, url, connected, ...
     comparisons: dict[tuple[str, str], Comparison] = field(default_factory=dict)
     workers: int = 0
+    restarts: int = 0  # shadow runner processes that died and were started again, over the workers
 
     def add(self, snap: dict[str, Any]) -> None:
         """Add one worker's snapshot (`Mirrors.snapshot()`)."""
         self.workers += 1
+        self.restarts += int(snap.get("runner_restarts", 0))
         for name, counters in snap["targets"].items():
             mine = self.targets.setdefault(name, {"target": name, "url": counters["url"], "workers": 0,
                                                   "connected": 0, **dict.fromkeys(COUNTERS, 0),

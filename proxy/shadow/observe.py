@@ -95,10 +95,15 @@ class ObservedSinks:
         """Whether to observe a statement: the mirror rules' targets that sample it (a write only where
         the rule mirrors writes) and that have room for it now (a shadow that is behind drops it before
         it costs anything), and the capture's own sampling; None when neither takes it."""
+        # on every statement a mirror rule matches: a plain loop (no generator, no tuple() call), and no
+        # random draw at share 1
         targets: tuple[str, ...] = ()
-        if mirrors and self.mirror is not None:
-            targets = tuple(m.to for m in mirrors if (m.writes or not write) and self._random() < m.share
-                            and self.mirror.admit(m.to, session))
+        mirror = self.mirror
+        if mirrors and mirror is not None:
+            for m in mirrors:
+                if (m.writes or not write) and (m.share >= 1.0 or self._random() < m.share) \
+                        and mirror.admit(m.to, session):
+                    targets += (m.to,)
         capture = self.capture is not None and self.capture.sample()
         if not targets and not capture:
             return None
