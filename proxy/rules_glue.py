@@ -21,13 +21,6 @@ if TYPE_CHECKING:
     from proxy.stats import QueryStats
 
 
-def _depends_on_literals(d: Decision) -> bool:
-    """Whether what the matched rules do depends on the statement's own values: an enforced LIMIT
-    (the client's LIMIT/OFFSET numbers) or rewrite (literals carried into a template). Blocks,
-    cache, timeouts, logging and observe-mode matches are the same for every text of a shape."""
-    return any(not observed and action in ("limit", "rewrite") for _rule, action, observed in d.matched)
-
-
 class RulesAdapter:
     def __init__(self, holder: RuleHolder, app: App) -> None:
         self.holder = holder
@@ -39,7 +32,7 @@ class RulesAdapter:
         d = rs.decide(shape, session)
         if d is PASS:
             return None
-        if shape.text != sql and _depends_on_literals(d):
+        if d.by_text and shape.text != sql:  # computed once per decision, with the decision
             d = rs.decide(analyze(sql), session)
             if d is PASS:
                 return None
@@ -49,7 +42,10 @@ class RulesAdapter:
                  q: QueryStats | None = None) -> None:
         """Count one execution under decision d (rule hits, statistics, the log action); q: the
         fingerprint's statistics entry when the caller has it at hand."""
-        self.holder.current.count(d)
+        for c in d.hit_counters:  # RuleSet.count, inlined: once per execution
+            c.hits += 1
+        for c in d.observed_counters:
+            c.observed_hits += 1
         stats = self.app.stats
         if stats is not None:
             for rule, action, observed in d.matched:

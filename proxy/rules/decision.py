@@ -44,6 +44,9 @@ class Decision:
     throttle: tuple[tuple[str, Any, bool, RuleCounter], ...] = ()
     mirror: tuple[Any, ...] = ()  # model.Mirror of every matching enforced mirror rule
     route: str | None = None  # the first matching enforced route rule's: "primary" or "replica"
+    # what an enforced rule does depends on the statement's own values (an enforced LIMIT: the client's
+    # LIMIT/OFFSET numbers; a rewrite: literals carried into a template): decided again on its own text
+    by_text: bool = False
     hit_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
     observed_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
 
