@@ -1,4 +1,4 @@
-"""`python3 -m benchmarks run|profile|hotpath`: the command line of the benchmark harness."""
+"""`python3 -m benchmarks run|profile|hotpath|tracing|mirror|replicas`: the command line of the benchmark harness."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from .targets import CONFIGS, all_targets
 
 HOT_MODES = ["simple", "extended", "prepared"]  # pgbench -S through the relay
 HIT_MODES = ["hit-simple", "hit-extended", "hit-prepared"]  # a read the cache answers
+# pgbench -S in transaction pooling, without (pool-*) and with (route-*) a replica to route reads to
+ROUTE_MODES = ["pool-simple", "pool-extended", "route-simple", "route-extended"]
 
 
 def _keys(values: list[str] | None) -> list[str] | None:
@@ -57,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--top", type=int, default=30)
     prof.set_defaults(func=cmd_profile)
     hot = sub.add_parser("hotpath", help="the relay's Python cost per query, in-process, without sockets")
-    hot.add_argument("--mode", nargs="+", default=None, choices=[*HOT_MODES, *HIT_MODES],
-                     help="pgbench -S in each protocol, or (hit-*) a read the cache answers; default: the "
-                          "three protocols, and with --instructions the three cache hits too")
+    hot.add_argument("--mode", nargs="+", default=None, choices=[*HOT_MODES, *HIT_MODES, *ROUTE_MODES],
+                     help="pgbench -S in each protocol, (hit-*) a read the cache answers, or (pool-*, route-*) "
+                          "pgbench -S in transaction pooling without and with a replica; default: the three "
+                          "protocols, and with --instructions the three cache hits too")
     hot.add_argument("-n", type=int, default=50_000, help="queries per timed round (default 50,000)")
     hot.add_argument("--profile", action="store_true", help="print cProfile's ranking of one round")
     hot.add_argument("--config", help="a pgfront config file (default: no rules, no cache)")
@@ -105,6 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pgbench protocol modes (default all three)")
     mi.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
     mi.set_defaults(func=cmd_mirror)
+    rp = sub.add_parser("replicas", help="read replicas (issue 15): the share of pgbench -S reads a replica serves, "
+                                         "read-your-writes violations with replay paused and resumed, and "
+                                         "routing's instructions per query")
+    rp.add_argument("--mode", nargs="+", default=HOT_MODES, choices=HOT_MODES,
+                    help="pgbench protocol modes for the share of reads (default all three)")
+    rp.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
+    rp.add_argument("--seconds", type=float, default=5, help="length of each pgbench run (default 5)")
+    rp.add_argument("--rounds", type=int, default=2, help="runs of each pgfront per mode, alternating (default 2)")
+    rp.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
+    rp.add_argument("--rate", type=float, default=4000, help="pgbench -R for the share of reads: transactions per "
+                                                             "second in all, below saturation, where CPU per "
+                                                             "transaction is steadier (default 4000; 0: as fast as "
+                                                             "possible)")
+    rp.add_argument("--ryw-clients", type=int, default=32, help="read-your-writes clients (default 32)")
+    rp.add_argument("--ryw-seconds", type=float, default=15, help="length of the read-your-writes run (default 15)")
+    rp.add_argument("--pause", type=float, default=1.5, help="seconds replay stays paused each time (default 1.5)")
+    rp.add_argument("--resume", type=float, default=1.5, help="seconds replay runs between pauses (default 1.5)")
+    rp.add_argument("--instructions", nargs="*", default=["simple", "extended"], choices=["simple", "extended"],
+                    help="protocols whose instructions per query callgrind counts (default both; none: skip)")
+    rp.add_argument("--core", nargs="+", default=["compiled"], choices=["compiled", "pure"],
+                    help="relay cores counted (default compiled)")
+    rp.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
+    rp.set_defaults(func=cmd_replicas)
     return ap
 
 
@@ -180,6 +206,19 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
     return mirror_cost(args.mode, rounds=args.rounds, seconds=args.seconds, clients=args.clients, rate=args.rate,
                        load_share=args.load, seed=args.seed, realtime=args.realtime, json_path=args.json)
+
+
+def cmd_replicas(args: argparse.Namespace) -> int:
+    from .replicas import main as replicas
+
+    if (min(args.scale, args.rounds, args.clients, args.ryw_clients) < 1 or min(args.seconds, args.ryw_seconds) < 1
+            or args.rate < 0):
+        print("error: need --scale, --rounds, --clients, --ryw-clients >= 1, --seconds, --ryw-seconds >= 1 and "
+              "--rate >= 0", file=sys.stderr)
+        return 2
+    return replicas(modes=args.mode, scale=args.scale, seconds=args.seconds, rounds=args.rounds, clients=args.clients,
+                    rate=args.rate or None, ryw_clients=args.ryw_clients, ryw_seconds=args.ryw_seconds, pause_s=args.pause, run_s=args.resume,
+                    instructions=args.instructions, cores=args.core, json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,13 +28,14 @@ from proxy.upstream import parse_upstream
 from proxy.wire import protocol as pq
 
 from .hothit import hit_driver
+from .hotroute import route_driver
 from .transports import NullTransport
 
 _SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
 _PREP_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
 
 
-def _reply(mode: str) -> bytes:
+def reply(mode: str) -> bytes:
     """The server's reply as PostgreSQL sends it, in one read (as it arrives over loopback)."""
     rows = (pq.row_description([("abalance", 23)]) + pq.data_row([0]) + pq.command_complete("SELECT 1")
             + pq.ready_for_query(pq.IDLE))
@@ -43,7 +44,7 @@ def _reply(mode: str) -> bytes:
     return (pq.PARSE_COMPLETE if mode == "extended" else b"") + pq.BIND_COMPLETE + rows
 
 
-def _client_messages(mode: str, i: int) -> bytes:
+def client_messages(mode: str, i: int) -> bytes:
     """What pgbench -S sends per transaction (libpq's PQsendQueryParams / PQsendQueryPrepared):
     Parse without parameter types, Bind with text parameters and one text result format,
     Describe of the unnamed portal, Execute without a row limit, Sync."""
@@ -87,14 +88,14 @@ def _driver(mode: str, config: str | None) -> tuple[ClientConnection, Callable[[
         link.data_received(b"")
         s.data_received(pq.parse_message("P_0", _PREP_SQL) + pq.SYNC)
         link.data_received(pq.PARSE_COMPLETE + pq.ready_for_query(pq.IDLE))
-    msgs = [_client_messages(mode, i) for i in range(1000)]
-    reply = _reply(mode)
+    msgs = [client_messages(mode, i) for i in range(1000)]
+    answer = reply(mode)
 
     def loop_body(count: int) -> None:
         client, server = s.data_received, link.data_received
         for i in range(count):
             client(msgs[i % 1000])
-            server(reply)
+            server(answer)
 
     loop_body(2000)  # warm the shape cache and the statistics entry
     gc.collect()
@@ -103,7 +104,8 @@ def _driver(mode: str, config: str | None) -> tuple[ClientConnection, Callable[[
 
 def drive(mode: str, n: int, config: str | None = None) -> None:
     """Feed n transactions after the warm-up, untimed: what `--instructions` counts under callgrind.
-    Modes hit-simple, hit-extended and hit-prepared feed a read the cache answers (benchmarks.hothit)."""
+    Modes hit-simple, hit-extended and hit-prepared feed a read the cache answers (benchmarks.hothit);
+    pool-* and route-* go through transaction pooling, without and with a replica (benchmarks.hotroute)."""
     with ExitStack() as stack:
         s, loop_body = driver(mode, config, stack)
         _count(s, loop_body, n)
@@ -112,6 +114,8 @@ def drive(mode: str, n: int, config: str | None = None) -> None:
 def driver(mode: str, config: str | None, stack: ExitStack) -> tuple[ClientConnection, Callable[[int], None]]:
     if mode.startswith("hit-"):
         return hit_driver(mode[4:], stack)
+    if mode.startswith(("pool-", "route-")):
+        return route_driver(mode, stack)
     out = _driver(mode, config)
     stack.callback(asyncio.get_event_loop().close)
     tracing = out[0].app.tracing

@@ -44,6 +44,16 @@ def per_query(mode: str, config: str | None = None, cwd: Path | None = None, pur
     return (count(mode, LONG, config, cwd, pure) - count(mode, SHORT, config, cwd, pure)) / (LONG - SHORT)
 
 
+def label_of(mode: str, config: str | None = None) -> str:
+    if mode.startswith("hit-"):
+        return "cache hit"
+    if mode.startswith("pool-"):
+        return "transaction pooling"
+    if mode.startswith("route-"):
+        return "transaction pooling, routed to a replica"
+    return "default rules" if config else "passthrough"
+
+
 def main(modes: list[str], config: str | None, cores: list[str]) -> int:
     if shutil.which("valgrind") is None:
         print("error: valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -56,7 +66,7 @@ def main(modes: list[str], config: str | None, cores: list[str]) -> int:
         cores = ["pure"]
     for which in cores:
         for mode in modes:
-            label = "cache hit" if mode.startswith("hit-") else "default rules" if config else "passthrough"
+            label = label_of(mode, config)
             print(f"counting {mode} ({label}, {which} core) under callgrind...", file=sys.stderr, flush=True)
             n = per_query(mode, config, pure=which == "pure")
             print(f"{which:8s} {mode:12s} {n:9,.0f} instructions per query ({label}, callgrind, "
