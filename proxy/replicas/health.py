@@ -224,6 +224,11 @@ class ReplicaSet:
     # -- routing --------------------------------------------------------------------------------------
     def choose(self, database: str, min_lsn: int = 0) -> Replica | None:
         """A usable replica serving `database` that has replayed up to `min_lsn`, at random by weight."""
+        if len(self.replicas) == 1:  # the usual set-up, once per routed transaction: no list to build
+            r = self.replicas[0]
+            dbs = r.target.databases
+            ok = r.state == "ok" and r.replay_lsn >= min_lsn and r.target.weight > 0 and (dbs is None or database in dbs)
+            return r if ok else None
         fit = [r for r in self.replicas
                if r.state == "ok" and r.replay_lsn >= min_lsn and r.target.weight > 0 and r.serves(database)]
         if len(fit) <= 1:

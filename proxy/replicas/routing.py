@@ -26,6 +26,7 @@ from typing import Any
 from proxy.cache.policy import select_side_effect
 from proxy.cache.writes import relname
 from proxy.log import log
+from proxy.sql.info import EMPTY
 from proxy.wire import protocol as pq
 
 PRIMARY = "primary"
@@ -79,7 +80,7 @@ def route_reply(client: Any, value: str) -> bytes:
     return pq.command_complete("SET") + pq.ready_for_query(client.tx_status)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Classified:
     """What the messages waiting for a server ask of it."""
 
@@ -90,27 +91,68 @@ class Classified:
     complete: bool
 
 
-def read_only_reason(info: Any, function_ok: Any) -> str:
-    """"" when the statement is a provable read that a replica can answer as the primary would, else why
-    not. `function_ok(name)` -> True, False, or None (not known yet: a read must not wait for it)."""
+# the answers for reads, shared: classifying a read allocates nothing
+READ = Classified(True, "", True)
+READ_OPEN = Classified(True, "", False)
+NO_MESSAGE = Classified(False, "no complete message", False)
+
+
+def statement_reason(info: Any) -> tuple[str, frozenset[str]]:
+    """The part of read_only_reason that depends on the statement alone: ("", the functions whose facts
+    decide) for a read, else (why not, no functions)."""
     if not info.parsed:
-        return "not parsed"
+        return "not parsed", EMPTY
     if info.statements:
-        return "several statements"
+        return "several statements", EMPTY
     if info.kind == "utility" and info.text.lstrip()[:4].lower() == "show":
-        return ""
+        return "", EMPTY
     if info.kind == "transaction" and info.tx == "begin" and _READ_ONLY_BEGIN.search(info.text):
-        return ""  # BEGIN READ ONLY: Postgres refuses any write in it, on either side
+        return "", EMPTY  # BEGIN READ ONLY: Postgres refuses any write in it, on either side
     if info.kind != "select":
-        return f"a {info.kind} statement"
-    why = select_side_effect(info)
-    if why:
-        return why
-    for f in info.functions:
+        return f"a {info.kind} statement", EMPTY
+    return select_side_effect(info), info.functions
+
+
+def functions_reason(functions: frozenset[str], function_ok: Any) -> str:
+    for f in functions:
         ok = function_ok(f)
         if not ok:
             return f"function {f}" + (" (not known yet)" if ok is None else "")
     return ""
+
+
+def read_only_reason(info: Any, function_ok: Any) -> str:
+    """"" when the statement is a provable read that a replica can answer as the primary would, else why
+    not. `function_ok(name)` -> True, False, or None (not known yet: a read must not wait for it)."""
+    why, functions = statement_reason(info)
+    return why or functions_reason(functions, function_ok)
+
+
+REASONS_MAX = 20_000  # StatementInfos a database's reasons remember (kept alive: an id is never reused meanwhile)
+
+
+def statement_reasons(function_ok: Any) -> Any:
+    """read_only_reason for one database's function facts, its statement part worked out once per
+    StatementInfo.
+
+    The ShapeCache gives every text of one shape (texts differing only in constants) one StatementInfo,
+    and read_only_reason reads nothing else: remembering its statement part by that object gives the
+    same answer without the work, at each execution of a repeated read. Function facts are asked each
+    time (the catalog's expire and are read again); most reads call none. A closure: the cheapest call.
+    """
+    memo: dict[int, tuple[Any, str, frozenset[str]]] = {}
+
+    def reason(info: Any) -> str:
+        got = memo.get(id(info))
+        if got is None:
+            if len(memo) >= REASONS_MAX:
+                memo.clear()
+            got = memo[id(info)] = (info, *statement_reason(info))
+        if got[1] or not got[2]:
+            return got[1]
+        return functions_reason(got[2], function_ok)
+
+    return reason
 
 
 class FunctionFacts:
@@ -136,38 +178,37 @@ class FunctionFacts:
         return ok
 
 
-def classify(data: bytes, statements: dict, info_of: Any, reason_of: Any, continuing: bool = False) -> Classified:
+_PASSING = b"DEHC"  # Describe, Execute, Flush, Close: nothing in them to read
+PARSES_MAX = 20_000  # Parse messages remembered per router (`classify`'s `parses`)
+
+
+def classify(data: bytes, statements: dict, info_of: Any, reason_of: Any, continuing: bool = False,
+             parses: dict | None = None) -> Classified:
     """Read the client's waiting bytes message by message. `statements`: the client's prepared statements
     (name -> Stmt with .info); `info_of(sql)` -> StatementInfo; `reason_of(info)` -> read_only_reason.
-    `continuing`: the bytes follow others on the same server (its unnamed statement is the client's)."""
+    `continuing`: the bytes follow others on the same server (its unnamed statement is the client's).
+    `parses`: Parse bodies seen before -> (statement name, StatementInfo), filled here: a client that
+    parses the same text at every execution (libpq's extended protocol) has it read once."""
     n = len(data)
+    if n > 5 and data[0] == 81 and _I32.unpack_from(data, 1)[0] + 1 == n:  # one whole Query: the usual read
+        why = reason_of(info_of(data[5:-1].decode(pq.ENC, pq.ERRORS)))
+        return Classified(False, why, True) if why else READ
     i = 0
     current = statements.get("") if continuing else None
     unnamed = current.info if current is not None else None  # the unnamed statement's StatementInfo
     open_unnamed = False  # an unnamed Parse since the last Sync
     while i + 5 <= n:
         t = data[i]
-        size = _I32.unpack_from(data, i + 1)[0]
-        end = i + 1 + size
-        if size < 4 or end > n:
+        end = i + 1 + _I32.unpack_from(data, i + 1)[0]
+        if end < i + 5 or end > n:
             break
-        body = data[i + 5:end]
-        if t == 81:  # Query
-            info = info_of(body[:-1].decode(pq.ENC, pq.ERRORS))
-            why = reason_of(info)
-            if why:
-                return Classified(False, why, True)
-        elif t == 80:  # Parse
-            name, sql, _oids = pq.parse_parse(body)
-            info = info_of(sql)
-            why = reason_of(info)
-            if why:
-                return Classified(False, why, True)
-            if not name:
-                unnamed = info
-                open_unnamed = True
+        if t in _PASSING:
+            pass
         elif t == 66:  # Bind
-            _portal, name = pq.bind_names(body)
+            if end - i >= 7 and data[i + 5] == 0 and data[i + 6] == 0:
+                name = ""  # unnamed portal, unnamed statement: the usual Bind, read without a copy
+            else:
+                _portal, name = pq.bind_names(data[i + 5:end])
             if name:
                 stmt = statements.get(name)
                 if stmt is None:
@@ -179,14 +220,34 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Any, contin
                 return Classified(False, "unnamed statement of an earlier batch", True)
         elif t == 83:  # Sync
             open_unnamed = False
-        elif t in (68, 69, 72, 67):  # Describe, Execute, Flush, Close
-            pass
+        elif t == 80:  # Parse
+            body = data[i + 5:end]
+            got = parses.get(body) if parses is not None else None
+            if got is None:
+                name, sql, _oids = pq.parse_parse(body)
+                got = (name, info_of(sql))
+                if parses is not None:
+                    if len(parses) >= PARSES_MAX:
+                        parses.clear()
+                    parses[body] = got
+            name, info = got
+            why = reason_of(info)
+            if why:
+                return Classified(False, why, True)
+            if not name:
+                unnamed = info
+                open_unnamed = True
+        elif t == 81:  # Query
+            info = info_of(data[i + 5:end - 1].decode(pq.ENC, pq.ERRORS))
+            why = reason_of(info)
+            if why:
+                return Classified(False, why, True)
         else:  # COPY data, a function call, Terminate...
             return Classified(False, f"message {chr(t)!r}", True)
         i = end
     if i == 0:
-        return Classified(False, "no complete message", False)
-    return Classified(True, "", i == n and not open_unnamed)
+        return NO_MESSAGE
+    return READ if i == n and not open_unnamed else READ_OPEN
 
 
 def explain_route(info: Any, forced: str | None, in_transaction: bool, declared: list[str]) -> str:
@@ -229,7 +290,14 @@ class Router:
         self.read_your_writes = cfg.read_your_writes
         self.max_wait = cfg.max_wait
         self.to_primary = 0  # transactions sent to the primary: writes, unprovable, or preferred
-        self._checkers: dict[str, Any] = {}
+        self._reasons: dict[str, Any] = {}  # statement_reasons by database
+        self._parses: dict[bytes, tuple[str, Any]] = {}  # `classify`'s Parse bodies seen before
+        self._routed_keys: dict[Any, str] = {}  # replica -> its routed_transactions counter's name
+        # the last bytes found complete reads (pick, still_read_only) and whose they are: the relay's
+        # check of the same bytes, once a replica is lent for them, is then answered without reading them
+        # again (`still_read_only`, once)
+        self._read_client: Any = None
+        self._read_data: Any = None
         self.count: Any = lambda name, n=1: None  # the worker's statistics counter (App.stats_inc)
         self.marks: Any = None  # marks.WriteMarks: read-your-writes across the sessions of a user/application
 
@@ -241,11 +309,15 @@ class Router:
             await self.functions.catalog.close()
 
     def reason(self, database: str) -> Any:
-        """read_only_reason for this database's function facts."""
-        ok = self._checkers.get(database)
-        if ok is None:
-            ok = self._checkers[database] = self.functions.checker(database)
-        return lambda info: read_only_reason(info, ok)
+        """read_only_reason for this database's function facts (`statement_reasons`)."""
+        reasons = self._reasons.get(database)
+        if reasons is None:
+            reasons = self._reasons[database] = statement_reasons(self.functions.checker(database))
+        return reasons
+
+    def _classify(self, client: Any, data: bytes, continuing: bool = False) -> Classified:
+        reason = self._reasons.get(client.database) or self.reason(client.database)
+        return classify(data, client.statements, client.app.shapes.get, reason, continuing, self._parses)
 
     def pick(self, client: Any, data: bytes) -> Any:
         """The replica for the transaction waiting in `data`, None for the primary, or WAIT. Sets
@@ -256,13 +328,13 @@ class Router:
             client.route_retry_primary = False
             if marks is not None and client.route_pref == PRIMARY and not client.pinned:
                 # its writes must be marked for the other sessions of its scope all the same
-                c = classify(data, client.statements, client.app.shapes.get, self.reason(client.database))
-                client.route_wrote = not c.read_only
+                client.route_wrote = not self._classify(client, data).read_only
                 return self._write(client)
             return self._primary()
-        c = classify(data, client.statements, client.app.shapes.get, self.reason(client.database))
+        reason = self._reasons.get(client.database) or self.reason(client.database)
+        c = classify(data, client.statements, client.app.shapes.get, reason, False, self._parses)
         forced = self._rule_route(client, data) if client.app.rules is not None else None
-        if forced == PRIMARY or (forced is None and not (c.read_only and c.complete)):
+        if forced == PRIMARY or (forced is None and c is not READ):
             client.route_wrote = not c.read_only  # a rule's `route = "primary"` does not stop it writing
             return self._write(client)
         if forced == REPLICA and not c.complete:
@@ -273,16 +345,37 @@ class Router:
             if not client.ryw_lsn:
                 return WAIT
             replica = self.replicas.choose(client.database, client.ryw_lsn)
-            return replica if replica is not None else WAIT
-        replica = self.replicas.choose(client.database)
-        if replica is None:
-            return self._primary()
+            if replica is None:
+                return WAIT
+        else:
+            replica = self.replicas.choose(client.database)
+            if replica is None:
+                return self._primary()
+        # lent for complete reads, or for what a rule sends to a replica: the relay's check of these bytes,
+        # next, needs no second reading (and must not hold back what the rule sent there)
+        self._read_client, self._read_data = client, data
         return self._replica(replica)
 
     def still_read_only(self, client: Any, data: bytes, continuing: bool = True) -> bool:
-        """May these bytes, arrived after the choice, go to the replica chosen? Only complete reads."""
-        c = classify(data, client.statements, client.app.shapes.get, self.reason(client.database), continuing)
-        return c.read_only and c.complete and client.route_pref != PRIMARY
+        """May these bytes go to the replica chosen? `continuing`: they arrived while it is lent, and only
+        complete reads may. Else a replica is about to be lent for them, as `pick` would choose.
+
+        The relay asks this, `continuing`, of the very bytes a replica was just lent for (its unnamed
+        statement is then the client's, which only widens what counts as a read): those are not read
+        again, and what a rule sent to a replica is not held back from it."""
+        if data is self._read_data and client is self._read_client and continuing:
+            self._read_client = self._read_data = None
+            return client.route_pref != PRIMARY
+        c = self._classify(client, data, continuing)
+        if continuing:
+            return c is READ and client.route_pref != PRIMARY
+        # a replica is about to be lent for them (`pick_later`'s choice, or a wait for a connection): the
+        # same test as `pick`'s, a rule's route included
+        forced = self._rule_route(client, data) if client.app.rules is not None else None
+        if not (forced is None and c is READ or forced == REPLICA and c.complete) or client.route_pref == PRIMARY:
+            return False
+        self._read_client, self._read_data = client, data
+        return True
 
     async def pick_later(self, client: Any) -> Any:
         """Read-your-writes: learn the primary's WAL position after the client's last write (once), and
@@ -350,7 +443,10 @@ class Router:
 
     def _replica(self, replica: Any) -> Any:
         replica.routed += 1
-        self.count(f"routed_transactions|upstream|{replica.target.name}")
+        key = self._routed_keys.get(replica)
+        if key is None:
+            key = self._routed_keys[replica] = f"routed_transactions|upstream|{replica.target.name}"
+        self.count(key)
         return replica
 
     def retry_elsewhere(self, replica: Any) -> None:
