@@ -130,12 +130,23 @@ def session(tmp_path: Path):
     loop.close()
 
 
-def test_the_relays_check_of_the_lent_bytes_is_answered_once(session) -> None:
+def test_the_relays_check_of_the_lent_bytes_is_answered_once(session, monkeypatch) -> None:
+    from proxy.replicas.routing import Router
+
     router = session.app.router
+    replica = router.replicas.replicas[0]
+    link = session.app.pools.pool("postgres", "postgres", replica).idle[0]
+    link.transport = wire = _Recorder()
+    asked: list[bytes] = []
+    real = Router.still_read_only
+    monkeypatch.setattr(Router, "still_read_only",
+                        lambda self, client, data, continuing=True: asked.append(data) or real(self, client, data, continuing))
     data = pq.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
-    assert router.pick(session, data) is router.replicas.replicas[0]
-    assert router.still_read_only(session, data) is True  # from the choice just made
-    assert router._read_data is None  # once only
+    session.data_received(data)
+    assert session.on_replica is replica and wire.data.endswith(data)
+    assert asked == []  # the bytes it was lent for: the choice read them, the relay does not again
+    assert session.route_lent is None  # once only
+    assert router.still_read_only(session, data) is True
     write = pq.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 7")
     assert router.still_read_only(session, write) is False
     assert router.pick(session, data) is not None

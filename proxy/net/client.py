@@ -78,6 +78,7 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         self.ryw_lsn = 0  # the primary's WAL position after it: replicas must have replayed this far
         self.replica_held = b""  # bytes that came while a replica was lent and must not go to it
         self.route_sent: list[bytes] | None = None  # the client's bytes since a replica was lent
+        self.route_lent: bytes | None = None  # the bytes a replica was lent for, until relayed
         self.ryw_mark: tuple[str, str, str] | None = None  # (key, field, mark): a write marked in Redis (replicas.marks)
         self.route_retry_primary = False  # a replica cancelled the read waiting: the primary answers it
         self.session_home = False  # session pooling with replicas: routed per transaction, primary kept

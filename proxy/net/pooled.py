@@ -76,12 +76,14 @@ class PooledClient:
         return {k: v for k, v in self.wanted.items() if k.lower() in REPORTED}
 
 
-    def _attach(self, link: ServerLink, replica: object = None) -> None:
+    def _attach(self, link: ServerLink, replica: object = None, lent: bytes | None = None) -> None:
+        """`lent`: with a replica, the bytes it was chosen for, about to be relayed (`_hold_for_primary`)."""
         link.holder = self
         self.server = link
         self.on_replica = replica
         if replica is not None:  # what it is sent is kept (`_hold_for_primary`), to go elsewhere if it fails
             self.route_sent = []
+            self.route_lent = lent
         state = link.state
         self.tx_status = state.tx
         if self.client_slow:
@@ -194,15 +196,14 @@ class PooledClient:
             router = self.app.router
             if router is not None and self.pooled_tx:
                 route = router.pick(self, data)
-            if route is None and self.home is not None:
-                link = self._home_link()
-            elif route is WAIT or route is MARK:
+            if route is WAIT or route is MARK:
                 link = None  # Redis, or a replica's replay, first
+            elif route is None:
+                link = (self.home is not None and self._home_link()) or self.pool.lend_idle()
             else:
-                pool = self.pool if route is None else self.app.pools.pool(self.database, self.user, route)
-                link = pool.lend_idle()
+                link = self.app.pools.pool(self.database, self.user, route).lend_idle()
             if link is not None:  # no wait: carry straight on with this chunk
-                self._attach(link, route)
+                self._attach(link, route, data)
                 self._client_bytes(data)
                 return
         self.held += data
@@ -224,9 +225,7 @@ class PooledClient:
         while True:
             pool = self.pool if route is None else self.app.pools.pool(self.database, self.user, route)
             try:
-                link = self._home_link() if route is None and self.home is not None else None
-                if link is None:
-                    link = await pool.acquire()
+                link = (self._home_link() if route is None else None) or await pool.acquire()
             except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:
                 if route is not None:  # the replica cannot take it: the primary can
                     log.info("replica unavailable, read goes to the primary",
@@ -249,16 +248,16 @@ class PooledClient:
             break
         self.acquiring = False
         data, self.held = self.held, b""
-        self._attach(link, route)
+        self._attach(link, route, data)
         self.resume_client_reading("pool-wait")
         self._client_bytes(data)
 
     def _home_link(self) -> ServerLink | None:
-        """Session pooling with replicas: the client's own primary connection, unless it closed while
-        kept (the pool then lends another: nothing but the startup settings lived on it, as the client
-        is not pinned)."""
+        """Session pooling with replicas: the client's own primary connection, if it keeps one and it did not
+        close while kept (the pool then lends another: nothing but the startup settings lived on it, as
+        the client is not pinned)."""
         link, self.home = self.home, None
-        if link.usable:
+        if link is None or link.usable:
             return link
         self.pool.give_back(link)  # the pool forgets a closed one
         return None
@@ -313,8 +312,11 @@ class PooledClient:
         """Bytes that arrive while a replica is lent, outside a transaction: those that are not all
         complete reads wait until the replica goes back, and then are routed afresh. True if held."""
         framer = self.cframer
-        if not framer._skip and (self.replica_held or (
-                self.tx_status == pq.IDLE and not self.app.router.still_read_only(self, bytes(framer._buf) + data))):
+        # the bytes the replica was just lent for: the choice read them (what a rule routed there included)
+        chosen = data is self.route_lent and not framer._buf
+        self.route_lent = None
+        if not framer._skip and (self.replica_held or (self.tx_status == pq.IDLE and not chosen and
+                                                       not self.app.router.still_read_only(self, bytes(framer._buf) + data))):
             if not self.replica_held and self.in_batch:
                 # a batch left open (Parse, Describe, Flush) and then not a read: end it on the replica with a
                 # Sync of ours (its named statements are prepared again wherever the rest goes)

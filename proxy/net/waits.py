@@ -123,7 +123,7 @@ class StreamWaits:
         replica = self.on_replica
         # A replica's rows may fill the cache only if it had replayed the writes behind the versions the fill
         # is stored under: the position it had surely replayed before the read is sent (docs/cache.md)
-        replayed = None if replica is None else replica.replayed_for(getattr(self.server, "logged_in", float("inf")))
+        replayed = None if replica is None else replica.replayed_for(self.server.logged_in)
         try:
             if kind == _Q:
                 key = cache.query_key(self.cstate, sql)

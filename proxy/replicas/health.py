@@ -152,6 +152,12 @@ class Replica:
         dbs = self.target.databases
         return dbs is None or database in dbs
 
+    def fits(self, database: str, min_lsn: int) -> bool:
+        """Usable for a read of `database` that must see WAL position `min_lsn`."""
+        dbs = self.target.databases
+        return (self.state == "ok" and self.replay_lsn >= min_lsn and self.target.weight > 0
+                and (dbs is None or database in dbs))
+
     def __repr__(self) -> str:
         return f"<Replica {self.target.name} {self.state} replay={format_lsn(self.replay_lsn)} lag={self.lag_bytes}B>"
 
@@ -226,11 +232,8 @@ class ReplicaSet:
         """A usable replica serving `database` that has replayed up to `min_lsn`, at random by weight."""
         if len(self.replicas) == 1:  # the usual set-up, once per routed transaction: no list to build
             r = self.replicas[0]
-            dbs = r.target.databases
-            ok = r.state == "ok" and r.replay_lsn >= min_lsn and r.target.weight > 0 and (dbs is None or database in dbs)
-            return r if ok else None
-        fit = [r for r in self.replicas
-               if r.state == "ok" and r.replay_lsn >= min_lsn and r.target.weight > 0 and r.serves(database)]
+            return r if r.fits(database, min_lsn) else None
+        fit = [r for r in self.replicas if r.fits(database, min_lsn)]
         if len(fit) <= 1:
             return fit[0] if fit else None
         return random.choices(fit, weights=[r.target.weight for r in fit])[0]

@@ -293,11 +293,6 @@ class Router:
         self._reasons: dict[str, Any] = {}  # statement_reasons by database
         self._parses: dict[bytes, tuple[str, Any]] = {}  # `classify`'s Parse bodies seen before
         self._routed_keys: dict[Any, str] = {}  # replica -> its routed_transactions counter's name
-        # the last bytes found complete reads (pick, still_read_only) and whose they are: the relay's
-        # check of the same bytes, once a replica is lent for them, is then answered without reading them
-        # again (`still_read_only`, once)
-        self._read_client: Any = None
-        self._read_data: Any = None
         self.count: Any = lambda name, n=1: None  # the worker's statistics counter (App.stats_inc)
         self.marks: Any = None  # marks.WriteMarks: read-your-writes across the sessions of a user/application
 
@@ -316,8 +311,8 @@ class Router:
         return reasons
 
     def _classify(self, client: Any, data: bytes, continuing: bool = False) -> Classified:
-        reason = self._reasons.get(client.database) or self.reason(client.database)
-        return classify(data, client.statements, client.app.shapes.get, reason, continuing, self._parses)
+        return classify(data, client.statements, client.app.shapes.get, self.reason(client.database), continuing,
+                        self._parses)
 
     def pick(self, client: Any, data: bytes) -> Any:
         """The replica for the transaction waiting in `data`, None for the primary, or WAIT. Sets
@@ -331,8 +326,7 @@ class Router:
                 client.route_wrote = not self._classify(client, data).read_only
                 return self._write(client)
             return self._primary()
-        reason = self._reasons.get(client.database) or self.reason(client.database)
-        c = classify(data, client.statements, client.app.shapes.get, reason, False, self._parses)
+        c = self._classify(client, data)
         forced = self._rule_route(client, data) if client.app.rules is not None else None
         if forced == PRIMARY or (forced is None and c is not READ):
             client.route_wrote = not c.read_only  # a rule's `route = "primary"` does not stop it writing
@@ -351,31 +345,19 @@ class Router:
             replica = self.replicas.choose(client.database)
             if replica is None:
                 return self._primary()
-        # lent for complete reads, or for what a rule sends to a replica: the relay's check of these bytes,
-        # next, needs no second reading (and must not hold back what the rule sent there)
-        self._read_client, self._read_data = client, data
         return self._replica(replica)
 
     def still_read_only(self, client: Any, data: bytes, continuing: bool = True) -> bool:
         """May these bytes go to the replica chosen? `continuing`: they arrived while it is lent, and only
-        complete reads may. Else a replica is about to be lent for them, as `pick` would choose.
-
-        The relay asks this, `continuing`, of the very bytes a replica was just lent for (its unnamed
-        statement is then the client's, which only widens what counts as a read): those are not read
-        again, and what a rule sent to a replica is not held back from it."""
-        if data is self._read_data and client is self._read_client and continuing:
-            self._read_client = self._read_data = None
-            return client.route_pref != PRIMARY
+        complete reads may. Else a replica is about to be lent for them, as `pick` would choose. (The
+        bytes a replica was lent for are not asked about again: `PooledClient._hold_for_primary`.)"""
         c = self._classify(client, data, continuing)
         if continuing:
             return c is READ and client.route_pref != PRIMARY
         # a replica is about to be lent for them (`pick_later`'s choice, or a wait for a connection): the
         # same test as `pick`'s, a rule's route included
         forced = self._rule_route(client, data) if client.app.rules is not None else None
-        if not (forced is None and c is READ or forced == REPLICA and c.complete) or client.route_pref == PRIMARY:
-            return False
-        self._read_client, self._read_data = client, data
-        return True
+        return (forced is None and c is READ or forced == REPLICA and c.complete) and client.route_pref != PRIMARY
 
     async def pick_later(self, client: Any) -> Any:
         """Read-your-writes: learn the primary's WAL position after the client's last write (once), and
