@@ -48,7 +48,7 @@ def _router(app: App) -> Router:
                           max_lag_bytes=app.cfg.routing.max_lag_bytes, max_lag_seconds=app.cfg.routing.max_lag_seconds)
     replicas.replicas[0].state = "ok"
     router = Router(replicas, None, app.cfg.routing)
-    router.count = app.stats.inc
+    router.stats = app.stats
     return router
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 # the modules setup.py compiles
 COMPILED = ("proxy.wire.framer", "proxy.wire.protocol", "proxy.relay.records", "proxy.relay.serverstate",
             "proxy.relay.replies", "proxy.relay.conversation", "proxy.relay.hothits", "proxy.net.bytepath",
-            "proxy.shapes", "proxy.stats")
+            "proxy.shapes", "proxy.stats", "proxy.replicas.choice")
 _ROOT = Path(__file__).resolve().parent.parent
 
 

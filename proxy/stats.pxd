@@ -11,9 +11,11 @@ cdef class QueryStats:
 
 
 cdef class Stats:
-    cdef public object queries, other, counters, gauges, worker_id, generation
+    cdef public object queries, other, gauges, worker_id, generation
+    cdef public dict counters
     cdef public Py_ssize_t max_fingerprints, _limit, folded, changes
 
     @cython.locals(q=QueryStats, k=Py_ssize_t, hist=dict, errors=dict)
     cpdef QueryStats record(self, fingerprint, normalized, database, user, double seconds, long long rows,
                             sqlstate=*)
+    cpdef inc(self, name, n=*)

@@ -191,3 +191,26 @@ def test_a_rules_replica_route_reaches_the_replica(session, monkeypatch) -> None
     session.data_received(data)
     assert session.on_replica is replica and not session.replica_held
     assert wire.data.endswith(data)
+
+
+@pytest.mark.parametrize(("sql", "pref"), [
+    ("SET pgfront.route = primary", "primary"), ("  set PGFRONT.ROUTE to 'primary';", "primary"),
+    ("\tReset pgfront.route", "auto"), ("SET SESSION pgfront.route = default", "auto"),
+])
+def test_pgfronts_own_setting_is_answered_without_a_server(session, sql: str, pref: str) -> None:
+    """A whole Query takes the byte path's quick way to a server unless it starts with SET or RESET:
+    pgfront's own setting, in any spelling, must still be answered by pgfront, with no server lent."""
+    session.transport = wire = _Recorder()
+    session.route_pref = "primary" if pref == "auto" else "auto"
+    session.data_received(pq.query(sql))
+    assert session.server is None and session.route_pref == pref
+    assert wire.data == pq.command_complete("SET") + pq.ready_for_query(b"I")
+
+
+def test_a_select_mentioning_the_setting_is_routed(session) -> None:
+    replica = session.app.router.replicas.replicas[0]
+    link = session.app.pools.pool("postgres", "postgres", replica).idle[0]
+    link.transport = wire = _Recorder()
+    data = pq.query("SELECT 'set pgfront.route = primary'")
+    session.data_received(data)
+    assert session.on_replica is replica and wire.data.endswith(data) and session.route_pref == "auto"

@@ -68,21 +68,7 @@ class ClientConnection(StartupSteps, PooledClient, StreamWaits, BytePath, asynci
         self.admin_db = False  # the client asked for the admin console's database
         self.console: Console | None = None  # the admin console's conversation (phase ADMIN)
         self.tls = False
-        self.held = b""  # client bytes waiting for a server connection (transaction mode)
-        self.acquiring = False
         self.admission_wait = False  # a statement waits for its throttle rule (the server may go back)
-        # read routing (transaction pooling with [[replica]]s): see proxy.replicas.routing
-        self.route_pref = "auto"  # SET pgfront.route = primary | replica | auto
-        self.route_wrote = False  # the transaction on the primary lent now may have written
-        self.ryw_since = 0.0  # when this client's last possible write ended (monotonic); 0 = never
-        self.ryw_lsn = 0  # the primary's WAL position after it: replicas must have replayed this far
-        self.replica_held = b""  # bytes that came while a replica was lent and must not go to it
-        self.route_sent: list[bytes] | None = None  # the client's bytes since a replica was lent
-        self.route_lent: bytes | None = None  # the bytes a replica was lent for, until relayed
-        self.ryw_mark: tuple[str, str, str] | None = None  # (key, field, mark): a write marked in Redis (replicas.marks)
-        self.route_retry_primary = False  # a replica cancelled the read waiting: the primary answers it
-        self.session_home = False  # session pooling with replicas: routed per transaction, primary kept
-        self.home: ServerLink | None = None  # that primary connection, between transactions
         self.wanted: dict[str, str] = {}  # settings a pooled server connection must have for this client
         self.upstream_params: dict[str, str] = {}
         self.upstream_login = None  # an auth.UpstreamLogin when pgfront logs in for the client

@@ -76,25 +76,6 @@ class PooledClient:
         return {k: v for k, v in self.wanted.items() if k.lower() in REPORTED}
 
 
-    def _attach(self, link: ServerLink, replica: object = None, lent: bytes | None = None) -> None:
-        """`lent`: with a replica, the bytes it was chosen for, about to be relayed (`_hold_for_primary`)."""
-        link.holder = self
-        self.server = link
-        self.on_replica = replica
-        if replica is not None:  # what it is sent is kept (`_hold_for_primary`), to go elsewhere if it fails
-            self.route_sent = []
-            self.route_lent = lent
-        state = link.state
-        self.tx_status = state.tx
-        if self.client_slow:
-            link.pause("client-read")
-        # the connection carries the settings pgfront applied for its previous client: give it this
-        # client's, and put back the defaults of those this client did not ask for
-        state.reapply = False
-        sql = settings_query(state.applied, link.params, self.wanted)
-        if sql:
-            link.write(self._swallowed_query(sql))
-
     def _reapply_settings(self) -> None:
         """The client's RESET or DISCARD ALL put the connection back at pgfront's login defaults; a
         direct connection would be back at the client's startup options: set those again."""
@@ -103,34 +84,6 @@ class PooledClient:
         sql = settings_query(link.state.applied, link.params, self.wanted)
         if sql:
             link.write(self._swallowed_query(sql))
-
-    def _maybe_release(self) -> None:
-        """Transaction mode: hand the server back once nothing is open on it."""
-        if (self.pooled_tx and not self.pinned and not self.expect and self.tx_status == pq.IDLE
-                and not self.in_batch and not self.skip_until_sync and not self.server_in_copy and not self.held
-                and (not self.client_suspended or self.admission_wait)):
-            # a cache look-up's miss goes on to this very server; a statement waiting for its rule's
-            # admission can borrow another (`_admit_then_resume`), so it need not hold one meanwhile
-            link, self.server = self.server, None
-            if self.session_home and self.on_replica is None:
-                link.holder = None  # kept for this client; meanwhile a FATAL closes it, as when idle
-                self.home = link
-            else:
-                (link.owner or self.pool).give_back(link)  # its own pool: the primary's, or a replica's
-            if self.on_replica is not None:
-                self.on_replica = None
-                self.route_sent = None
-                if self.replica_held:  # what the client sent meanwhile that a replica must not see
-                    data, self.replica_held = self.replica_held, b""
-                    self.resume_client_reading("replica")
-                    self._wait_for_server(data)
-            elif self.route_wrote:  # read-your-writes: this client's reads wait for its write's replay
-                self.route_wrote = False
-                self.ryw_since = time.monotonic()
-                self.ryw_lsn = 0
-                if self.ryw_mark is not None:  # and those of its scope's other sessions (Redis)
-                    self._settle_mark()
-
 
     def _without_server(self, data: bytes) -> None:
         """Transaction pooling with no server lent: answer what needs none, hold the rest for a server.
@@ -186,33 +139,6 @@ class PooledClient:
             self._wait_for_server(rest + self.cframer.take_partial())
 
 
-    def _wait_for_server(self, data: bytes) -> None:
-        """Transaction mode, no server lent: hold the client's bytes until one is."""
-        if not self.held and data[:1] == b"X":
-            self.close()  # a Terminate needs no server
-            return
-        route = None
-        if not self.held and not self.acquiring:
-            router = self.app.router
-            if router is not None and self.pooled_tx:
-                route = router.pick(self, data)
-            if route is WAIT or route is MARK:
-                link = None  # Redis, or a replica's replay, first
-            elif route is None:
-                link = (self.home is not None and self._home_link()) or self.pool.lend_idle()
-            else:
-                link = self.app.pools.pool(self.database, self.user, route).lend_idle()
-            if link is not None:  # no wait: carry straight on with this chunk
-                self._attach(link, route, data)
-                self._client_bytes(data)
-                return
-        self.held += data
-        if not self.acquiring:
-            self.acquiring = True
-            self.pause_client_reading("pool-wait")
-            self._task(self._acquire_for_held(route))
-
-
     async def _acquire_for_held(self, route: object = None) -> None:
         from proxy.pool import PoolTimeout
 
@@ -223,7 +149,7 @@ class PooledClient:
             await router.mark_write(self)  # other sessions of its scope must know before it is acknowledged
             route = None
         while True:
-            pool = self.pool if route is None else self.app.pools.pool(self.database, self.user, route)
+            pool = self.pool if route is None else self._route_pool(route)
             try:
                 link = (self._home_link() if route is None else None) or await pool.acquire()
             except (PoolTimeout, ConnectionError, OSError, TimeoutError) as e:

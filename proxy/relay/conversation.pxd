@@ -9,7 +9,7 @@ from proxy.shapes cimport commented
 
 cdef class Conversation(ReplyTracker):
     cdef public object phase, user, database, application_name, cframer, last_bind, lookup_job, last_parse
-    cdef public object throttle_job, admitted, tags, tag_key, tracing, observers
+    cdef public object throttle_job, admitted, tags, tag_key, tracing, observers, routed_sql, routed_info
     cdef public Py_ssize_t trace_gap
     cdef public dict statements, portals, hot_queries
     cdef public bint pinned, in_batch, restore_at_sync

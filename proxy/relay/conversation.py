@@ -76,6 +76,8 @@ class Conversation(ReplyTracker):
         self.throttle_job: tuple | None = None  # (limits, grant): rule limits a statement waits on
         self.admitted = None  # the outcome of that wait: a Grant, or our ErrorResponse refusing it
         self.tags: dict[str, str] | None = None  # sqlcommenter tags of the statement being decided
+        self.routed_sql: str | None = None  # the Query text read routing looked up last, and its shape
+        self.routed_info: StatementInfo | None = None
         self.tracing = app.tracing  # fixed for the worker's life ([tracing] keys take a restart)
         self.observers = app.observers  # mirror and capture sinks, or None (neither configured)
         self.trace_gap = self.tracing.gap() if self.tracing is not None else 0  # statements to the next span
@@ -340,7 +342,11 @@ class Conversation(ReplyTracker):
             p.tags = tags
             self.expect.append(p)
             return None
-        info = self.app.shapes.get(sql)
+        info = self.routed_info
+        if info is None or sql != self.routed_sql:
+            info = self.app.shapes.get(sql)
+        else:  # read routing looked this very text up to choose the upstream (`replicas.choice`)
+            self.routed_info = self.routed_sql = None
         p = Pending(_Q, info, now)
         p.tags = tags
         self._set_tags(tags)

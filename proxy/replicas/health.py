@@ -12,7 +12,6 @@ Positions are byte offsets into the WAL (ints); `parse_lsn`/`format_lsn` convert
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import asyncpg
 
 from proxy.cache.catalog import connect
 from proxy.log import log
+from proxy.replicas.choice import choose, fits
 
 # pg_lsn - pg_lsn is numeric: cast to int8 so that asyncpg hands back ints; NULL (no such position) reads 0.
 # The replay age is taken on the replica's own clock, which also stamped the replayed commit.
@@ -113,7 +113,7 @@ class Replica:
     """Live state of one replica, updated by its ReplicaSet's probes; the router reads the attributes."""
 
     __slots__ = ("target", "state", "in_recovery", "replay_lsn", "replay_asked", "lag_bytes", "lag_seconds", "bans",
-                 "routed", "last_error", "probed_at", "_link", "_probe", "_probe_end")
+                 "last_error", "probed_at", "_link", "_probe", "_probe_end")
 
     def __init__(self, target: ReplicaTarget, link: _Link) -> None:
         self.target = target
@@ -124,7 +124,6 @@ class Replica:
         self.lag_bytes = 0           # primary's insert position (latest probe) - replay_lsn, >= 0
         self.lag_seconds = 0.0       # age of the last replayed commit while replay is behind, else 0
         self.bans = 0                # times it went from usable to not usable
-        self.routed = 0              # counted by the router
         self.last_error = ""         # the latest failed probe's error (kept after recovery, for the console)
         self.probed_at = 0.0         # time.monotonic() of the last successful probe
         self._link = link
@@ -154,9 +153,7 @@ class Replica:
 
     def fits(self, database: str, min_lsn: int) -> bool:
         """Usable for a read of `database` that must see WAL position `min_lsn`."""
-        dbs = self.target.databases
-        return (self.state == "ok" and self.replay_lsn >= min_lsn and self.target.weight > 0
-                and (dbs is None or database in dbs))
+        return fits(self, database, min_lsn)
 
     def __repr__(self) -> str:
         return f"<Replica {self.target.name} {self.state} replay={format_lsn(self.replay_lsn)} lag={self.lag_bytes}B>"
@@ -230,13 +227,7 @@ class ReplicaSet:
     # -- routing --------------------------------------------------------------------------------------
     def choose(self, database: str, min_lsn: int = 0) -> Replica | None:
         """A usable replica serving `database` that has replayed up to `min_lsn`, at random by weight."""
-        if len(self.replicas) == 1:  # the usual set-up, once per routed transaction: no list to build
-            r = self.replicas[0]
-            return r if r.fits(database, min_lsn) else None
-        fit = [r for r in self.replicas if r.fits(database, min_lsn)]
-        if len(fit) <= 1:
-            return fit[0] if fit else None
-        return random.choices(fit, weights=[r.target.weight for r in fit])[0]
+        return choose(self.replicas, database, min_lsn)
 
     async def primary_lsn_after(self, t: float) -> int:
         """The primary's WAL insert position, read by a query started after monotonic time `t` (so it covers
@@ -371,11 +362,12 @@ class ReplicaSet:
                 log.exception("replica on_change callback failed", extra={"replica": r.target.name})
 
     # -- admin ----------------------------------------------------------------------------------------
-    def describe(self) -> list[dict[str, object]]:
+    def describe(self, routed: Callable[[str], int] = lambda name: 0) -> list[dict[str, object]]:
+        """SHOW REPLICAS' rows; `routed(name)`: transactions routed to it (the router's statistics)."""
         return [
             {"name": r.target.name, "host": _host(r.target.url), "state": r.state, "in_recovery": r.in_recovery,
              "replay_lsn": format_lsn(r.replay_lsn), "lag_bytes": r.lag_bytes,
-             "lag_seconds": round(r.lag_seconds, 3), "weight": r.target.weight, "routed": r.routed,
-             "bans": r.bans, "last_error": r.last_error}
+             "lag_seconds": round(r.lag_seconds, 3), "weight": r.target.weight,
+             "routed": routed(r.target.name), "bans": r.bans, "last_error": r.last_error}
             for r in self.replicas
         ]
