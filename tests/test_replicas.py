@@ -306,12 +306,15 @@ def test_read_your_writes_across_sessions_and_instances(replicated, table, redis
     pgfront instance too (marks in Redis). Without it (scope session, the control) the same read on the
     replica misses the write while replay is paused: the test can tell."""
     replica = replicated.replica
-    scope = f"read_your_writes_scope = 'user'\nredis_url = '{redis_server.url}'\n"
+    # the replica must stay usable while replay is paused, however long the scenario takes on a loaded
+    # machine: a replica banned for lag would send the control's reads to the primary
+    patient = "max_lag_seconds = '10min'\n"
+    scope = f"read_your_writes_scope = 'user'\nredis_url = '{redis_server.url}'\n{patient}"
     dirs = [tmp_path / n for n in ("a", "b", "c")]
     for d in dirs:
         d.mkdir()
     a, b = _proxy(replicated, dirs[0], extra=scope), _proxy(replicated, dirs[1], extra=scope)
-    control = _proxy(replicated, dirs[2])
+    control = _proxy(replicated, dirs[2], extra=patient)
     violations: list[tuple[int, int]] = []
     ports: list[int] = []
     try:

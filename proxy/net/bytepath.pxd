@@ -3,6 +3,7 @@
 cimport cython
 
 from proxy.relay.hothits cimport HotHits
+from proxy.replicas.choice cimport Routing
 
 
 @cython.locals(p="const unsigned char *", end=Py_ssize_t, at=Py_ssize_t, size=Py_ssize_t, t=int, described=bint)
@@ -17,15 +18,14 @@ cdef class BytePath(HotHits):
     cdef public object transport, client_backlog, server_backlog, on_replica
     cdef public Py_ssize_t bytes_in, bytes_out
     cdef public bint client_suspended, server_paused
-    cdef public str route_pref
-    cdef public object held, home, ryw_lsn, ryw_mark, replica_held, route_sent, route_lent
-    cdef public bint acquiring, session_home, route_wrote, route_retry_primary
-    cdef public double ryw_since
+    cdef public object held, home, ryw_mark, replica_held, route_sent, route_lent
+    cdef public bint acquiring, session_home
     cdef public dict route_pools
 
     cpdef to_client(self, data)
     cpdef to_server(self, data)
     cpdef server_data(self, data)
+    @cython.locals(router=Routing)
     cpdef _wait_for_server(self, data)
     cpdef _route_pool(self, replica)
     cpdef _attach(self, link, replica=*, lent=*)

@@ -82,12 +82,7 @@ class BytePath(HotHits):
         self.acquiring = False
         self.session_home = False  # session pooling with replicas: routed per transaction, primary kept
         self.home = None  # that primary connection (a ServerLink), between transactions
-        # read routing (with [[replica]]s): see proxy.replicas.choice, which reads these in C
-        self.route_pref = "auto"  # SET pgfront.route = primary | auto
-        self.route_wrote = False  # the transaction on the primary lent now may have written
-        self.route_retry_primary = False  # a replica cancelled the read waiting: the primary answers it
-        self.ryw_since = 0.0  # when this client's last possible write ended (monotonic); 0 = never
-        self.ryw_lsn = 0  # the primary's WAL position after it: replicas must have replayed this far
+        # read routing (with [[replica]]s), besides what the choice reads (`Conversation`)
         self.ryw_mark = None  # (key, field, mark): a write marked in Redis (replicas.marks)
         self.replica_held = b""  # bytes that came while a replica was lent and must not go to it
         self.route_sent = None  # list[bytes]: the client's bytes since a replica was lent

@@ -11,6 +11,10 @@ cdef class Conversation(ReplyTracker):
     cdef public object phase, user, database, application_name, cframer, last_bind, lookup_job, last_parse
     cdef public object throttle_job, admitted, tags, tag_key, tracing, observers, routed_sql, routed_info
     cdef public Py_ssize_t trace_gap
+    cdef public str route_pref
+    cdef public object ryw_lsn
+    cdef public bint route_wrote, route_retry_primary
+    cdef public double ryw_since
     cdef public dict statements, portals, hot_queries
     cdef public bint pinned, in_batch, restore_at_sync
     cdef public Py_ssize_t stmt_epoch, queries

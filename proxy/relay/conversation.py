@@ -76,8 +76,14 @@ class Conversation(ReplyTracker):
         self.throttle_job: tuple | None = None  # (limits, grant): rule limits a statement waits on
         self.admitted = None  # the outcome of that wait: a Grant, or our ErrorResponse refusing it
         self.tags: dict[str, str] | None = None  # sqlcommenter tags of the statement being decided
-        self.routed_sql: str | None = None  # the Query text read routing looked up last, and its shape
-        self.routed_info: StatementInfo | None = None
+        # read routing (with [[replica]]s): what `replicas.choice.Routing.pick` reads and sets, in C
+        self.route_pref = "auto"  # SET pgfront.route = primary | auto
+        self.route_wrote = False  # the transaction on the primary lent now may have written
+        self.route_retry_primary = False  # a replica cancelled the read waiting: the primary answers it
+        self.ryw_since = 0.0  # when this client's last possible write ended (monotonic); 0 = never
+        self.ryw_lsn = 0  # the primary's WAL position after it: replicas must have replayed this far
+        self.routed_sql: str | None = None  # the Query text the choice looked up last, and its shape,
+        self.routed_info: StatementInfo | None = None  # which the relay takes instead of looking it up
         self.tracing = app.tracing  # fixed for the worker's life ([tracing] keys take a restart)
         self.observers = app.observers  # mirror and capture sinks, or None (neither configured)
         self.trace_gap = self.tracing.gap() if self.tracing is not None else 0  # statements to the next span

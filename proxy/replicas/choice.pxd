@@ -2,10 +2,11 @@
 # reads each header in C from the bytes, and `Reasons` is an extension type whose `why` is a C call.
 cimport cython
 
-from proxy.net.bytepath cimport BytePath
+from proxy.relay.conversation cimport Conversation
 from proxy.stats cimport Stats
 
 
+@cython.final
 cdef class Reasons:
     cdef public object function_ok
     cdef public dict memo
@@ -17,7 +18,7 @@ cdef class Reasons:
 cdef Py_ssize_t _size(const unsigned char *p, Py_ssize_t at) noexcept
 
 @cython.locals(p="const unsigned char *", n=Py_ssize_t, i=Py_ssize_t, end=Py_ssize_t, t=int, open_unnamed=bint)
-cpdef classify(data, dict statements, info_of, reason_of, bint continuing=*, parses=*)
+cpdef classify(data, dict statements, info_of, Reasons reason_of, bint continuing=*, parses=*)
 
 
 @cython.locals(dbs=object, target=object)
@@ -35,9 +36,9 @@ cdef class Routing:
 
     cpdef Reasons reason(self, str database)
     @cython.locals(p="const unsigned char *", n=Py_ssize_t, raw=bytes)
-    cpdef _classify(self, BytePath client, data, bint continuing=*)
-    cpdef pick(self, BytePath client, data)
-    cpdef bint still_read_only(self, BytePath client, data, bint continuing=*) except -1
-    cpdef _write(self, BytePath client)
+    cpdef _classify(self, Conversation client, data, bint continuing=*)
+    cpdef pick(self, Conversation client, data)
+    cpdef bint still_read_only(self, Conversation client, data, bint continuing=*) except -1
+    cpdef _write(self, Conversation client)
     cpdef _primary(self)
     cpdef _replica(self, replica)

@@ -110,10 +110,10 @@ def statement_reasons(function_ok: Any) -> Reasons:
 PARSES_MAX = 20_000  # Parse messages remembered per router (`classify`'s `parses`)
 
 
-def classify(data: bytes, statements: dict, info_of: Any, reason_of: Any, continuing: bool = False,
+def classify(data: bytes, statements: dict, info_of: Any, reason_of: Reasons, continuing: bool = False,
              parses: dict | None = None) -> Classified:
     """Read the client's waiting bytes message by message. `statements`: the client's prepared statements
-    (name -> Stmt with .info); `info_of(sql)` -> StatementInfo; `reason_of(info)` -> read_only_reason.
+    (name -> Stmt with .info); `info_of(sql)` -> StatementInfo; `reason_of`: the database's Reasons.
     `continuing`: the bytes follow others on the same server (its unnamed statement is the client's).
     `parses`: Parse bodies seen before -> (statement name, StatementInfo), filled here: a client that
     parses the same text at every execution (libpq's extended protocol) has it read once."""
@@ -139,7 +139,7 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Any, contin
                 stmt = statements.get(name)
                 if stmt is None:
                     return Classified(False, "unknown prepared statement", True)
-                why = reason_of(stmt.info)
+                why = reason_of.why(stmt.info)
                 if why:
                     return Classified(False, why, True)
             elif unnamed is None:
@@ -157,7 +157,7 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Any, contin
                         parses.clear()
                     parses[body] = got
             name, info = got
-            why = reason_of(info)
+            why = reason_of.why(info)
             if why:
                 return Classified(False, why, True)
             if not name:
@@ -165,7 +165,7 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Any, contin
                 open_unnamed = True
         elif t == 81:  # Query
             info = info_of(data[i + 5:end - 1].decode(pq.ENC, pq.ERRORS))
-            why = reason_of(info)
+            why = reason_of.why(info)
             if why:
                 return Classified(False, why, True)
         else:  # COPY data, a function call, Terminate...
