@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "protocols, and with --instructions the three cache hits too")
     hot.add_argument("-n", type=int, default=50_000, help="queries per timed round (default 50,000)")
     hot.add_argument("--profile", action="store_true", help="print cProfile's ranking of one round")
-    hot.add_argument("--config", help="a pgfront config file (default: no rules, no cache)")
+    hot.add_argument("--config", help="a pgfront config file: its rule files and [mirror.NAME] targets are "
+                     "wired as a worker wires them (default: no rules, no cache)")
     hot.add_argument("--instructions", action="store_true",
                      help="count instructions per query with valgrind's callgrind instead of timing")
     hot.add_argument("--core", nargs="+", default=["compiled", "pure"], choices=["compiled", "pure"],

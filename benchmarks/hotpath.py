@@ -63,6 +63,7 @@ def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Clie
     from proxy import stats as st
 
     app.stats = st.Stats(cfg.stats.max_fingerprints)
+    _wire_rules(app)
     if cfg.tracing.endpoint:
         from proxy.tracing import Tracing
 
@@ -76,6 +77,23 @@ def offline_session(config: str | None, loop: asyncio.AbstractEventLoop) -> Clie
     s.user = s.database = "postgres"
     s.phase = READY
     return s
+
+
+def _wire_rules(app: App) -> None:
+    """The config's rules and mirror targets, as `components.attach` wires them, minus what runs beside
+    the relay (the rule watcher, the mirror's runner process: statements offered stay queued, so under
+    share 1.0 the target's room fills and the rest are dropped, as with a slow shadow)."""
+    from proxy import components
+    from proxy.rules_glue import RulesAdapter
+    from proxy.shadow.mirror import Mirrors
+    from proxy.shadow.observe import ObservedSinks
+
+    holder = components.load_rule_holder(app.cfg)
+    if holder is not None:
+        app.rules = RulesAdapter(holder, app)
+        app.throttler = components.make_throttler(app.cfg, app.stats)
+    if app.cfg.mirror_targets:
+        app.observers = ObservedSinks(Mirrors.from_config(app.cfg.mirror_targets))
 
 
 def _driver(mode: str, config: str | None) -> tuple[ClientConnection, Callable[[int], None]]:

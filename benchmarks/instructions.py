@@ -51,7 +51,7 @@ def label_of(mode: str, config: str | None = None) -> str:
         return "transaction pooling"
     if mode.startswith("route-"):
         return "transaction pooling, routed to a replica"
-    return "default rules" if config else "passthrough"
+    return f"config {Path(config).name}" if config else "passthrough"
 
 
 def main(modes: list[str], config: str | None, cores: list[str]) -> int:

@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.log import log
-from proxy.rules import PASS, Decision, RuleHolder, RuleSet
+from proxy.rules import PASS, Decision, RuleHolder
 from proxy.sql import analyze
 
 if TYPE_CHECKING:
     from proxy.app import App
     from proxy.net.client import ClientConnection as Session
     from proxy.sql import StatementInfo
-    from proxy.stats import QueryStats
 
 
 class RulesAdapter:
@@ -38,21 +37,14 @@ class RulesAdapter:
                 return None
         return d
 
-    def executed(self, session: Session, d: Decision, info: StatementInfo, text: str | None = None,
-                 q: QueryStats | None = None) -> None:
-        """Count one execution under decision d (rule hits, statistics, the log action); q: the
-        fingerprint's statistics entry when the caller has it at hand."""
-        RuleSet.count(d)  # a static method: no look-up of the current rule set
-        stats = self.app.stats
-        if stats is not None:
-            for rule, action, observed in d.matched:
-                stats.rule_event(info.fingerprint, rule, action, observed, q)
-        if d.log:
-            extra = {"rules": [m[0] for m in d.matched], "fingerprint": info.fingerprint, "user": session.user,
-                     "database": session.database, "query": info.normalized}
-            if self.app.cfg.server.log_parameters:
-                extra["text"] = text or info.text  # the statement with its literal values: only when asked for
-            log.info("statement", extra=extra)
+    def log_execution(self, session: Session, d: Decision, info: StatementInfo, text: str | None = None) -> None:
+        """The log action: one execution under decision d, which a matching rule logs (the relay counts
+        executions itself, with d.tally; text: the statement as sent, when at hand)."""
+        extra = {"rules": [m[0] for m in d.matched], "fingerprint": info.fingerprint, "user": session.user,
+                 "database": session.database, "query": info.normalized}
+        if self.app.cfg.server.log_parameters:
+            extra["text"] = text or info.text  # the statement with its literal values: only when asked for
+        log.info("statement", extra=extra)
 
     def describe(self) -> list[dict]:
         return self.holder.current.describe()

@@ -11,11 +11,26 @@ cdef class QueryStats:
 
 
 cdef class Stats:
-    cdef public object queries, other, gauges, worker_id, generation
-    cdef public dict counters
+    cdef public dict queries, counters
+    cdef public object other, gauges, worker_id, generation
     cdef public Py_ssize_t max_fingerprints, _limit, folded, changes
 
     @cython.locals(q=QueryStats, k=Py_ssize_t, hist=dict, errors=dict)
     cpdef QueryStats record(self, fingerprint, normalized, database, user, double seconds, long long rows,
                             sqlstate=*)
     cpdef inc(self, name, n=*)
+
+    @cython.locals(rules=dict)
+    cpdef rule_events(self, fingerprint, tuple keys, QueryStats q=*)
+
+
+cdef class RuleCounter:
+    cdef public long long hits, observed_hits, queued, throttled
+
+
+cdef class RuleTally:
+    cdef public tuple hits, observed, keys
+
+    @cython.locals(c=RuleCounter)
+    cpdef hit(self)
+    cpdef count(self, Stats stats, fingerprint, QueryStats q=*)

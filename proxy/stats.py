@@ -235,6 +235,56 @@ MAX_TAGS = 8
 OTHER_TAGS = "(other tags)"
 
 
+# -- what a rules decision counts per execution -----------------------------------------------------
+def rule_key(rule: str, action: str, observed: bool) -> tuple[str, str, str]:
+    """A rule event's key in QueryStats.rules: (rule, action, "enforce" or "observe")."""
+    return (rule, action, "observe" if observed else "enforce")
+
+
+class RuleCounter:
+    """Executions a rule matched. Shared by the rule of the same name across reloads. Compiled, its
+    counts are C fields, which every execution under a matching rule bumps (RuleTally.hit)."""
+
+    __slots__ = ("hits", "observed_hits", "queued", "throttled")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.observed_hits = 0
+        self.queued = 0  # statements its throttle made wait (in observe mode: would have)
+        self.throttled = 0  # statements its throttle refused (in observe mode: would have)
+
+    def __repr__(self) -> str:
+        return (f"RuleCounter(hits={self.hits}, observed_hits={self.observed_hits}, queued={self.queued}, "
+                f"throttled={self.throttled})")
+
+
+class RuleTally:
+    """What one execution under a rules decision counts, prepared once with the decision (decisions are
+    cached per statement text and rule set): the matching rules' counters, and the keys of the rule
+    events of the statement's fingerprint. Each execution then costs a few C loops, no key building."""
+
+    __slots__ = ("hits", "observed", "keys")
+
+    def __init__(self, hits: tuple, observed: tuple, matched: tuple[tuple[str, str, bool], ...]) -> None:
+        self.hits = hits  # RuleCounter of each enforced rule that matched
+        self.observed = observed  # and of each observe-mode one
+        self.keys = tuple([rule_key(rule, action, observed) for rule, action, observed in matched])
+
+    def hit(self) -> None:
+        """Count one execution against the rules (their hits and observed_hits)."""
+        for c in self.hits:
+            c.hits += 1
+        for c in self.observed:
+            c.observed_hits += 1
+
+    def count(self, stats: Stats | None, fingerprint: str, q: QueryStats | None = None) -> None:
+        """One execution: the rules' counters and, with statistics, the fingerprint's rule events (q: its
+        entry, when at hand)."""
+        self.hit()
+        if stats is not None and self.keys:
+            stats.rule_events(fingerprint, self.keys, q)
+
+
 # -- one worker's live statistics -------------------------------------------------------------------
 class Stats:
     """This worker's statistics. Not thread-safe: call it from the event loop's thread."""
@@ -327,10 +377,16 @@ class Stats:
     def rule_event(self, fingerprint: str, rule_name: str, action: str, observed: bool = False,
                    q: QueryStats | None = None) -> None:
         """A rule matched; observed=True when it only observed (dry-run mode) instead of acting."""
-        key = (rule_name, action, "observe" if observed else "enforce")
+        self.rule_events(fingerprint, (rule_key(rule_name, action, observed),), q)
+
+    def rule_events(self, fingerprint: str, keys: tuple[tuple[str, str, str], ...],
+                    q: QueryStats | None = None) -> None:
+        """Rules matched one execution: one event per key (rule_key; q: the fingerprint's entry, when at hand)."""
         if q is None:
-            q = self._entry(fingerprint)
-        q.rules[key] = q.rules.get(key, 0) + 1
+            q = self.queries.get(fingerprint) or self._entry(fingerprint)
+        rules = q.rules
+        for key in keys:
+            rules[key] = rules.get(key, 0) + 1
         q.encoded = None
         self.changes += 1
 

@@ -223,3 +223,63 @@ def test_rules_check_and_explain_cli(ruled, tmp_path):
                           "--rules", str(ruled.rules_dir / "10-test.toml")], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert "paginate-orders" in res.stdout and "LIMIT 100" in res.stdout
+
+
+MIRROR_RULE = '[[rule]]\nname = "{name}"\nmatch = {{}}\nmirror = {{ to = "shadow", share = {share} }}\n'
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_reload_counts_and_mirrors_under_the_new_rules_at_once(pgfront_factory, pg, tmp_path, pure):
+    """What an execution under a matching rule counts (its hits, the fingerprint's rule events) and
+    whether it is mirrored are prepared once per decision, not per execution: a RELOAD puts the new
+    rules in force at once, for a session open across it, in both protocols."""
+    import urllib.request
+
+    from benchmarks.mirror_cost import Console
+    from proxy.devdb import free_port
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(MIRROR_RULE.format(name="never", share="1e-12"))
+    metrics = free_port()
+    p = pgfront_factory(f"[rules]\nfiles = ['{rules}']\nwatch = false\n"
+                        f"[mirror.shadow]\nurl = '{pg.dsn()}'\nqueue_size = 100\n"
+                        f"[metrics]\nlisten = '127.0.0.1:{metrics}'\n",
+                        env={"PGFRONT_PURE_PYTHON": "1"} if pure else None)
+    console = Console(p.port)
+
+    def hits() -> dict[str, str]:
+        return {r["name"]: r["hits"] for r in console.query("SHOW RULES")}
+
+    def events(rule: str) -> int:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+        want = {f'rule="{rule}"', 'action="mirror"', 'mode="enforce"'}
+        found = 0
+        for line in body.splitlines():
+            if line.startswith(("pgfront_rule_hits{", "pgfront_rule_hits_total{")):
+                labels, value = line[line.index("{") + 1:].split("} ")
+                found += int(float(value)) if want <= set(labels.split(",")) else 0
+        return found
+
+    def compared() -> int:
+        return int(console.mirror_counters()["shadow"]["compared"])
+
+    try:
+        with psycopg.connect(p.dsn(), autocommit=True) as conn:
+            def run() -> None:  # two in the simple protocol, two in the extended one (Parse every time)
+                for _ in range(2):
+                    assert conn.pgconn.exec_(b"SELECT 42").get_value(0, 0) == b"42"
+                    assert conn.execute("SELECT %s::int", (42,), prepare=False).fetchone() == (42,)
+
+            run()
+            assert hits() == {"never": "4"} and events("never") == 4
+            rules.write_text(MIRROR_RULE.format(name="always", share="1.0"))
+            console.query("RELOAD")
+            run()
+            assert hits() == {"always": "4"}
+            assert events("always") == 4 and events("never") == 4
+        deadline = time.monotonic() + 10
+        while compared() < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert compared() == 4  # every statement after the RELOAD, none before it
+    finally:
+        console.close()

@@ -5,6 +5,7 @@ cimport cython
 from proxy.relay.records cimport Pending, Stmt
 from proxy.relay.replies cimport ReplyTracker
 from proxy.shapes cimport commented
+from proxy.stats cimport RuleTally
 
 
 cdef class Conversation(ReplyTracker):
@@ -32,3 +33,7 @@ cdef class Conversation(ReplyTracker):
     cpdef _account(self)
     @cython.locals(seconds=double)
     cpdef _record(self, info, double t0, Py_ssize_t rows=*, sqlstate=*, Pending p=*)
+    @cython.locals(tally=RuleTally)
+    cpdef _executed(self, d, info, text=*, q=*)
+    @cython.locals(targets=tuple)
+    cpdef _watch(self, Pending p, info, decision, sql)

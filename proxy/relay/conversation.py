@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import time
 from itertools import islice
+from random import random
 from typing import TYPE_CHECKING
 
 from proxy.log import log
@@ -45,7 +46,7 @@ from proxy.relay.records import (
     _f,
 )
 from proxy.relay.replies import ReplyTracker
-from proxy.shadow.observe import Observed
+from proxy.shadow.observe import Observed, Watch
 from proxy.shapes import commented
 from proxy.sql import analyze
 from proxy.sql.sqlcommenter import parse_tags, split_comment, tags_text
@@ -143,8 +144,8 @@ class Conversation(ReplyTracker):
                     stmt = self.statements.get(name)
                 self.portals[portal] = stmt  # type: ignore[assignment]
                 d = stmt.decision if stmt is not None else None
-                if d is None and not (self.pooled_tx and name):
-                    expect.append(_PLAIN_B)  # the common case: nothing to change
+                if (d is None or (not d.timeout and d.offset_check is None)) and not (self.pooled_tx and name):
+                    expect.append(_PLAIN_B)  # the common case: nothing to change (no rule acts at Bind)
                 else:
                     sent = self._bind(stmt, d, portal, name, data[a:b])
                 self.in_batch = True
@@ -170,7 +171,7 @@ class Conversation(ReplyTracker):
                             self._suspend_client(frames, data, frames.index((t, a, b), start))
                             return
                         if refused is not None:  # fails on the server (skipping to Sync); the client sees ours
-                            self.app.rules.executed(self, d, stmt.info)
+                            self._executed(d, stmt.info)
                             p.error = refused
                             self.special += 1
                             expect.append(p)
@@ -181,7 +182,7 @@ class Conversation(ReplyTracker):
                             out.append(_REFUSED_EXECUTE)
                             continue
                     if d is not None:
-                        self.app.rules.executed(self, d, stmt.info)
+                        self._executed(d, stmt.info)
                     if stmt.notices:
                         p.notices = stmt.notices
                         self.special += 1
@@ -374,7 +375,7 @@ class Conversation(ReplyTracker):
                 if refused is _SUSPEND:
                     self.queries -= 1  # counted when the Query is taken up again
                     return _SUSPEND
-                rules.executed(self, decision, info, sql)
+                self._executed(decision, info, sql)
                 if decision.block or refused is not None:
                     if refused is None:
                         code, message = decision.block
@@ -647,12 +648,34 @@ class Conversation(ReplyTracker):
                           sqlstate=sqlstate, tags=p.tags)
 
 
+    def _executed(self, d: Decision, info: StatementInfo, text: str | None = None,
+                  q: QueryStats | None = None) -> None:
+        """Count one execution under decision d (rule hits, the fingerprint's rule events: prepared with
+        the decision), and log it when a rule asks. text: the statement as sent; q: the fingerprint's
+        statistics entry, when at hand."""
+        tally = d.tally
+        tally.count(self.app.stats, info.fingerprint, q)
+        if d.log:
+            self.app.rules.log_execution(self, d, info, text)
+
+
     def _watch(self, p: Pending, info: StatementInfo, decision: Decision | None, sql: str) -> None:
-        """Mirror rules or the capture may take this statement: then its rows are digested on the way."""
-        watch = self.observers.watch(decision.mirror if decision is not None else (), info.is_write, sql,
-                                     self.tx_status != pq.IDLE, self.id)
-        if watch is not None:
-            p.observe = watch
+        """Whether to observe a statement, and then digest its rows on the way: the mirror rules' targets
+        that sample it (a write only where the rule mirrors writes) and that have room for it now (a
+        shadow that is behind drops it before it costs anything), and the capture's own sampling."""
+        sinks = self.observers
+        targets: tuple[str, ...] = ()
+        mirrors = decision.mirror if decision is not None else ()
+        if mirrors and sinks.mirror is not None:
+            mirror = sinks.mirror
+            write = info.is_write
+            for m in mirrors:  # a random draw only below share 1
+                if (m.writes or not write) and (m.share >= 1.0 or random() < m.share) \
+                        and mirror.admit(m.to, self.id):
+                    targets += (m.to,)
+        capture = sinks.capture is not None and sinks.capture.sample()
+        if targets or capture:
+            p.observe = Watch(targets, capture, sql, self.tx_status != pq.IDLE)
             self.special += 1  # its DataRows are read one by one (_server_frames)
 
 

@@ -116,7 +116,7 @@ class HotHits(Conversation):
         self.queries += 1
         self.last_active = t0  # a busy client is not an idle one (client_idle_timeout)
         q = self._record(info, t0)
-        self.app.rules.executed(self, decision, info, q=q)
+        self._executed(decision, info, None, q)
         self._cache_event(info, "hit", q)
         return True
 

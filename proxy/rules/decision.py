@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.rules.model import RuleCounter
+from proxy.stats import RuleCounter, RuleTally
 
 OFFSET_SQLSTATE = "54000"  # program_limit_exceeded: an OFFSET deeper than a limit rule allows
 NOTICE_SQLSTATE = "00000"  # NoticeResponse code for the engine's notices (severity NOTICE)
@@ -49,6 +49,12 @@ class Decision:
     by_text: bool = False
     hit_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
     observed_counters: tuple[RuleCounter, ...] = field(default=(), repr=False, compare=False)
+    # what each execution counts (the counters above, the statistics' rule event keys of `matched`),
+    # prepared here once: the relay counts an execution in C with it
+    tally: RuleTally = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tally", RuleTally(self.hit_counters, self.observed_counters, self.matched))
 
     @property
     def passthrough(self) -> bool:

@@ -152,10 +152,7 @@ class RuleSet:
     @staticmethod
     def count(decision: Decision) -> None:
         """Count one execution against the rules behind decision (enforced and observed)."""
-        for c in decision.hit_counters:
-            c.hits += 1
-        for c in decision.observed_counters:
-            c.observed_hits += 1
+        decision.tally.hit()
 
     # --- computing a decision (once per statement shape) ----------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any
 from proxy.config import parse_duration
 from proxy.rules.match import Match, _suggest, compile_match
 from proxy.rules.rewrite import RenameTables, TemplateError, TemplateRewrite
+from proxy.stats import RuleCounter
 from proxy.throttle.spec import THROTTLE_KEYS, Throttle, parse_throttle
 
 RULE_KEYS = ("name", "description", "match", "mode", "final", "enabled")
@@ -98,16 +99,6 @@ class Mirror:
     to: str  # a [mirror.NAME] target
     share: float  # of matching statements, sampled
     writes: bool  # mirror statements that write too (for a shadow holding a copy of the data)
-
-
-@dataclass(slots=True, eq=False)
-class RuleCounter:
-    """Executions a rule matched. Shared by the rule of the same name across reloads."""
-
-    hits: int = 0
-    observed_hits: int = 0
-    queued: int = 0  # statements its throttle made wait (in observe mode: would have)
-    throttled: int = 0  # statements its throttle refused (in observe mode: would have)
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,7 +7,6 @@ offers it to each sink (`ObservedSinks`): a sink never blocks the relay; a full 
 
 from __future__ import annotations
 
-import random
 import struct
 import time
 from dataclasses import dataclass, field
@@ -83,31 +82,12 @@ class Sink(Protocol):
 
 
 class ObservedSinks:
-    """The worker's mirror and capture sinks; the relay calls `offer` once per observed statement."""
+    """The worker's mirror and capture sinks. The relay picks the statements to observe (its `_watch`,
+    which makes their `Watch`) and calls `offer` once per observed statement."""
 
     def __init__(self, mirror: Any = None, capture: Any = None) -> None:
         self.mirror = mirror  # shadow.mirror.Mirrors
         self.capture = capture  # shadow.capture.CaptureWriter
-        self._random = random.random
-
-    def watch(self, mirrors: tuple[Any, ...], write: bool, sql: str, in_transaction: bool,
-              session: int) -> Watch | None:
-        """Whether to observe a statement: the mirror rules' targets that sample it (a write only where
-        the rule mirrors writes) and that have room for it now (a shadow that is behind drops it before
-        it costs anything), and the capture's own sampling; None when neither takes it."""
-        # on every statement a mirror rule matches: a plain loop (no generator, no tuple() call), and no
-        # random draw at share 1
-        targets: tuple[str, ...] = ()
-        mirror = self.mirror
-        if mirrors and mirror is not None:
-            for m in mirrors:
-                if (m.writes or not write) and (m.share >= 1.0 or self._random() < m.share) \
-                        and mirror.admit(m.to, session):
-                    targets += (m.to,)
-        capture = self.capture is not None and self.capture.sample()
-        if not targets and not capture:
-            return None
-        return Watch(targets, capture, sql, in_transaction)
 
     def offer(self, obs: Observed) -> None:
         if obs.targets and self.mirror is not None:
