@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="protocols whose instructions per query callgrind counts (default both; none: skip)")
     rp.add_argument("--core", nargs="+", default=["compiled"], choices=["compiled", "pure"],
                     help="relay cores counted (default compiled)")
+    rp.add_argument("--process", nargs="*", default=["simple", "extended"], choices=HOT_MODES,
+                    help="protocols for part (d): real pgfront processes under callgrind, the whole worker's "
+                         "instructions per transaction (default simple and extended; none: skip)")
+    rp.add_argument("--process-transactions", type=int, default=2000,
+                    help="pgbench transactions per counted run of part (d) (default 2000)")
     rp.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")
     rp.set_defaults(func=cmd_replicas)
     return ap
@@ -212,14 +217,15 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 def cmd_replicas(args: argparse.Namespace) -> int:
     from .replicas import main as replicas
 
-    if (min(args.scale, args.rounds, args.clients, args.ryw_clients) < 1 or min(args.seconds, args.ryw_seconds) < 1
-            or args.rate < 0):
-        print("error: need --scale, --rounds, --clients, --ryw-clients >= 1, --seconds, --ryw-seconds >= 1 and "
-              "--rate >= 0", file=sys.stderr)
+    if (min(args.scale, args.rounds, args.clients, args.ryw_clients, args.process_transactions) < 1
+            or min(args.seconds, args.ryw_seconds) < 1 or args.rate < 0):
+        print("error: need --scale, --rounds, --clients, --ryw-clients, --process-transactions >= 1, --seconds, "
+              "--ryw-seconds >= 1 and --rate >= 0", file=sys.stderr)
         return 2
     return replicas(modes=args.mode, scale=args.scale, seconds=args.seconds, rounds=args.rounds, clients=args.clients,
                     rate=args.rate or None, ryw_clients=args.ryw_clients, ryw_seconds=args.ryw_seconds, pause_s=args.pause, run_s=args.resume,
-                    instructions=args.instructions, cores=args.core, json_path=args.json)
+                    instructions=args.instructions, cores=args.core, process=args.process,
+                    process_transactions=args.process_transactions, json_path=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@
 3. Routing adds at most 5% CPU per query: machine instructions per pgbench -S query (callgrind) through
    a pooled session routed to a replica, against the same session with no replica, both in transaction
    pooling (`hotroute`, counted like `hotpath --instructions`), with passthrough for reference. Part (a)
-   also gives pgfront's CPU per transaction under pgbench with and without the replica.
+   also gives pgfront's CPU per transaction under pgbench with and without the replica, and part (d)
+   the instructions per transaction of two real pgfront processes under callgrind, the whole worker
+   counted (`replica_process`).
 
 It starts its own throwaway primary (pgbench -i) and streaming replica, and two pgfront processes in
 transaction pooling, one with the replica as its [[replica]] and default [routing], one without. Goals
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from proxy.devdb import TempPostgres, TempReplica
 
-from . import machine, replica_ryw, replica_share
+from . import machine, replica_process, replica_ryw, replica_share
 from .replica_env import RoutedPgfront, start_servers
 from .targets import Env, Unavailable
 
@@ -70,12 +72,23 @@ def print_instructions(c: dict) -> None:
               f"(passthrough {row['passthrough']:,.0f})")
 
 
+def print_process(p: dict) -> None:
+    if "error" in p:
+        print(f"  not counted: {p['error']}")
+        return
+    for mode, row in p.items():
+        print(f"  {mode:9} routed {row['routed']:9,.0f}, pooled without a replica {row['pool']:9,.0f}: "
+              f"{row['ratio']:.3f}x; goal <= {GOAL_CPU:.2f}x: {'met' if row['ratio'] <= GOAL_CPU else 'NOT met'}")
+
+
 def main(*, modes: list[str], scale: int, seconds: float, rounds: int, clients: int, rate: float | None,
          ryw_clients: int, ryw_seconds: float, pause_s: float, run_s: float, instructions: list[str], cores: list[str],
-         json_path: Path | None = None) -> int:
+         process: list[str] | None = None, process_transactions: int = 2000, json_path: Path | None = None) -> int:
+    process = process or []
     settings = {"modes": modes, "scale": scale, "seconds": seconds, "rounds": rounds, "clients": clients,
                 "rate": rate, "ryw_clients": ryw_clients, "ryw_seconds": ryw_seconds, "pause_s": pause_s, "run_s": run_s,
-                "instructions": instructions, "cores": cores}
+                "instructions": instructions, "cores": cores, "process": process,
+                "process_transactions": process_transactions}
     results: dict = {"settings": settings, "loadavg_at_start": round(os.getloadavg()[0], 2), "share": {}}
     # SIGTERM ends the run through the `finally` below: the servers and pgfronts run in sessions of their
     # own, so a plain kill of this process would leave them running
@@ -113,6 +126,15 @@ def main(*, modes: list[str], scale: int, seconds: float, rounds: int, clients: 
             failed = True
             results["ryw"] = {"error": str(e)}
             log(f"read-your-writes: {e}")
+        if process and shutil.which("valgrind") is None:
+            results["process"] = {"error": "valgrind is not installed (Debian: apt-get install valgrind)"}
+        elif process:
+            try:
+                results["process"] = replica_process.count(work, pg, replica, process, process_transactions, log)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                failed = True
+                results["process"] = {"error": str(e)}
+                log(f"real processes under callgrind: {e}")
     except (RuntimeError, OSError, Unavailable, subprocess.TimeoutExpired) as e:
         print(f"error: {e}", file=sys.stderr)
         failed = True
@@ -147,4 +169,9 @@ def report(results: dict) -> None:
     if "instructions" in results:
         print("\n(c) routing's cost: instructions per pgbench -S query in the in-process relay (callgrind)")
         print_instructions(results["instructions"])
+    if "process" in results:
+        print(f"\n(d) routing's cost in real pgfront processes: the whole worker's instructions per pgbench -S "
+              f"transaction under callgrind, one client, {s['process_transactions']:,} transactions per run, "
+              "2 alternating runs each")
+        print_process(results["process"])
     print(f"\nload average {results['loadavg_at_start']} at the start, {results['loadavg_at_end']} at the end")

@@ -2,7 +2,8 @@
 
 Benchmarks are not tests: nothing here looks at how fast anything was, or at the share of reads the
 replica served. Read-your-writes is the exception: a violation is a bug at any size and speed.
-(Callgrind's part is left out: minutes under valgrind; `tests/test_routing_memo.py` drives its harness.)
+(Callgrind's parts, (c) and (d), are left out: minutes under valgrind; `tests/test_routing_memo.py`
+drives the harness of (c).)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def test_replicas_benchmark_at_a_tiny_size(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks", "replicas", "--scale", "1", "--seconds", "1", "--rounds", "1",
          "--mode", "simple", "--ryw-clients", "4", "--ryw-seconds", "2", "--pause", "0.5", "--resume", "0.5",
-         "--instructions", "--json", str(out)],
+         "--instructions", "--process", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -34,5 +35,5 @@ def test_replicas_benchmark_at_a_tiny_size(tmp_path: Path) -> None:
     ryw = results["ryw"]
     assert ryw["reads"] > 0 and ryw["reads_replica"] + ryw["reads_primary"] == ryw["reads"], ryw
     assert ryw["violations"] == 0, ryw["violation_examples"]
-    assert "instructions" not in results
+    assert "instructions" not in results and "process" not in results
     assert "(a) pgbench -S" in res.stdout and "(b) read-your-writes" in res.stdout

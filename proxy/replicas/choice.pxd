@@ -17,7 +17,8 @@ cdef class Reasons:
 
 cdef Py_ssize_t _size(const unsigned char *p, Py_ssize_t at) noexcept
 
-@cython.locals(p="const unsigned char *", n=Py_ssize_t, i=Py_ssize_t, end=Py_ssize_t, t=int, open_unnamed=bint)
+@cython.locals(p="const unsigned char *", n=Py_ssize_t, i=Py_ssize_t, end=Py_ssize_t, j=Py_ssize_t, k=Py_ssize_t, t=int,
+               open_unnamed=bint)
 cpdef classify(data, dict statements, info_of, Reasons reason_of, bint continuing=*, parses=*)
 
 

@@ -133,8 +133,16 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Reasons, co
         elif t == 66:  # Bind
             if end - i >= 7 and p[i + 5] == 0 and p[i + 6] == 0:
                 name = ""  # unnamed portal, unnamed statement: the usual Bind, read without a copy
-            else:
-                _portal, name = pq.bind_names(data[i + 5:end])
+            else:  # the portal's name, then the statement's, read in place
+                j = i + 5
+                while j < end and p[j] != 0:
+                    j += 1
+                k = j + 1
+                while k < end and p[k] != 0:
+                    k += 1
+                if k >= end:
+                    return Classified(False, "a malformed Bind", True)  # the primary's relay reports it
+                name = data[j + 1:k].decode(pq.ENC, pq.ERRORS)
             if name:
                 stmt = statements.get(name)
                 if stmt is None:
