@@ -62,23 +62,16 @@ def count_instructions(protocols: list[str], cores: list[str]) -> dict:
     return out
 
 
-def print_instructions(c: dict) -> None:
+def print_ratios(c: dict, routed: str, unit: str) -> None:
+    """A line per row of (c) or (d): routed vs pooled without a replica, against the goal."""
     if "error" in c:
         print(f"  not counted: {c['error']}")
         return
     for key, row in c.items():
-        print(f"  {key:17} routed {row['route']:9,.0f}, pooled without a replica {row['pool']:9,.0f} instructions "
-              f"per query: {row['ratio']:.3f}x; goal <= {GOAL_CPU:.2f}x: {'met' if row['goal_met'] else 'NOT met'} "
-              f"(passthrough {row['passthrough']:,.0f})")
-
-
-def print_process(p: dict) -> None:
-    if "error" in p:
-        print(f"  not counted: {p['error']}")
-        return
-    for mode, row in p.items():
-        print(f"  {mode:9} routed {row['routed']:9,.0f}, pooled without a replica {row['pool']:9,.0f}: "
-              f"{row['ratio']:.3f}x; goal <= {GOAL_CPU:.2f}x: {'met' if row['ratio'] <= GOAL_CPU else 'NOT met'}")
+        ratio = row[routed] / row["pool"]
+        passthrough = f" (passthrough {row['passthrough']:,.0f})" if "passthrough" in row else ""
+        print(f"  {key:17} routed {row[routed]:9,.0f}, pooled without a replica {row['pool']:9,.0f} {unit}: "
+              f"{ratio:.3f}x; goal <= {GOAL_CPU:.2f}x: {'met' if ratio <= GOAL_CPU else 'NOT met'}{passthrough}")
 
 
 def main(*, modes: list[str], scale: int, seconds: float, rounds: int, clients: int, rate: float | None,
@@ -168,10 +161,10 @@ def report(results: dict) -> None:
         replica_ryw.print_result(results["ryw"])
     if "instructions" in results:
         print("\n(c) routing's cost: instructions per pgbench -S query in the in-process relay (callgrind)")
-        print_instructions(results["instructions"])
+        print_ratios(results["instructions"], "route", "instructions per query")
     if "process" in results:
         print(f"\n(d) routing's cost in real pgfront processes: the whole worker's instructions per pgbench -S "
               f"transaction under callgrind, one client, {s['process_transactions']:,} transactions per run, "
               "2 alternating runs each")
-        print_process(results["process"])
+        print_ratios(results["process"], "routed", "per transaction")
     print(f"\nload average {results['loadavg_at_start']} at the start, {results['loadavg_at_end']} at the end")
