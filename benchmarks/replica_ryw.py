@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -77,24 +78,37 @@ def _server(port: int, ports: dict[int, str]) -> str:
     return ports.get(port, f"port {port}")
 
 
+async def _write_then_read(n: int, until: float, tally: Tally, toggler: Toggler, ports: dict[int, str],
+                           write: Callable[[str, int, int], Awaitable[None]],
+                           read: Callable[[int], Awaitable[object]]) -> None:
+    """One client's loop: a write of each kind in turn (`write(kind, key, i)`), then at once the read of
+    its row (`read(key)`), checked."""
+    i = 0
+    while time.monotonic() < until:
+        i += 1
+        kind = ("insert", "update", "transaction")[i % 3]
+        key = n * KEY_SPACE + i if kind == "insert" else n
+        await write(kind, key, i)
+        paused = toggler.paused
+        _check(tally, n, kind, i, await read(key), paused, ports)
+
+
 async def _asyncpg_client(dsn: str, n: int, until: float, tally: Tally, toggler: Toggler, ports: dict[int, str]) -> None:
     conn = await asyncpg.connect(dsn)
-    try:
-        i = 0
-        while time.monotonic() < until:
-            i += 1
-            kind = ("insert", "update", "transaction")[i % 3]
-            key = n * KEY_SPACE + i if kind == "insert" else n
-            if kind == "insert":
-                await conn.execute("INSERT INTO ryw_rows VALUES ($1, $2, $3)", key, n, i)
-            elif kind == "update":
+
+    async def write(kind: str, key: int, i: int) -> None:
+        if kind == "insert":
+            await conn.execute("INSERT INTO ryw_rows VALUES ($1, $2, $3)", key, n, i)
+        elif kind == "update":
+            await conn.execute("UPDATE ryw_rows SET v = $1 WHERE id = $2", i, key)
+        else:
+            async with conn.transaction():
                 await conn.execute("UPDATE ryw_rows SET v = $1 WHERE id = $2", i, key)
-            else:
-                async with conn.transaction():
-                    await conn.execute("UPDATE ryw_rows SET v = $1 WHERE id = $2", i, key)
-            paused = toggler.paused
-            row = await conn.fetchrow("SELECT v, inet_server_port() FROM ryw_rows WHERE id = $1", key)
-            _check(tally, n, kind, i, row, paused, ports)
+
+    try:
+        await _write_then_read(n, until, tally, toggler, ports, write,
+                               lambda key: conn.fetchrow("SELECT v, inet_server_port() FROM ryw_rows WHERE id = $1",
+                                                         key))
     finally:
         await conn.close()
 
@@ -103,22 +117,21 @@ async def _psycopg_client(conninfo: str, n: int, until: float, tally: Tally, tog
                           ports: dict[int, str]) -> None:
     # literal SQL and no parameters: psycopg sends each as a simple-protocol Query (never prepared)
     conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None)
-    try:
-        i = 0
-        while time.monotonic() < until:
-            i += 1
-            kind = ("insert", "update", "transaction")[i % 3]
-            key = n * KEY_SPACE + i if kind == "insert" else n
-            if kind == "insert":
-                await conn.execute(f"INSERT INTO ryw_rows VALUES ({key}, {n}, {i})")
-            elif kind == "update":
+
+    async def write(kind: str, key: int, i: int) -> None:
+        if kind == "insert":
+            await conn.execute(f"INSERT INTO ryw_rows VALUES ({key}, {n}, {i})")
+        elif kind == "update":
+            await conn.execute(f"UPDATE ryw_rows SET v = {i} WHERE id = {key}")
+        else:
+            async with conn.transaction():
                 await conn.execute(f"UPDATE ryw_rows SET v = {i} WHERE id = {key}")
-            else:
-                async with conn.transaction():
-                    await conn.execute(f"UPDATE ryw_rows SET v = {i} WHERE id = {key}")
-            paused = toggler.paused
-            row = await (await conn.execute(READ.format(key))).fetchone()
-            _check(tally, n, kind, i, row, paused, ports)
+
+    async def read(key: int) -> object:
+        return await (await conn.execute(READ.format(key))).fetchone()
+
+    try:
+        await _write_then_read(n, until, tally, toggler, ports, write, read)
     finally:
         await conn.close()
 

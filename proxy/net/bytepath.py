@@ -118,9 +118,9 @@ class BytePath(HotHits):
                 self._without_server(data)
             return
         if self.on_replica is not None and phase is READY:
-            framer = self.cframer
-            if data is self.route_lent and not self.replica_held and not framer._buf and not framer._skip:
-                self.route_lent = None  # the very bytes the replica was chosen for: they are its
+            if data is self.route_lent and not self.replica_held and not self.cframer._buf:
+                # the very bytes the replica was chosen for (the choice read them, a rule's route included)
+                self.route_lent = None
                 if self.route_sent is not None:
                     self.route_sent.append(data)  # kept until it goes back: a retry sends them again
             elif self._hold_for_primary(data):

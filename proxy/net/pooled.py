@@ -236,13 +236,12 @@ class PooledClient:
 
     def _hold_for_primary(self, data: bytes) -> bool:
         """Bytes that arrive while a replica is lent, outside a transaction: those that are not all
-        complete reads wait until the replica goes back, and then are routed afresh. True if held."""
+        complete reads wait until the replica goes back, and then are routed afresh. True if held. (The
+        bytes the replica was just lent for, whole, never come here: `BytePath.data_received`.)"""
         framer = self.cframer
-        # the bytes the replica was just lent for: the choice read them (what a rule routed there included)
-        chosen = data is self.route_lent and not framer._buf
-        self.route_lent = None
-        if not framer._skip and (self.replica_held or (self.tx_status == pq.IDLE and not chosen and
-                                                       not self.app.router.still_read_only(self, bytes(framer._buf) + data))):
+        self.route_lent = None  # those bytes, if these are they, come after others held or partial: asked again
+        if not framer._skip and (self.replica_held or (
+                self.tx_status == pq.IDLE and not self.app.router.still_read_only(self, bytes(framer._buf) + data))):
             if not self.replica_held and self.in_batch:
                 # a batch left open (Parse, Describe, Flush) and then not a read: end it on the replica with a
                 # Sync of ours (its named statements are prepared again wherever the rest goes)

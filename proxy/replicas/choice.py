@@ -285,7 +285,7 @@ class Routing:
     def still_read_only(self, client: Any, data: bytes, continuing: bool = True) -> bool:
         """May these bytes go to the replica chosen? `continuing`: they arrived while it is lent, and only
         complete reads may. Else a replica is about to be lent for them, as `pick` would choose. (The
-        bytes a replica was lent for are not asked about again: `PooledClient._hold_for_primary`.)"""
+        bytes a replica was lent for are not asked about again: `BytePath.data_received`.)"""
         c = self._classify(client, data, continuing)
         if continuing:
             return c is READ and client.route_pref != PRIMARY

@@ -21,7 +21,7 @@ import asyncpg
 
 from proxy.cache.catalog import connect
 from proxy.log import log
-from proxy.replicas.choice import choose, fits
+from proxy.replicas.choice import choose
 
 # pg_lsn - pg_lsn is numeric: cast to int8 so that asyncpg hands back ints; NULL (no such position) reads 0.
 # The replay age is taken on the replica's own clock, which also stamped the replayed commit.
@@ -150,10 +150,6 @@ class Replica:
     def serves(self, database: str) -> bool:
         dbs = self.target.databases
         return dbs is None or database in dbs
-
-    def fits(self, database: str, min_lsn: int) -> bool:
-        """Usable for a read of `database` that must see WAL position `min_lsn`."""
-        return fits(self, database, min_lsn)
 
     def __repr__(self) -> str:
         return f"<Replica {self.target.name} {self.state} replay={format_lsn(self.replay_lsn)} lag={self.lag_bytes}B>"
