@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="protocols whose instructions per query callgrind counts (default both; none: skip)")
     rp.add_argument("--core", nargs="+", default=["compiled"], choices=["compiled", "pure"],
                     help="relay cores counted (default compiled)")
-    rp.add_argument("--process", nargs="*", default=["simple", "extended"], choices=HOT_MODES,
+    rp.add_argument("--process", nargs="*", default=HOT_MODES, choices=HOT_MODES,
                     help="protocols for part (d): real pgfront processes under callgrind, the whole worker's "
-                         "instructions per transaction (default simple and extended; none: skip)")
+                         "instructions per transaction (default all three; none: skip)")
     rp.add_argument("--process-transactions", type=int, default=2000,
                     help="pgbench transactions per counted run of part (d) (default 2000)")
     rp.add_argument("--json", type=Path, metavar="PATH", help="also write the results here as JSON")

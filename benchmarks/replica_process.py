@@ -28,6 +28,7 @@ from .replica_env import RoutedPgfront
 from .targets import BENCH_PASSWORD, Env
 
 WARM_UP = 300  # transactions before counting: shapes, statistics entries, pool connections
+IDLE_SECONDS = 10  # the idle window counted for each pgfront: the replica's health probes (one round a second)
 
 
 def _total(out: Path) -> int:
@@ -53,9 +54,26 @@ def _pgbench(port: int, mode: str, n: int, deadline: float) -> None:
         time.sleep(1)
 
 
+def _counted(proc: subprocess.Popen, out: Path, label: str, run: Callable[[], None]) -> tuple[int, float]:
+    """Instructions `proc` ran during `run()` (callgrind's counters zeroed before, dumped after), and its seconds."""
+    subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+    began = time.monotonic()
+    run()
+    seconds = time.monotonic() - began
+    subprocess.run(["callgrind_control", "-d", label, str(proc.pid)], check=True, capture_output=True)
+    time.sleep(1)  # the dump is written by the process itself
+    return _total(out), seconds
+
+
 def count(work: Path, pg: TempPostgres, replica: TempReplica, modes: list[str], n: int,
-          log: Callable[[str], None]) -> dict:
-    """{mode: {"pool": instructions per transaction, "routed": ..., "ratio": routed / pool}}."""
+          log: Callable[[str], None]) -> tuple[dict, dict]:
+    """({mode: {"pool": instructions per transaction, "routed": ..., "ratio": routed / pool, ...}}, the idle
+    cost: {"pool": instructions per second with no client, "routed": ..., "probes": routed - pool}).
+
+    The routed pgfront's replica is probed once a second whatever the load. Under callgrind a transaction
+    lasts several times longer than at full speed, so the probes' share of each transaction counted is
+    larger than in production: each row also gives it ("probe_share", from the idle cost and the run's
+    length, "seconds_per_transaction"), and the ratio without it ("ratio_less_probes")."""
     env = Env(pg, None, work)
     procs: dict[str, tuple[subprocess.Popen, int, Path]] = {}
     try:
@@ -74,19 +92,31 @@ def count(work: Path, pg: TempPostgres, replica: TempReplica, modes: list[str], 
         results: dict = {}
         for mode in modes:
             counted: dict[str, list[float]] = {"pool": [], "routed": []}
+            routed_seconds: list[float] = []
             for key in ("pool", "routed", "pool", "routed"):
                 proc, port, out = procs[key]
                 _pgbench(port, mode, WARM_UP, time.monotonic() + 240)
-                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-                _pgbench(port, mode, n, time.monotonic() + 240)
-                subprocess.run(["callgrind_control", "-d", f"{mode}-{key}", str(proc.pid)], check=True,
-                               capture_output=True)
-                time.sleep(1)  # the dump is written by the process itself
-                counted[key].append(_total(out) / n)
-                log(f"{mode}: pgfront {key:6} under callgrind: {counted[key][-1]:,.0f} instructions per transaction")
+                total, seconds = _counted(proc, out, f"{mode}-{key}",
+                                          lambda port=port, mode=mode: _pgbench(port, mode, n, time.monotonic() + 240))
+                counted[key].append(total / n)
+                if key == "routed":
+                    routed_seconds.append(seconds)
+                log(f"{mode}: pgfront {key:6} under callgrind: {counted[key][-1]:,.0f} instructions per transaction "
+                    f"({seconds:.1f} s)")
             pool, routed = (sum(v) / len(v) for v in (counted["pool"], counted["routed"]))
-            results[mode] = {"pool": pool, "routed": routed, "ratio": routed / pool, "runs": counted}
-        return results
+            results[mode] = {"pool": pool, "routed": routed, "ratio": routed / pool, "runs": counted,
+                             "seconds_per_transaction": sum(routed_seconds) / len(routed_seconds) / n}
+        idle: dict = {}
+        for key in ("pool", "routed"):
+            proc, _port, out = procs[key]
+            total, seconds = _counted(proc, out, f"idle-{key}", lambda: time.sleep(IDLE_SECONDS))
+            idle[key] = total / seconds
+        idle["probes"] = max(0.0, idle["routed"] - idle["pool"])
+        log(f"idle: {idle['pool']:,.0f} instructions per second without a replica, {idle['routed']:,.0f} with it")
+        for row in results.values():
+            row["probe_share"] = idle["probes"] * row["seconds_per_transaction"]
+            row["ratio_less_probes"] = (row["routed"] - row["probe_share"]) / row["pool"]
+        return results, idle
     finally:
         for proc, _port, _out in procs.values():
             proc.terminate()

@@ -62,6 +62,9 @@ def count_instructions(protocols: list[str], cores: list[str]) -> dict:
     return out
 
 
+PRODUCTION_TPS = 4000  # the rate part (a) runs pgbench at: the probes' share per transaction there
+
+
 def print_ratios(c: dict, routed: str, unit: str) -> None:
     """A line per row of (c) or (d): routed vs pooled without a replica, against the goal."""
     if "error" in c:
@@ -123,7 +126,8 @@ def main(*, modes: list[str], scale: int, seconds: float, rounds: int, clients: 
             results["process"] = {"error": "valgrind is not installed (Debian: apt-get install valgrind)"}
         elif process:
             try:
-                results["process"] = replica_process.count(work, pg, replica, process, process_transactions, log)
+                results["process"], results["process_idle"] = replica_process.count(work, pg, replica, process,
+                                                                                     process_transactions, log)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 failed = True
                 results["process"] = {"error": str(e)}
@@ -167,4 +171,14 @@ def report(results: dict) -> None:
               f"transaction under callgrind, one client, {s['process_transactions']:,} transactions per run, "
               "2 alternating runs each")
         print_ratios(results["process"], "routed", "per transaction")
+        idle = results.get("process_idle")
+        if idle and "error" not in results["process"]:
+            print(f"  the replica's health probes (a round a second), with no client: {idle['probes']:,.0f} "
+                  f"instructions per second ({idle['routed']:,.0f} idle with the replica, {idle['pool']:,.0f} "
+                  f"without); {idle['probes'] / PRODUCTION_TPS:,.0f} per transaction at {PRODUCTION_TPS:,} tps. "
+                  "Under callgrind a transaction lasts longer, so their share of each one counted above is larger:")
+            for key, row in results["process"].items():
+                print(f"  {key:17} {row['seconds_per_transaction'] * 1e3:.2f} ms per transaction under callgrind, "
+                      f"probes {row['probe_share']:,.0f} of its instructions: {row['ratio_less_probes']:.3f}x "
+                      "without them")
     print(f"\nload average {results['loadavg_at_start']} at the start, {results['loadavg_at_end']} at the end")

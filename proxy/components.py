@@ -98,7 +98,7 @@ async def _router(app: App) -> Any:
         router = Router(replicas, app.cache.catalog, routing)
     else:
         router = Router(replicas, Catalog(primary), routing, own_catalog=True)
-    router.stats = app.stats  # set up before the router (`attach`), and never replaced
+    router.serve(app)  # set up before the router (`attach`), and never replaced
     if routing.read_your_writes and routing.read_your_writes_scope != "session":
         from proxy.replicas.marks import WriteMarks
 

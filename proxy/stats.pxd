@@ -12,6 +12,7 @@ cdef class QueryStats:
 
 cdef class Stats:
     cdef public dict queries, counters
+    cdef public list folds
     cdef public object other, gauges, worker_id, generation
     cdef public Py_ssize_t max_fingerprints, _limit, folded, changes
 

@@ -28,6 +28,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -298,6 +299,9 @@ class Stats:
         self.gauges: dict[str, float] = {}
         self.folded = 0  # fingerprints folded into "other" since the last reset
         self.changes = 0  # bumped on every update: lets the publisher skip idle flushes
+        # counts kept elsewhere as C fields, bumped on the hot path without a dictionary (the router's
+        # routed transactions): each fold(stats) sets its counters here, before they are read
+        self.folds: list[Callable[[Stats], None]] = []
         self.worker_id: str | None = None  # set by StatsPublisher
         self.generation = 0  # reset generation this worker's data belongs to
 
@@ -399,6 +403,11 @@ class Stats:
         self.counters[name] = total
         self.changes += 1
 
+    def fold(self) -> None:
+        """Bring the counters kept elsewhere (`folds`) up to date: before a snapshot or a merge."""
+        for f in self.folds:
+            f(self)
+
     def set_gauge(self, name: str, value: float) -> None:
         self.gauges[name] = value
         self.changes += 1
@@ -488,6 +497,7 @@ class StatsPublisher:
         generation = read_generation(self.run_dir)
         if generation > self.stats.generation:
             self.stats.reset(generation)
+        self.stats.fold()
         if self.stats.changes == self._flushed_changes:
             return False
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -536,6 +546,7 @@ class MergedStats:
 
     def add_live(self, stats: Stats) -> None:
         """Add a live Stats (copied: the worker goes on changing it)."""
+        stats.fold()
         self._add(stats.counters, stats.gauges, stats.folded, [q.copy() for q in stats.queries.values()],
                   stats.other)
 

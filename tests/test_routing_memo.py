@@ -13,6 +13,7 @@ import pytest
 from benchmarks.hotpath import drive
 from benchmarks.hotroute import pooled_session
 from proxy.relay.records import Stmt
+from proxy.replicas.choice import LastParse
 from proxy.replicas.routing import READ, Classified, classify, read_only_reason, statement_reasons
 from proxy.shapes import ShapeCache
 from proxy.wire import protocol as pq
@@ -111,13 +112,15 @@ def test_classify_with_its_memos_answers_as_before() -> None:
     statements = {"s1": Stmt("s1", "SELECT 1", shapes.get("SELECT 1"), "SELECT 1"),
                   "": Stmt("", "SELECT 2", shapes.get("SELECT 2"), "SELECT 2")}
     parses: dict = {}
+    last_parse = LastParse()
     for _ in range(2):  # the second time, every Parse and statement is remembered
         for data in _batches():
             for continuing in (False, True):
                 before = _classify_before(data, statements, shapes.get, lambda i: read_only_reason(i, ok), continuing)
-                now = classify(data, statements, shapes.get, reason, continuing, parses)
-                assert now == before, (data, continuing)
-                assert (now == READ) is (now is READ)  # every complete read is the shared READ
+                for last in (None, last_parse, last_parse):  # the client's last Parse: the second time, this one
+                    now = classify(data, statements, shapes, reason, continuing, parses, last)
+                    assert now == before, (data, continuing)
+                    assert (now == READ) is (now is READ)  # every complete read is the shared READ
         facts["f"] = True  # the catalog learnt f meanwhile
     assert parses
 

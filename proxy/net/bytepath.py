@@ -166,7 +166,7 @@ class BytePath(HotHits):
         if not self.held and not self.acquiring:
             router = self.app.router
             if router is not None and self.pooled_tx:
-                route = router.pick(self, data)
+                route = router.choose_for(self, data)
             if route is WAIT or route is MARK:
                 link = None  # Redis, or a replica's replay, first
             elif route is None:

@@ -10,7 +10,8 @@ from proxy.stats cimport RuleTally
 
 cdef class Conversation(ReplyTracker):
     cdef public object phase, user, database, application_name, cframer, last_bind, lookup_job, last_parse
-    cdef public object throttle_job, admitted, tags, tag_key, tracing, observers, routed_sql, routed_info
+    cdef public object throttle_job, admitted, tags, tag_key, tracing, observers, routed_raw, routed_sql, routed_info
+    cdef public object route_parse
     cdef public Py_ssize_t trace_gap
     cdef public str route_pref
     cdef public object ryw_lsn
@@ -27,7 +28,7 @@ cdef class Conversation(ReplyTracker):
                    skipping=bint, now=double)
     cpdef client_frames(self, list frames, data, Py_ssize_t start=*)
     @cython.locals(p=Pending)
-    cpdef _query(self, sql_bytes, double now)
+    cpdef _query(self, str sql, double now, info=*)
     cpdef _done(self, Pending p)
     @cython.locals(p=Pending)
     cpdef _account(self)

@@ -55,6 +55,7 @@ from proxy.wire.framer import Framer
 
 if TYPE_CHECKING:
     from proxy.relay.hooks import RelayContext
+    from proxy.replicas.choice import LastParse
     from proxy.rules import Decision
     from proxy.sql import StatementInfo
     from proxy.stats import QueryStats
@@ -83,8 +84,12 @@ class Conversation(ReplyTracker):
         self.route_retry_primary = False  # a replica cancelled the read waiting: the primary answers it
         self.ryw_since = 0.0  # when this client's last possible write ended (monotonic); 0 = never
         self.ryw_lsn = 0  # the primary's WAL position after it: replicas must have replayed this far
-        self.routed_sql: str | None = None  # the Query text the choice looked up last, and its shape,
-        self.routed_info: StatementInfo | None = None  # which the relay takes instead of looking it up
+        # the whole Query message read routing chose an upstream for, its text and its shape, which the
+        # relay takes instead of decoding and looking them up again (held: an id is not reused meanwhile)
+        self.routed_raw: bytes | None = None
+        self.routed_sql: str | None = None
+        self.routed_info: StatementInfo | None = None
+        self.route_parse: LastParse | None = None  # this client's last Parse, as read routing read it
         self.tracing = app.tracing  # fixed for the worker's life ([tracing] keys take a restart)
         self.observers = app.observers  # mirror and capture sinks, or None (neither configured)
         self.trace_gap = self.tracing.gap() if self.tracing is not None else 0  # statements to the next span
@@ -129,12 +134,17 @@ class Conversation(ReplyTracker):
             if skipping and t != _S and t != _c and t != _f:
                 pass  # the server discards everything up to Sync after an error: so do we
             elif t == _Q:
-                sent = self._query(data[a + 5:b - 1], now)
+                if data is self.routed_raw and a == 0:  # read routing's very message (`replicas.choice`)
+                    sent = self._query(self.routed_sql, now, self.routed_info)
+                    self.routed_raw = self.routed_sql = self.routed_info = None
+                else:
+                    # pq.ENC and pq.ERRORS, spelt out: compiled, the UTF-8 codec is then called directly
+                    sent = self._query(data[a + 5:b - 1].decode("utf-8", "surrogateescape"), now)
             elif t == _P:
                 sent = self._parse(data[a + 5:b])
             elif t == _B:
                 if data[a + 5] == 0:  # unnamed portal, the common case
-                    name = data[a + 6:data.index(0, a + 6, b)].decode(pq.ENC, pq.ERRORS)
+                    name = data[a + 6:data.index(0, a + 6, b)].decode("utf-8", "surrogateescape")
                     portal = ""
                     stmt = self.statements.get(name)
                     if stmt is not None:
@@ -335,9 +345,9 @@ class Conversation(ReplyTracker):
         return out + pq.parse_message(name, stmt.sent_sql, stmt.oids)
 
 
-    def _query(self, sql_bytes: bytes, now: float) -> bytes | None:
-        """A simple Query: track it, apply rules. Returns a replacement message or None."""
-        sql = sql_bytes.decode(pq.ENC, pq.ERRORS)
+    def _query(self, sql: str, now: float, info: StatementInfo | None = None) -> bytes | None:
+        """A simple Query: track it, apply rules. Returns a replacement message or None. `info`: its shape,
+        when already looked up."""
         self.queries += 1
         self.stmt_epoch += 1  # a Query destroys the unnamed statement
         tags = _tags(sql) if commented(sql) else None
@@ -349,11 +359,8 @@ class Conversation(ReplyTracker):
             p.tags = tags
             self.expect.append(p)
             return None
-        info = self.routed_info
-        if info is None or sql != self.routed_sql:
+        if info is None:
             info = self.app.shapes.get(sql)
-        else:  # read routing looked this very text up to choose the upstream (`replicas.choice`)
-            self.routed_info = self.routed_sql = None
         p = Pending(_Q, info, now)
         p.tags = tags
         self._set_tags(tags)

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import cython
+
 from proxy.cache.policy import select_side_effect
 from proxy.replicas.outcomes import MARK, WAIT
 from proxy.sql.info import EMPTY
@@ -72,32 +74,37 @@ def read_only_reason(info: Any, function_ok: Any) -> str:
     return why or functions_reason(functions, function_ok)
 
 
-REASONS_MAX = 20_000  # StatementInfos a database's reasons remember (kept alive: an id is never reused meanwhile)
+ASK_FUNCTIONS = "(its functions decide)"  # statement_why: a read if every function it calls may run on a replica
+
+
+def statement_why(info: Any) -> str:
+    """statement_reason's answer, worked out once per StatementInfo and kept on it (`route_why`): "" for a
+    read calling no function, ASK_FUNCTIONS for a read whose functions decide, else why not.
+
+    The ShapeCache gives every text of one shape (texts differing only in constants) one StatementInfo,
+    and statement_reason reads nothing else: a repeated read costs one attribute read."""
+    why = info.route_why
+    if why is None:
+        why, functions = statement_reason(info)
+        if not why and functions:
+            why = ASK_FUNCTIONS
+        object.__setattr__(info, "route_why", why)  # frozen for everything but this memo
+    return why
 
 
 class Reasons:
     """read_only_reason for one database's function facts, its statement part worked out once per
-    StatementInfo.
-
-    The ShapeCache gives every text of one shape (texts differing only in constants) one StatementInfo,
-    and read_only_reason reads nothing else: remembering its statement part by that object gives the
-    same answer without the work, at each execution of a repeated read. Function facts are asked each
-    time (the catalog's expire and are read again); most reads call none.
-    """
+    StatementInfo (`statement_why`). Function facts are asked each time (the catalog's expire and are
+    read again); most reads call none."""
 
     def __init__(self, function_ok: Any) -> None:
         self.function_ok = function_ok
-        self.memo: dict[int, tuple[Any, str, frozenset[str]]] = {}
 
     def why(self, info: Any) -> str:
-        got = self.memo.get(id(info))
-        if got is None:
-            if len(self.memo) >= REASONS_MAX:
-                self.memo.clear()
-            got = self.memo[id(info)] = (info, *statement_reason(info))
-        if got[1] or not got[2]:
-            return got[1]
-        return functions_reason(got[2], self.function_ok)
+        why = statement_why(info)
+        if why is ASK_FUNCTIONS:
+            return functions_reason(info.functions, self.function_ok)
+        return why
 
     def __call__(self, info: Any) -> str:
         return self.why(info)
@@ -110,13 +117,34 @@ def statement_reasons(function_ok: Any) -> Reasons:
 PARSES_MAX = 20_000  # Parse messages remembered per router (`classify`'s `parses`)
 
 
-def classify(data: bytes, statements: dict, info_of: Any, reason_of: Reasons, continuing: bool = False,
-             parses: dict | None = None) -> Classified:
+class LastParse:
+    """A client's last Parse and what it parses to, for `classify`: libpq and most drivers send the same
+    Parse again at every execution of an unnamed statement, so it is compared in place before any look-up.
+    Owned by the client (`Conversation.route_parse`)."""
+
+    __slots__ = ("body", "name", "info")
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.name = ""
+        self.info: Any = None
+
+
+def _same(p: bytes, at: int, n: int, b: bytes) -> bool:
+    """p[at:at + n] == b: compiled, compared in place (memcmp), without a copy."""
+    if cython.compiled:
+        return len(b) == n and memcmp(p + at, cython.cast(cython.p_const_char, b), n) == 0  # noqa: F821
+    return len(b) == n and p[at:at + n] == b
+
+
+def classify(data: bytes, statements: dict, shapes: Any, reason_of: Reasons, continuing: bool = False,
+             parses: dict | None = None, last: LastParse | None = None) -> Classified:
     """Read the client's waiting bytes message by message. `statements`: the client's prepared statements
-    (name -> Stmt with .info); `info_of(sql)` -> StatementInfo; `reason_of`: the database's Reasons.
+    (name -> Stmt with .info); `shapes.get(sql)` -> StatementInfo; `reason_of`: the database's Reasons.
     `continuing`: the bytes follow others on the same server (its unnamed statement is the client's).
     `parses`: Parse bodies seen before -> (statement name, StatementInfo), filled here: a client that
-    parses the same text at every execution (libpq's extended protocol) has it read once."""
+    parses the same text at every execution (libpq's extended protocol) has it read once. `last`: the
+    client's last Parse, which such a client sends again, compared in place first (and kept up to date)."""
     p = data  # compiled, the message headers are read in C from the bytes (choice.pxd)
     n = len(data)
     i = 0
@@ -142,7 +170,7 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Reasons, co
                     k += 1
                 if k >= end:
                     return Classified(False, "a malformed Bind", True)  # the primary's relay reports it
-                name = data[j + 1:k].decode(pq.ENC, pq.ERRORS)
+                name = p[j + 1:k].decode("utf-8", "surrogateescape")  # pq.ENC, pq.ERRORS: compiled, in place
             if name:
                 stmt = statements.get(name)
                 if stmt is None:
@@ -155,16 +183,22 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Reasons, co
         elif t == 83:  # Sync
             open_unnamed = False
         elif t == 80:  # Parse
-            body = data[i + 5:end]
-            got = parses.get(body) if parses is not None else None
-            if got is None:
-                name, sql, _oids = pq.parse_parse(body)
-                got = (name, info_of(sql))
-                if parses is not None:
-                    if len(parses) >= PARSES_MAX:
-                        parses.clear()
-                    parses[body] = got
-            name, info = got
+            if last is not None and _same(p, i + 5, end - i - 5, last.body):
+                name = last.name
+                info = last.info
+            else:
+                body = data[i + 5:end]
+                got = parses.get(body) if parses is not None else None
+                if got is None:
+                    name, sql, _oids = pq.parse_parse(body)
+                    got = (name, shapes.get(sql))
+                    if parses is not None:
+                        if len(parses) >= PARSES_MAX:
+                            parses.clear()
+                        parses[body] = got
+                name, info = got
+                if last is not None:
+                    last.body, last.name, last.info = body, name, info
             why = reason_of.why(info)
             if why:
                 return Classified(False, why, True)
@@ -172,7 +206,7 @@ def classify(data: bytes, statements: dict, info_of: Any, reason_of: Reasons, co
                 unnamed = info
                 open_unnamed = True
         elif t == 81:  # Query
-            info = info_of(data[i + 5:end - 1].decode(pq.ENC, pq.ERRORS))
+            info = shapes.get(p[i + 5:end - 1].decode("utf-8", "surrogateescape"))
             why = reason_of.why(info)
             if why:
                 return Classified(False, why, True)
@@ -190,11 +224,39 @@ ROUTED = "routed_transactions|upstream|"  # the statistics counter of transactio
 ROUTED_PRIMARY = ROUTED + PRIMARY
 
 
-def fits(r: Any, database: str, min_lsn: int) -> bool:
-    """Replica `r` (a `health.Replica`) is usable for a read of `database` that must see WAL position `min_lsn`."""
-    target = r.target
-    dbs = target.databases
-    return r.state == "ok" and r.replay_lsn >= min_lsn and target.weight > 0 and (dbs is None or database in dbs)
+class Upstream:
+    """What the choice of a replica reads of it, as C fields when compiled (choice.pxd): `health.Replica`
+    adds the probes' bookkeeping. Read once per routed transaction, so its usability is a flag kept with
+    its state, its target's weight and databases are copied here, and the transactions routed to it are
+    a C counter, folded into the worker's statistics when they are read (`Routing.fold_counts`)."""
+
+    __slots__ = ("target", "weight", "databases", "counter", "ok", "_state", "replay_lsn", "routed")
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.weight = target.weight
+        self.databases = target.databases  # None: serves every database
+        self.counter = ROUTED + target.name  # its routed_transactions statistics counter
+        self._state = "starting"  # no reads until the first probe says "ok"
+        self.ok = False  # state == "ok"
+        self.replay_lsn = 0  # pg_last_wal_replay_lsn() (0 unknown)
+        self.routed = 0  # transactions this worker routed to it
+
+    @property
+    def state(self) -> str:
+        """starting | ok | lagging | down | promoted: only "ok" takes reads."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        self.ok = value == "ok"
+
+
+def fits(r: Upstream, database: str, min_lsn: int) -> bool:
+    """Replica `r` is usable for a read of `database` that must see WAL position `min_lsn`."""
+    dbs = r.databases
+    return r.ok and r.replay_lsn >= min_lsn and r.weight > 0 and (dbs is None or database in dbs)
 
 
 def choose(replicas: list, database: str, min_lsn: int = 0) -> Any:
@@ -205,7 +267,7 @@ def choose(replicas: list, database: str, min_lsn: int = 0) -> Any:
     fit = [r for r in replicas if fits(r, database, min_lsn)]
     if len(fit) <= 1:
         return fit[0] if fit else None
-    return random.choices(fit, weights=[r.target.weight for r in fit])[0]
+    return random.choices(fit, weights=[r.weight for r in fit])[0]
 
 
 class Routing:
@@ -215,13 +277,15 @@ class Routing:
 
     def __init__(self, replicas: Any, read_your_writes: bool, max_wait: float) -> None:
         self.replicas = replicas
+        self.upstreams: list[Upstream] = replicas.replicas  # the ReplicaSet's list, read per transaction
         self.read_your_writes = read_your_writes
         self.max_wait = max_wait
         self.functions: Any = None  # routing.FunctionFacts
-        self.stats: Any = None  # the worker's proxy.stats.Stats: routed transactions are counted there
+        self.shapes: Any = None  # the worker's ShapeCache (`Router.serve`)
+        self.stats: Any = None  # the worker's proxy.stats.Stats (`count`, `fold_counts`)
+        self.primary_routed = 0  # transactions this worker sent to the primary (each replica counts its own)
         self._reasons: dict[str, Reasons] = {}  # by database
         self._parses: dict[bytes, tuple[str, Any]] = {}  # `classify`'s Parse bodies seen before
-        self._routed_keys: dict[Any, str] = {}  # replica -> its routed_transactions counter's name
         self.marks: Any = None  # marks.WriteMarks: read-your-writes across the sessions of a user/application
 
     def reason(self, database: str) -> Reasons:
@@ -237,17 +301,29 @@ class Routing:
         if n > 5 and p[0] == 81 and _size(p, 1) + 1 == n and type(data) is bytes:  # one whole Query: the usual read
             raw = data
             sql = raw[5:n - 1].decode("utf-8", "surrogateescape")  # pq.ENC, pq.ERRORS: compiled, decoded in place
-            info = client.app.shapes.get(sql)
-            client.routed_sql = sql  # the relay, about to look the same text up, takes its shape from here
+            info = self.shapes.get(sql)
+            # the relay, about to decode and look up the same message, takes its text and shape from here
+            client.routed_raw = raw
+            client.routed_sql = sql
             client.routed_info = info
-            why = self.reason(client.database).why(info)
+            why = statement_why(info)
+            if why is ASK_FUNCTIONS:
+                why = self.reason(client.database).why(info)
             return Classified(False, why, True) if why else READ
-        return classify(data, client.statements, client.app.shapes.get, self.reason(client.database), continuing,
-                        self._parses)
+        last = client.route_parse
+        if last is None:
+            last = client.route_parse = LastParse()
+        return classify(data, client.statements, self.shapes, self.reason(client.database), continuing,
+                        self._parses, last)
 
     def pick(self, client: Any, data: bytes) -> Any:
+        """The replica for the transaction waiting in `data`, None for the primary, or WAIT (`choose_for`)."""
+        return self.choose_for(client, data)
+
+    def choose_for(self, client: Any, data: bytes) -> Any:
         """The replica for the transaction waiting in `data`, None for the primary, or WAIT. Sets
-        client.route_wrote when the transaction goes to the primary as a possible write."""
+        client.route_wrote when the transaction goes to the primary as a possible write. (The byte path's
+        C call; `pick` for Python callers.)"""
         client.route_wrote = False
         marks = self.marks
         if client.route_pref == PRIMARY or client.pinned or client.route_retry_primary:
@@ -256,7 +332,7 @@ class Routing:
                 # its writes must be marked for the other sessions of its scope all the same
                 client.route_wrote = not self._classify(client, data).read_only
                 return self._write(client)
-            return self._primary()
+            return self._to_primary()
         c = self._classify(client, data)
         forced = self._rule_route(client, data) if client.app.rules is not None else None
         if forced is None:
@@ -267,20 +343,20 @@ class Routing:
             client.route_wrote = not c.read_only  # a rule's `route = "primary"` does not stop it writing
             return self._write(client)
         elif forced == REPLICA and not c.complete:
-            return self._primary()  # a rule cannot make half a batch safe to move
+            return self._to_primary()  # a rule cannot make half a batch safe to move
         if marks is not None and marks.key(client) is not None:
             return WAIT  # other sessions' writes: only Redis knows
         if self.read_your_writes and client.ryw_since:
             if not client.ryw_lsn:
                 return WAIT
-            replica = choose(self.replicas.replicas, client.database, client.ryw_lsn)
+            replica = choose(self.upstreams, client.database, client.ryw_lsn)
             if replica is None:
                 return WAIT
         else:
-            replica = choose(self.replicas.replicas, client.database)
+            replica = choose(self.upstreams, client.database)
             if replica is None:
-                return self._primary()
-        return self._replica(replica)
+                return self._to_primary()
+        return self._to_replica(replica)
 
     def still_read_only(self, client: Any, data: bytes, continuing: bool = True) -> bool:
         """May these bytes go to the replica chosen? `continuing`: they arrived while it is lent, and only
@@ -296,7 +372,7 @@ class Routing:
 
     def _write(self, client: Any) -> Any:
         """The primary, for a transaction that may write: MARK when its scope's mark must be set first."""
-        self._primary()
+        self._to_primary()
         if client.route_wrote and self.marks is not None and self.marks.key(client) is not None:
             return MARK
         return None
@@ -307,19 +383,33 @@ class Routing:
 
     def routed(self, upstream: str) -> int:
         """Transactions this worker routed to `upstream` ("primary", or a replica's name)."""
-        return self.stats.counters.get(f"{ROUTED}{upstream}", 0) if self.stats is not None else 0
+        if upstream == PRIMARY:
+            return self.primary_routed
+        return next((r.routed for r in self.upstreams if r.target.name == upstream), 0)
+
+    def fold_counts(self, stats: Any) -> None:
+        """The routed_transactions counters into `stats` (one of its `folds`: run before it is read)."""
+        counters = stats.counters
+        if counters.get(ROUTED_PRIMARY) != self.primary_routed:  # unchanged, it leaves the statistics unchanged
+            stats.set_counter(ROUTED_PRIMARY, self.primary_routed)
+        for r in self.upstreams:
+            if counters.get(r.counter) != r.routed:
+                stats.set_counter(r.counter, r.routed)
 
     def _primary(self) -> Any:
-        if self.stats is not None:
-            self.stats.inc(ROUTED_PRIMARY)
+        """None (the primary), counted: for `routing.Router`'s waits."""
+        return self._to_primary()
+
+    def _replica(self, replica: Upstream) -> Any:
+        """`replica`, counted: for `routing.Router`'s waits."""
+        return self._to_replica(replica)
+
+    def _to_primary(self) -> Any:
+        self.primary_routed += 1
         return None
 
-    def _replica(self, replica: Any) -> Any:
-        if self.stats is not None:
-            key = self._routed_keys.get(replica)
-            if key is None:
-                key = self._routed_keys[replica] = ROUTED + replica.target.name
-            self.stats.inc(key)
+    def _to_replica(self, replica: Upstream) -> Any:
+        replica.routed += 1
         return replica
 
     def _rule_route(self, client: Any, data: bytes) -> str | None:
@@ -331,5 +421,5 @@ class Routing:
             return None
         body = data[5:1 + size]
         sql = body[:-1].decode(pq.ENC, pq.ERRORS) if data[:1] == b"Q" else pq.parse_parse(body)[1]
-        decision = client.app.rules.decide_for(client, sql, client.app.shapes.get(sql))
+        decision = client.app.rules.decide_for(client, sql, self.shapes.get(sql))
         return getattr(decision, "route", None) if decision is not None else None

@@ -21,7 +21,7 @@ import asyncpg
 
 from proxy.cache.catalog import connect
 from proxy.log import log
-from proxy.replicas.choice import choose
+from proxy.replicas.choice import Upstream, choose
 
 # pg_lsn - pg_lsn is numeric: cast to int8 so that asyncpg hands back ints; NULL (no such position) reads 0.
 # The replay age is taken on the replica's own clock, which also stamped the replayed commit.
@@ -109,17 +109,16 @@ class _Link:
             self.conn = None
 
 
-class Replica:
-    """Live state of one replica, updated by its ReplicaSet's probes; the router reads the attributes."""
+class Replica(Upstream):
+    """Live state of one replica, updated by its ReplicaSet's probes. What the router reads per
+    transaction (state, replay position, weight) is `choice.Upstream`'s, compiled."""
 
-    __slots__ = ("target", "state", "in_recovery", "replay_lsn", "replay_asked", "lag_bytes", "lag_seconds", "bans",
-                 "last_error", "probed_at", "_link", "_probe", "_probe_end")
+    __slots__ = ("in_recovery", "replay_asked", "lag_bytes", "lag_seconds", "bans", "last_error", "probed_at",
+                 "_link", "_probe", "_probe_end")
 
     def __init__(self, target: ReplicaTarget, link: _Link) -> None:
-        self.target = target
-        self.state = "starting"      # no reads until the first probe says "ok"
+        super().__init__(target)
         self.in_recovery = False
-        self.replay_lsn = 0          # pg_last_wal_replay_lsn() (0 unknown)
         self.replay_asked = float("-inf")  # when the probe that read replay_lsn was sent (monotonic)
         self.lag_bytes = 0           # primary's insert position (latest probe) - replay_lsn, >= 0
         self.lag_seconds = 0.0       # age of the last replayed commit while replay is behind, else 0
@@ -132,7 +131,7 @@ class Replica:
 
     @property
     def usable(self) -> bool:
-        return self.state == "ok"
+        return self.ok
 
     def replayed_for(self, logged_in: float) -> int:
         """A WAL position this replica has certainly replayed, for a query sent from now on over a connection

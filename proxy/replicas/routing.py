@@ -146,6 +146,13 @@ class Router(Routing):
         self.own_catalog = own_catalog
         self.functions = FunctionFacts(catalog, cfg.read_only_functions)
 
+    def serve(self, app: Any) -> None:
+        """Work for the worker `app`: read its statements' shapes, and count into its statistics (bans and
+        retries at once, the transactions routed, C counters, whenever the statistics are read)."""
+        self.shapes = app.shapes
+        self.stats = app.stats
+        app.stats.folds.append(self.fold_counts)
+
     async def close(self) -> None:
         if self.marks is not None:
             await self.marks.close()

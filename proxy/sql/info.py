@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EMPTY: frozenset[str] = frozenset()
 
@@ -36,6 +36,9 @@ class StatementInfo:
     catalog: bool = False
     max_param: int = 0  # highest $n already in the text (extended-protocol parameters)
     error: str | None = None  # the parser's message when parsed is False
+    # read routing's answer for the statement, set once by replicas.choice.statement_why (a memo of a
+    # function of the fields above, not part of the value)
+    route_why: str | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def tables(self) -> frozenset[str]:

@@ -38,7 +38,7 @@ def cstr(s: str) -> bytes:
 
 def read_cstr(buf: bytes, pos: int) -> tuple[str, int]:
     end = buf.index(0, pos)
-    return buf[pos:end].decode(ENC, ERRORS), end + 1
+    return buf[pos:end].decode("utf-8", "surrogateescape"), end + 1  # ENC, ERRORS: compiled, the codec directly
 
 
 # --- backend messages we synthesise -----------------------------------------------------------
