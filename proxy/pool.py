@@ -186,7 +186,7 @@ class Pool:
                 return
         self.busy.discard(link)
         self.idle.append(link)
-        self.manager.wake_db(self.database)
+        self.manager.wake_db(self)
 
     def _close(self, link: ServerLink, why: str, cancel: bool = False) -> None:
         if why not in ("server_lifetime", "server_idle_timeout"):
@@ -216,7 +216,7 @@ class Pool:
             if not fut.done():
                 fut.set_result(_WOKEN)
                 return
-        self.manager.wake_db(self.database)
+        self.manager.wake_db(self)
 
     # -- server-side names of prepared statements (transaction mode) ------------------------------------
     def server_name(self, sql: str, oids: list[int]) -> str:
@@ -247,7 +247,10 @@ class Pool:
                 link.close()
             else:
                 keep.append(link)
+        closed = len(self.idle) - len(keep)
         self.idle = deque(keep)
+        if closed:
+            self.manager.wake_db(self)  # max_db_connections: another role's waiter may open one now
         missing = cfg.min_pool_size - self.size
         if missing > 0 and self.manager.can_open_unattended(self):
             for _ in range(missing):
@@ -286,6 +289,8 @@ class PoolManager:
         self.app = app
         self.cfg = app.cfg.pool
         self.pools: dict[tuple[str, str], Pool] = {}
+        # the pools of each database on each upstream ("" the primary): what max_db_connections counts
+        self.same_db: dict[tuple[str, str], list[Pool]] = {}
         self.client_keys: dict[str, bytes] = {}  # SCRAM ClientKeys learnt from clients, by role
 
     def mode_for(self, database: str, user: str) -> str:
@@ -302,20 +307,21 @@ class PoolManager:
             else:
                 p = Pool(self, database, user, "transaction", parse_upstream(replica.target.url), key[2])
             self.pools[key] = p
+            self.same_db.setdefault((database, p.replica), []).append(p)
         return p
 
     def db_room(self, pool: Pool) -> bool:
         """max_db_connections holds per database on each upstream."""
         limit = self.cfg.max_db_connections
-        return not limit or sum(p.size for p in self.pools.values()
-                                if p.database == pool.database and p.replica == pool.replica) < limit
+        return not limit or sum(p.size for p in self.same_db[(pool.database, pool.replica)]) < limit
 
-    def wake_db(self, database: str) -> None:
-        """A connection came back: with max_db_connections, another user's waiter may now open one."""
+    def wake_db(self, pool: Pool) -> None:
+        """A connection of `pool` came back: with max_db_connections, another user's waiter for its database
+        on the same upstream may now open one (once per transaction: only those pools are looked at)."""
         if not self.cfg.max_db_connections:
             return
-        for p in self.pools.values():
-            if p.database == database and p.waiters and not p.idle:
+        for p in self.same_db[(pool.database, pool.replica)]:
+            if p.waiters and not p.idle:
                 for fut in p.waiters:
                     if not fut.done():
                         fut.set_result(_WOKEN)

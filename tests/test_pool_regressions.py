@@ -769,3 +769,30 @@ def test_session_state_in_a_statement_the_pool_knows_still_pins(pgfront_factory,
         return seen
 
     assert run(clients()) == ["Asia/Tokyo", default_tz] * 2
+
+
+def test_max_db_connections_lets_another_roles_waiter_in_once_an_idle_connection_closes(pgfront_factory, tmp_path):
+    """Two roles, one database, max_db_connections = 1, as PgBouncer: the second role waits while the first
+    role's pool keeps the database's only server connection, and opens its own as soon as that one closes
+    for server_idle_timeout (woken then, not when its own query_wait_timeout runs out)."""
+    users = tmp_path / "userlist.txt"
+    users.write_text('"postgres" ""\n"trustuser" ""\n')
+    p = pooled(pgfront_factory, str(users), "transaction",
+               pool_extra="max_db_connections = 1\nserver_idle_timeout = '1s'\nquery_wait_timeout = '60s'\n")
+
+    async def scenario() -> tuple[float, int]:
+        first = await apg(p)
+        try:
+            assert await first.fetchval("SELECT 1") == 1  # its connection now idle in the first role's pool
+            began = time.monotonic()
+            other = await asyncpg.connect(host="127.0.0.1", port=p.port, user="trustuser", database="postgres",
+                                          ssl=False, timeout=30)
+            try:
+                return time.monotonic() - began, await other.fetchval("SELECT 2")
+            finally:
+                await other.close()
+        finally:
+            await first.close()
+
+    waited, got = run(scenario(), timeout=60)
+    assert got == 2 and waited < 15, f"the other role's login and read took {waited:.1f} s (idle timeout 1 s)"

@@ -13,7 +13,7 @@ import pytest
 from benchmarks.hotpath import drive
 from benchmarks.hotroute import pooled_session
 from proxy.relay.records import Stmt
-from proxy.replicas.choice import LastParse
+from proxy.replicas.choice import Recent
 from proxy.replicas.routing import READ, Classified, classify, read_only_reason, statement_reasons
 from proxy.shapes import ShapeCache
 from proxy.wire import protocol as pq
@@ -112,17 +112,32 @@ def test_classify_with_its_memos_answers_as_before() -> None:
     statements = {"s1": Stmt("s1", "SELECT 1", shapes.get("SELECT 1"), "SELECT 1"),
                   "": Stmt("", "SELECT 2", shapes.get("SELECT 2"), "SELECT 2")}
     parses: dict = {}
-    last_parse = LastParse()
+    recent = Recent(reason)
     for _ in range(2):  # the second time, every Parse and statement is remembered
         for data in _batches():
             for continuing in (False, True):
                 before = _classify_before(data, statements, shapes.get, lambda i: read_only_reason(i, ok), continuing)
-                for last in (None, last_parse, last_parse):  # the client's last Parse: the second time, this one
-                    now = classify(data, statements, shapes, reason, continuing, parses, last)
+                for memo in (None, recent, recent):  # the client's last Parse and Bind: the second time, these
+                    now = classify(data, statements, shapes, reason, continuing, parses, memo)
                     assert now == before, (data, continuing)
                     assert (now == READ) is (now is READ)  # every complete read is the shared READ
         facts["f"] = True  # the catalog learnt f meanwhile
     assert parses
+
+
+def test_a_statement_bound_again_is_read_again_once_the_clients_statements_change() -> None:
+    """The Bind memo holds while the client's stmt_epoch does: a statement closed and prepared again
+    under the same name (now a write) is looked up afresh."""
+    shapes = ShapeCache()
+    reason = statement_reasons(lambda name: True)
+    read, write = "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "UPDATE t SET a = 1 WHERE id = $1"
+    statements = {"s1": Stmt("s1", read, shapes.get(read), read)}
+    bind = pq.build_bind("", "s1", [], [b"1"], [0]) + pq.msg(b"E", b"\0\0\0\0\0") + pq.SYNC
+    recent = Recent(reason)
+    assert classify(bind, statements, shapes, reason, recent=recent, epoch=0) is READ
+    assert classify(bind, statements, shapes, reason, recent=recent, epoch=0) is READ  # from the memo
+    statements["s1"] = Stmt("s1", write, shapes.get(write), write)  # Close and Parse: the epoch moves on
+    assert not classify(bind, statements, shapes, reason, recent=recent, epoch=2).read_only
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ cdef class BytePath(HotHits):
     cpdef server_data(self, data)
     @cython.locals(router=Routing)
     cpdef _wait_for_server(self, data)
-    cpdef _route_pool(self, replica)
+    cdef _pool_on(self, replica)  # C: the Python subclass would make a cpdef call check for an override
     cpdef _attach(self, link, replica=*, lent=*)
     cpdef _maybe_release(self)
     cpdef bint _deliver(self, out) except -1

@@ -172,7 +172,7 @@ class BytePath(HotHits):
             elif route is None:
                 link = (self.home is not None and self._home_link()) or self.pool.lend_idle()
             else:
-                link = self._route_pool(route).lend_idle()
+                link = self._pool_on(route).lend_idle()
             if link is not None:  # no wait: carry straight on with this chunk
                 self._attach(link, route, data)
                 self._client_bytes(data)
@@ -233,6 +233,10 @@ class BytePath(HotHits):
 
     def _route_pool(self, replica: object) -> object:
         """This client's pool on `replica` (pools live as long as the worker: remembered per client)."""
+        return self._pool_on(replica)
+
+    def _pool_on(self, replica: object) -> object:
+        """`_route_pool`, the byte path's C call."""
         pool = self.route_pools.get(replica)
         if pool is None:
             pool = self.route_pools[replica] = self.app.pools.pool(self.database, self.user, replica)

@@ -118,6 +118,7 @@ class PooledClient:
                 stmt.oids = oids
                 stmt.server_name = self.pool.server_name(sql, oids)
                 self.statements[name] = stmt
+                self.stmt_epoch += 1  # the client's statements changed, as when the relay takes a Parse
                 replies.append(pq.PARSE_COMPLETE)
             elif t == _Q and self.app.router is not None:
                 value = route_setting(bytes(buf[a + 5:b - 1]).decode(pq.ENC, pq.ERRORS))

@@ -11,7 +11,7 @@ from proxy.stats cimport RuleTally
 cdef class Conversation(ReplyTracker):
     cdef public object phase, user, database, application_name, cframer, last_bind, lookup_job, last_parse
     cdef public object throttle_job, admitted, tags, tag_key, tracing, observers, routed_raw, routed_sql, routed_info
-    cdef public object route_parse
+    cdef public object route_recent
     cdef public Py_ssize_t trace_gap
     cdef public str route_pref
     cdef public object ryw_lsn

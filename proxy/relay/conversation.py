@@ -55,7 +55,7 @@ from proxy.wire.framer import Framer
 
 if TYPE_CHECKING:
     from proxy.relay.hooks import RelayContext
-    from proxy.replicas.choice import LastParse
+    from proxy.replicas.choice import Recent
     from proxy.rules import Decision
     from proxy.sql import StatementInfo
     from proxy.stats import QueryStats
@@ -89,7 +89,7 @@ class Conversation(ReplyTracker):
         self.routed_raw: bytes | None = None
         self.routed_sql: str | None = None
         self.routed_info: StatementInfo | None = None
-        self.route_parse: LastParse | None = None  # this client's last Parse, as read routing read it
+        self.route_recent: Recent | None = None  # this client's last Parse and Bind, as read routing read them
         self.tracing = app.tracing  # fixed for the worker's life ([tracing] keys take a restart)
         self.observers = app.observers  # mirror and capture sinks, or None (neither configured)
         self.trace_gap = self.tracing.gap() if self.tracing is not None else 0  # statements to the next span

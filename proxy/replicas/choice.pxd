@@ -21,10 +21,12 @@ cdef class Reasons:
 cdef Py_ssize_t _size(const unsigned char *p, Py_ssize_t at) noexcept
 
 @cython.final
-cdef class LastParse:
-    cdef public bytes body
-    cdef public str name
-    cdef public object info
+cdef class Recent:
+    cdef public Reasons reasons
+    cdef public bytes parse_body, bind_name
+    cdef public str parse_name
+    cdef public object parse_info, bind_info
+    cdef public Py_ssize_t bind_epoch
 
 
 cdef bint _same(const unsigned char *p, Py_ssize_t at, Py_ssize_t n, bytes b) noexcept
@@ -32,7 +34,7 @@ cdef bint _same(const unsigned char *p, Py_ssize_t at, Py_ssize_t n, bytes b) no
 @cython.locals(p="const unsigned char *", n=Py_ssize_t, i=Py_ssize_t, end=Py_ssize_t, j=Py_ssize_t, k=Py_ssize_t, t=int,
                open_unnamed=bint, stmt=Stmt, name=str, why=str)
 cpdef classify(data, dict statements, shapes, Reasons reason_of, bint continuing=*, dict parses=*,
-               LastParse last=*)
+               Recent recent=*, Py_ssize_t epoch=*)
 
 
 cdef class Upstream:
@@ -60,7 +62,7 @@ cdef class Routing:
 
     # C methods: Router, a Python subclass, would make each cpdef call check for an override first
     cdef Reasons reason(self, str database)
-    @cython.locals(p="const unsigned char *", n=Py_ssize_t, raw=bytes, last=LastParse)
+    @cython.locals(p="const unsigned char *", n=Py_ssize_t, raw=bytes, recent=Recent)
     cdef _classify(self, Conversation client, data, bint continuing=*)
     cdef choose_for(self, Conversation client, data)
     cpdef bint still_read_only(self, Conversation client, data, bint continuing=*) except -1

@@ -117,17 +117,21 @@ def statement_reasons(function_ok: Any) -> Reasons:
 PARSES_MAX = 20_000  # Parse messages remembered per router (`classify`'s `parses`)
 
 
-class LastParse:
-    """A client's last Parse and what it parses to, for `classify`: libpq and most drivers send the same
-    Parse again at every execution of an unnamed statement, so it is compared in place before any look-up.
-    Owned by the client (`Conversation.route_parse`)."""
+class Recent:
+    """What a client sent last, as `classify` read it, to be compared in place before any look-up: libpq
+    and most drivers send the same Parse again at every execution of an unnamed statement, and bind the
+    same prepared statement again and again. Owned by the client (`Conversation.route_recent`)."""
 
-    __slots__ = ("body", "name", "info")
+    __slots__ = ("reasons", "parse_body", "parse_name", "parse_info", "bind_name", "bind_epoch", "bind_info")
 
-    def __init__(self) -> None:
-        self.body = b""
-        self.name = ""
-        self.info: Any = None
+    def __init__(self, reasons: Reasons) -> None:
+        self.reasons = reasons  # its database's (`Routing.reason`): a session keeps its database
+        self.parse_body = b""  # the last Parse's body, and its statement name and StatementInfo
+        self.parse_name = ""
+        self.parse_info: Any = None
+        self.bind_name = b""  # the last prepared statement bound by name, encoded, and its StatementInfo,
+        self.bind_epoch = -1  # valid while the client's stmt_epoch is this (no Parse, Close or Query since)
+        self.bind_info: Any = None
 
 
 def _same(p: bytes, at: int, n: int, b: bytes) -> bool:
@@ -138,13 +142,14 @@ def _same(p: bytes, at: int, n: int, b: bytes) -> bool:
 
 
 def classify(data: bytes, statements: dict, shapes: Any, reason_of: Reasons, continuing: bool = False,
-             parses: dict | None = None, last: LastParse | None = None) -> Classified:
+             parses: dict | None = None, recent: Recent | None = None, epoch: int = 0) -> Classified:
     """Read the client's waiting bytes message by message. `statements`: the client's prepared statements
     (name -> Stmt with .info); `shapes.get(sql)` -> StatementInfo; `reason_of`: the database's Reasons.
     `continuing`: the bytes follow others on the same server (its unnamed statement is the client's).
     `parses`: Parse bodies seen before -> (statement name, StatementInfo), filled here: a client that
-    parses the same text at every execution (libpq's extended protocol) has it read once. `last`: the
-    client's last Parse, which such a client sends again, compared in place first (and kept up to date)."""
+    parses the same text at every execution (libpq's extended protocol) has it read once. `recent`: the
+    client's last Parse and named Bind, compared in place first (and kept up to date); `epoch`: the
+    client's stmt_epoch, which any change to its statements bumps."""
     p = data  # compiled, the message headers are read in C from the bytes (choice.pxd)
     n = len(data)
     i = 0
@@ -159,8 +164,9 @@ def classify(data: bytes, statements: dict, shapes: Any, reason_of: Reasons, con
         if t == 68 or t == 69 or t == 72 or t == 67:
             pass  # Describe, Execute, Flush, Close: nothing in them to read
         elif t == 66:  # Bind
-            if end - i >= 7 and p[i + 5] == 0 and p[i + 6] == 0:
-                name = ""  # unnamed portal, unnamed statement: the usual Bind, read without a copy
+            if end - i >= 7 and p[i + 5] == 0 and p[i + 6] == 0:  # unnamed portal and statement: the usual Bind
+                if unnamed is None:
+                    return Classified(False, "unnamed statement of an earlier batch", True)
             else:  # the portal's name, then the statement's, read in place
                 j = i + 5
                 while j < end and p[j] != 0:
@@ -170,22 +176,29 @@ def classify(data: bytes, statements: dict, shapes: Any, reason_of: Reasons, con
                     k += 1
                 if k >= end:
                     return Classified(False, "a malformed Bind", True)  # the primary's relay reports it
-                name = p[j + 1:k].decode("utf-8", "surrogateescape")  # pq.ENC, pq.ERRORS: compiled, in place
-            if name:
-                stmt = statements.get(name)
-                if stmt is None:
-                    return Classified(False, "unknown prepared statement", True)
-                why = reason_of.why(stmt.info)
-                if why:
-                    return Classified(False, why, True)
-            elif unnamed is None:
-                return Classified(False, "unnamed statement of an earlier batch", True)
+                if k == j + 1:  # a named portal of the unnamed statement
+                    if unnamed is None:
+                        return Classified(False, "unnamed statement of an earlier batch", True)
+                elif recent is not None and recent.bind_epoch == epoch and _same(p, j + 1, k - j - 1, recent.bind_name):
+                    why = reason_of.why(recent.bind_info)  # the statement it bound last, unchanged since
+                    if why:
+                        return Classified(False, why, True)
+                else:
+                    name = p[j + 1:k].decode("utf-8", "surrogateescape")  # pq.ENC, pq.ERRORS: compiled, in place
+                    stmt = statements.get(name)
+                    if stmt is None:
+                        return Classified(False, "unknown prepared statement", True)
+                    if recent is not None:
+                        recent.bind_name, recent.bind_epoch, recent.bind_info = data[j + 1:k], epoch, stmt.info
+                    why = reason_of.why(stmt.info)
+                    if why:
+                        return Classified(False, why, True)
         elif t == 83:  # Sync
             open_unnamed = False
         elif t == 80:  # Parse
-            if last is not None and _same(p, i + 5, end - i - 5, last.body):
-                name = last.name
-                info = last.info
+            if recent is not None and _same(p, i + 5, end - i - 5, recent.parse_body):
+                name = recent.parse_name
+                info = recent.parse_info
             else:
                 body = data[i + 5:end]
                 got = parses.get(body) if parses is not None else None
@@ -197,8 +210,8 @@ def classify(data: bytes, statements: dict, shapes: Any, reason_of: Reasons, con
                             parses.clear()
                         parses[body] = got
                 name, info = got
-                if last is not None:
-                    last.body, last.name, last.info = body, name, info
+                if recent is not None:
+                    recent.parse_body, recent.parse_name, recent.parse_info = body, name, info
             why = reason_of.why(info)
             if why:
                 return Classified(False, why, True)
@@ -310,11 +323,11 @@ class Routing:
             if why is ASK_FUNCTIONS:
                 why = self.reason(client.database).why(info)
             return Classified(False, why, True) if why else READ
-        last = client.route_parse
-        if last is None:
-            last = client.route_parse = LastParse()
-        return classify(data, client.statements, self.shapes, self.reason(client.database), continuing,
-                        self._parses, last)
+        recent = client.route_recent
+        if recent is None:
+            recent = client.route_recent = Recent(self.reason(client.database))
+        return classify(data, client.statements, self.shapes, recent.reasons, continuing, self._parses, recent,
+                        client.stmt_epoch)
 
     def pick(self, client: Any, data: bytes) -> Any:
         """The replica for the transaction waiting in `data`, None for the primary, or WAIT (`choose_for`)."""
