@@ -2,7 +2,7 @@
 statement in it read-only, the primary otherwise.
 
 The decision is made once per transaction, in transaction pooling, when the client has no server
-lent and its bytes wait for one (`net.bytepath`, `choice.Routing.pick`): the messages waiting are
+lent and its bytes wait for one (`net.bytepath`, `choice.Routing.choose_for`): the messages waiting are
 read (`classify`), and a replica is chosen only if every complete message is a provable read (a
 SELECT, VALUES or SHOW with no locking clause, no data-modifying WITH, calling only functions known
 not to write), or a `BEGIN READ ONLY` (Postgres itself refuses writes in it, on either side).
