@@ -128,8 +128,8 @@ def show_replicas(app: App, _args: list[str]) -> bytes:
 
     primary = {"name": "primary", "host": f"{app.upstream.host}:{app.upstream.port}", "state": "primary",
                "in_recovery": False, "replay_lsn": format_lsn(router.replicas.primary_lsn), "lag_bytes": 0,
-               "lag_seconds": 0.0, "weight": "", "routed": router.routed("primary"), "bans": 0, "last_error": ""}
-    return _dict_rows([primary, *router.replicas.describe(router.routed)], columns)
+               "lag_seconds": 0.0, "weight": "", "routed": router.primary_routed, "bans": 0, "last_error": ""}
+    return _dict_rows([primary, *router.replicas.describe()], columns)
 
 
 def _upstream_of(session: Any) -> str:

@@ -394,12 +394,6 @@ class Routing:
         if self.stats is not None:
             self.stats.inc(name)
 
-    def routed(self, upstream: str) -> int:
-        """Transactions this worker routed to `upstream` ("primary", or a replica's name)."""
-        if upstream == PRIMARY:
-            return self.primary_routed
-        return next((r.routed for r in self.upstreams if r.target.name == upstream), 0)
-
     def fold_counts(self, stats: Any) -> None:
         """The routed_transactions counters into `stats` (one of its `folds`: run before it is read)."""
         counters = stats.counters

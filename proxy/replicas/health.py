@@ -147,7 +147,7 @@ class Replica(Upstream):
         return 0
 
     def serves(self, database: str) -> bool:
-        dbs = self.target.databases
+        dbs = self.databases
         return dbs is None or database in dbs
 
     def __repr__(self) -> str:
@@ -357,12 +357,12 @@ class ReplicaSet:
                 log.exception("replica on_change callback failed", extra={"replica": r.target.name})
 
     # -- admin ----------------------------------------------------------------------------------------
-    def describe(self, routed: Callable[[str], int] = lambda name: 0) -> list[dict[str, object]]:
-        """SHOW REPLICAS' rows; `routed(name)`: transactions routed to it (the router's statistics)."""
+    def describe(self) -> list[dict[str, object]]:
+        """SHOW REPLICAS' rows (`routed`: transactions this worker's router sent to it)."""
         return [
             {"name": r.target.name, "host": _host(r.target.url), "state": r.state, "in_recovery": r.in_recovery,
              "replay_lsn": format_lsn(r.replay_lsn), "lag_bytes": r.lag_bytes,
              "lag_seconds": round(r.lag_seconds, 3), "weight": r.target.weight,
-             "routed": routed(r.target.name), "bans": r.bans, "last_error": r.last_error}
+             "routed": r.routed, "bans": r.bans, "last_error": r.last_error}
             for r in self.replicas
         ]
